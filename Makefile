@@ -1,0 +1,54 @@
+# Two commands do everything on a fresh machine:
+#   make demo   - set up .venv, build the extension, run the demo
+#   make test   - set up .venv, build the extension, run the whole test suite
+# Both are idempotent: set-up and build re-run only when their inputs change.
+
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := build/stamps
+
+# CUDA_HOME must be the toolkit root (its libraries in lib64). torch guesses it
+# from nvcc's location, which misses when nvcc on PATH is a wrapper script.
+NVCC := $(shell command -v nvcc 2>/dev/null)
+ifeq ($(origin CUDA_HOME),undefined)
+ifneq ($(NVCC),)
+CUDA_HOME := $(shell d=$$(dirname $$(dirname $$(readlink -f "$(NVCC)"))); \
+  if [ -d "$$d/lib64" ]; then echo $$d; \
+  elif [ -x "$$d/bin/nvcc" ] && [ -d /usr/local/cuda/lib64 ]; then echo /usr/local/cuda; \
+  elif [ -d /usr/local/cuda/lib64 ]; then echo /usr/local/cuda; fi)
+endif
+endif
+ifneq ($(CUDA_HOME),)
+export CUDA_HOME
+endif
+export MAX_JOBS ?= 2
+
+CSRC := $(shell find csrc -type f -name '*.cpp' -o -type f -name '*.cu' -o -type f -name '*.h' -o -type f -name '*.cuh')
+
+.PHONY: demo test build bench clean venv
+
+venv: $(STAMP)/venv
+$(STAMP)/venv: requirements.txt
+	@mkdir -p $(STAMP)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	@touch $@
+
+build: $(STAMP)/ext
+$(STAMP)/ext: $(STAMP)/venv setup.py $(CSRC)
+	@echo "building colorquant_ops._C (CUDA_HOME=$(CUDA_HOME), TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-8.0;9.0}, COLORQUANT_CPU_ONLY=$${COLORQUANT_CPU_ONLY:-0})"
+	$(PY) setup.py -q build_ext --inplace
+	@touch $@
+
+demo: build
+	$(PY) -m colorquant_ops demo
+
+test: build
+	$(PY) -m pytest colorquant_ops_tests
+
+bench: build
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf build colorquant_ops/_C*.so

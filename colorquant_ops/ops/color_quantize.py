@@ -1,0 +1,172 @@
+"""Public wrappers of the fused colour-quantization ops (``torch.ops.colorquant``),
+with their fake (meta) implementations for ``torch.compile`` and their autograd.
+
+Argument validation lives in the C++ kernels (``csrc/common/checks.h``) so that
+direct ``torch.ops.colorquant`` calls get the same clear errors.
+"""
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .. import _extension  # noqa: F401  (loads the kernels or says how to build them)
+
+_ops = torch.ops.colorquant
+
+
+class SoftQuantized(NamedTuple):
+    """Result of :func:`soft_color_quantize`."""
+
+    quantized: Tensor  #: ``[B,C,H,W]`` soft recolouring, dtype of ``image``
+    palette: Tensor  #: ``[B,K,C]`` probability-weighted mean colours
+    probs: Tensor  #: ``[B,K,H,W]`` softmax over the K colours, dtype of ``logits``
+
+
+class HardQuantized(NamedTuple):
+    """Result of :func:`hard_color_quantize`."""
+
+    quantized: Tensor  #: ``[B,C,H,W]`` = ``render_index_map(index_map, palette)``
+    index_map: Tensor  #: ``[B,H,W]`` int64 colour index of each pixel
+    palette: Tensor  #: ``[B,K,C]`` mean colour of each index, zeros if unused
+
+
+def _require_tensor(x, name):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _require_number(x, name):
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a Python number, got {type(x).__name__}")
+    return float(x)
+
+
+def soft_color_quantize(logits: Tensor, image: Tensor, temperature: float = 1.0, eps: float = 1e-8) -> SoftQuantized:
+    r"""Differentiable colour quantization (the training path of ColorCNN), fused.
+
+    .. math::
+        \text{probs} = \operatorname{softmax}_k(\text{temperature}\cdot\text{logits}),\quad
+        \text{palette}_{bkc} = \frac{\sum_p \text{probs}_{bkp}\,\text{image}_{bcp}}{\sum_p \text{probs}_{bkp} + \varepsilon},\quad
+        \text{quantized}_{bcp} = \sum_k \text{probs}_{bkp}\,\text{palette}_{bkc}
+
+    Args:
+        logits: ``[B,K,H,W]`` colour scores, ``1 <= K <= 256``.
+        image: ``[B,C,H,W]`` image, same dtype and device as ``logits``.
+        temperature: factor applied to the logits before the softmax (> 0).
+        eps: added to each colour's total probability (>= 0).
+
+    Returns:
+        :class:`SoftQuantized` ``(quantized, palette, probs)``; gradients flow to
+        ``logits`` and ``image``.
+    """
+    _require_tensor(logits, "logits")
+    _require_tensor(image, "image")
+    temperature = _require_number(temperature, "temperature")
+    eps = _require_number(eps, "eps")
+    return SoftQuantized(*_ops.soft_color_quantize(logits, image, temperature, eps))
+
+
+def hard_color_quantize(logits: Tensor, image: Tensor) -> HardQuantized:
+    """Inference-time colour quantization: argmax index map and mean palette.
+
+    ``index_map[b,h,w] = argmax_k logits[b,k,h,w]`` (the lowest k wins a tie),
+    ``palette[b,k]`` is the mean of the image over the pixels of index ``k``
+    (zeros for an unused colour) and ``quantized`` is the palette gathered by
+    the index map. Not differentiable: the outputs never require grad.
+    """
+    _require_tensor(logits, "logits")
+    _require_tensor(image, "image")
+    return HardQuantized(*_ops.hard_color_quantize(logits.detach(), image.detach()))
+
+
+def render_index_map(index_map: Tensor, palette: Tensor) -> Tensor:
+    """Decode an (index map, palette) pair: ``image[b,c,h,w] = palette[b, index_map[b,h,w], c]``.
+
+    ``index_map`` is int64 ``[B,H,W]`` with values in ``[0, K)`` (an IndexError
+    otherwise), ``palette`` is ``[B,K,C]``. Differentiable w.r.t. ``palette``.
+    """
+    _require_tensor(index_map, "index_map")
+    _require_tensor(palette, "palette")
+    return _ops.render_index_map(index_map, palette)
+
+
+# --- fake (meta) implementations: output shapes only, so torch.compile traces
+# the ops without graph breaks (outputs are always contiguous, like the kernels').
+
+
+@torch.library.register_fake("colorquant::soft_color_quantize")
+def _soft_fake(logits, image, temperature=1.0, eps=1e-8):
+    B, K, H, W = logits.shape
+    C = image.shape[1]
+    return image.new_empty(B, C, H, W), image.new_empty(B, K, C), logits.new_empty(B, K, H, W)
+
+
+@torch.library.register_fake("colorquant::soft_color_quantize_backward")
+def _soft_backward_fake(grad_quantized, grad_palette, grad_probs, probs, image, palette, temperature, eps):
+    return torch.empty_like(probs, memory_format=torch.contiguous_format), torch.empty_like(
+        image, memory_format=torch.contiguous_format
+    )
+
+
+@torch.library.register_fake("colorquant::hard_color_quantize")
+def _hard_fake(logits, image):
+    B, K, H, W = logits.shape
+    C = image.shape[1]
+    return image.new_empty(B, C, H, W), logits.new_empty(B, H, W, dtype=torch.long), image.new_empty(B, K, C)
+
+
+@torch.library.register_fake("colorquant::render_index_map")
+def _render_fake(index_map, palette):
+    B, H, W = index_map.shape
+    return palette.new_empty(B, palette.shape[2], H, W)
+
+
+@torch.library.register_fake("colorquant::render_index_map_backward")
+def _render_backward_fake(grad_image, index_map, palette):
+    return torch.empty_like(palette, memory_format=torch.contiguous_format)
+
+
+# --- autograd: closed-form backward kernels (see csrc/common/color_math.h).
+
+
+def _soft_setup_context(ctx, inputs, output):
+    _, image, temperature, eps = inputs
+    _, palette, probs = output
+    ctx.save_for_backward(probs, image, palette)
+    ctx.temperature = temperature
+    ctx.eps = eps
+
+
+def _soft_backward(ctx, grad_quantized, grad_palette, grad_probs):
+    probs, image, palette = ctx.saved_tensors
+    grad_logits, grad_image = _ops.soft_color_quantize_backward(
+        grad_quantized, grad_palette, grad_probs, probs, image, palette, ctx.temperature, ctx.eps
+    )
+    return (
+        grad_logits if ctx.needs_input_grad[0] else None,
+        grad_image if ctx.needs_input_grad[1] else None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "colorquant::soft_color_quantize", _soft_backward, setup_context=_soft_setup_context
+)
+
+
+def _render_setup_context(ctx, inputs, output):
+    index_map, palette = inputs
+    ctx.save_for_backward(index_map, palette)
+
+
+def _render_backward(ctx, grad_image):
+    index_map, palette = ctx.saved_tensors
+    grad_palette = None
+    if ctx.needs_input_grad[1]:
+        grad_palette = _ops.render_index_map_backward(grad_image, index_map, palette)
+    return None, grad_palette
+
+
+torch.library.register_autograd("colorquant::render_index_map", _render_backward, setup_context=_render_setup_context)

@@ -1,0 +1,33 @@
+// Schemas of the colorquant ops, declared once. Kernels are registered per
+// dispatch key beside their implementations (cpu/, cuda/); autograd and fake
+// (meta) implementations are registered from Python (colorquant_ops/ops).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing colorquant_ops._C loads this library and runs the static
+// registrations below; the module itself has no attributes.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(colorquant, m) {
+  m.def(
+      "soft_color_quantize(Tensor logits, Tensor image, float temperature=1.0, "
+      "float eps=1e-8) -> (Tensor quantized, Tensor palette, Tensor probs)");
+  m.def(
+      "soft_color_quantize_backward(Tensor grad_quantized, Tensor grad_palette, "
+      "Tensor grad_probs, Tensor probs, Tensor image, Tensor palette, "
+      "float temperature, float eps) -> (Tensor grad_logits, Tensor grad_image)");
+  m.def(
+      "hard_color_quantize(Tensor logits, Tensor image) -> "
+      "(Tensor quantized, Tensor index_map, Tensor palette)");
+  m.def("render_index_map(Tensor index_map, Tensor palette) -> Tensor");
+  m.def(
+      "render_index_map_backward(Tensor grad_image, Tensor index_map, "
+      "Tensor palette) -> Tensor");
+}

@@ -1,0 +1,112 @@
+// Argument validation shared by every kernel (CPU, CUDA) of the ops, so that
+// bad input gets the same clear Python exception whichever device runs:
+// TORCH_CHECK_TYPE -> TypeError, TORCH_CHECK_VALUE -> ValueError,
+// TORCH_CHECK_INDEX -> IndexError.
+#pragma once
+
+#include <torch/types.h>
+
+#include <cmath>
+
+namespace colorquant {
+
+constexpr int64_t kMaxColors = 256;
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(
+      at::isFloatingType(t.scalar_type()), name,
+      " must be a floating-point tensor (float32, float16, bfloat16 or "
+      "float64), got ",
+      t.scalar_type());
+}
+
+inline void check_ndim(const at::Tensor& t, int64_t ndim, const char* name,
+                       const char* layout) {
+  TORCH_CHECK_VALUE(t.dim() == ndim, name, " must be ", ndim, "-D ", layout,
+                    ", got shape ", t.sizes());
+}
+
+inline void check_same_device(const at::Tensor& a, const char* a_name,
+                              const at::Tensor& b, const char* b_name) {
+  TORCH_CHECK_VALUE(a.device() == b.device(), a_name, " and ", b_name,
+                    " must be on the same device, got ", a.device(), " and ",
+                    b.device());
+}
+
+inline void check_same_dtype(const at::Tensor& a, const char* a_name,
+                             const at::Tensor& b, const char* b_name) {
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), a_name, " and ",
+                   b_name, " must have the same dtype, got ", a.scalar_type(),
+                   " and ", b.scalar_type());
+}
+
+inline void check_num_colors(int64_t k, const char* what) {
+  TORCH_CHECK_VALUE(k >= 1 && k <= kMaxColors, "the number of colours K (",
+                    what, ") must be in [1, ", kMaxColors, "], got ", k);
+}
+
+// logits [B,K,H,W] and image [B,C,H,W].
+inline void check_logits_image(const at::Tensor& logits,
+                               const at::Tensor& image) {
+  check_floating(logits, "logits");
+  check_floating(image, "image");
+  check_ndim(logits, 4, "logits", "[B, K, H, W]");
+  check_ndim(image, 4, "image", "[B, C, H, W]");
+  check_same_device(logits, "logits", image, "image");
+  check_same_dtype(logits, "logits", image, "image");
+  check_num_colors(logits.size(1), "logits.shape[1]");
+  TORCH_CHECK_VALUE(image.size(1) >= 1,
+                    "image must have at least one channel, got shape ",
+                    image.sizes());
+  TORCH_CHECK_VALUE(logits.size(0) == image.size(0) &&
+                        logits.size(2) == image.size(2) &&
+                        logits.size(3) == image.size(3),
+                    "logits [B, K, H, W] and image [B, C, H, W] must agree in "
+                    "B, H and W, got ",
+                    logits.sizes(), " and ", image.sizes());
+}
+
+inline void check_temperature_eps(double temperature, double eps) {
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0,
+                    "temperature must be a finite number > 0, got ",
+                    temperature);
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0,
+                    "eps must be a finite number >= 0, got ", eps);
+}
+
+// index_map [B,H,W] (int64) and palette [B,K,C].
+inline void check_index_palette(const at::Tensor& index_map,
+                                const at::Tensor& palette) {
+  TORCH_CHECK_TYPE(index_map.scalar_type() == at::kLong,
+                   "index_map must be an int64 (torch.long) tensor, got ",
+                   index_map.scalar_type());
+  check_floating(palette, "palette");
+  check_ndim(index_map, 3, "index_map", "[B, H, W]");
+  check_ndim(palette, 3, "palette", "[B, K, C]");
+  check_same_device(index_map, "index_map", palette, "palette");
+  check_num_colors(palette.size(1), "palette.shape[1]");
+  TORCH_CHECK_VALUE(palette.size(2) >= 1,
+                    "palette must have at least one channel, got shape ",
+                    palette.sizes());
+  TORCH_CHECK_VALUE(index_map.size(0) == palette.size(0),
+                    "index_map [B, H, W] and palette [B, K, C] must agree in "
+                    "B, got ",
+                    index_map.sizes(), " and ", palette.sizes());
+}
+
+// A gradient must have exactly the shape of the forward output it belongs to
+// and live on the device of the forward tensors.
+inline void check_grad(const at::Tensor& grad, at::IntArrayRef sizes,
+                       const at::Tensor& forward, const char* name) {
+  TORCH_CHECK_VALUE(grad.sizes() == sizes, name, " must have shape ", sizes,
+                    ", got ", grad.sizes());
+  check_same_device(grad, name, forward, "the forward tensors");
+  check_floating(grad, name);
+}
+
+inline void check_grad(const at::Tensor& grad, const at::Tensor& like,
+                       const char* name) {
+  check_grad(grad, like.sizes(), like, name);
+}
+
+}  // namespace colorquant
