@@ -1,8 +1,23 @@
-"""colorquant_ops: learned colour quantization (ColorCNN) with fused C++/CUDA torch ops."""
+"""colorquant_ops: learned colour quantization (ColorCNN) with fused C++/CUDA torch ops.
+
+* :mod:`colorquant_ops.ops` -- the fused ops (``torch.ops.colorquant``);
+* :class:`ColorCNN` -- the seed paper's network (:mod:`colorquant_ops.models`);
+* :class:`colorquant_ops.transforms.ColorQuantize` -- a torchvision v2 transform;
+* :mod:`colorquant_ops.quantizers` -- the traditional baselines;
+* :mod:`colorquant_ops.codecs` -- palette PNG / JPEG size accounting.
+"""
 
 from . import ops
+from .models import ColorCNN, ColorCNNOutput
 from .ops import hard_color_quantize, render_index_map, soft_color_quantize
 
 __version__ = "0.1.0"
 
-__all__ = ["hard_color_quantize", "ops", "render_index_map", "soft_color_quantize"]
+__all__ = [
+    "ColorCNN",
+    "ColorCNNOutput",
+    "hard_color_quantize",
+    "ops",
+    "render_index_map",
+    "soft_color_quantize",
+]

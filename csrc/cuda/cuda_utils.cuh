@@ -53,6 +53,21 @@ constexpr c10::ScalarType scalar_type_of() {
   return c10::CppTypeToScalarType<T>::value;
 }
 
+// Device-side min without relying on --expt-relaxed-constexpr for std::min.
+__device__ __forceinline__ int64_t min_i64(int64_t a, int64_t b) {
+  return a < b ? a : b;
+}
+
+// Correctly rounded products that nvcc may not contract into an FMA: where a
+// formula names an intermediate (z = temperature * logits), it is rounded
+// exactly as on the CPU.
+__device__ __forceinline__ float mul_rn(float a, float b) {
+  return __fmul_rn(a, b);
+}
+__device__ __forceinline__ double mul_rn(double a, double b) {
+  return __dmul_rn(a, b);
+}
+
 __device__ __forceinline__ int64_t grid_stride_start() {
   return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
 }
@@ -130,7 +145,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     for (int64_t t = blockIdx.x; t < num_tiles; t += gridDim.x) {
       const int64_t p0 = t * kTile;
-      const int n = static_cast<int>(std::min<int64_t>(kTile, P - p0));
+      const int n = static_cast<int>(min_i64(kTile, P - p0));
       if constexpr (Weights::kIndicator) {
         // Out-of-range indices become -1 (matching no colour) before the
         // narrowing to int32, so no large index can alias a valid colour.
@@ -141,7 +156,7 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
-        const int cc = static_cast<int>(std::min<int64_t>(kChunk, C - c0));
+        const int cc = static_cast<int>(min_i64(kChunk, C - c0));
         for (int j = 0; j < cc; ++j) {
           const scalar_t* y_row = y + (b * C + c0 + j) * P + p0;
           for (int i = threadIdx.x; i < n; i += kThreads) {

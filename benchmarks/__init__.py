@@ -1,0 +1,1 @@
+"""Kernel micro-benchmarks of colorquant_ops (``python -m benchmarks``)."""

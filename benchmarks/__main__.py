@@ -1,0 +1,3 @@
+from .bench_ops import main
+
+main()
