@@ -1,27 +1,24 @@
 """Shared helpers of the colorquant_ops tests: input generators, memory layouts,
-hypothesis strategies and the error tolerances of each dtype.
+hypothesis strategies, and the error bounds each output is checked against.
 
-Every comparison is against the float64 oracle :mod:`colorquant_ops.ops.reference`,
+Every comparison is against the float64 oracle :mod:`colorquant_ops.ops.reference`
 evaluated on exactly the values the kernel saw (inputs already rounded to the
-tested dtype), so the tolerances below only have to cover the kernels' own
-rounding. They are derived from first-order error bounds, not tuned:
+tested dtype), so the allowed error only has to cover the kernel's own rounding:
 
-* ``u``: unit roundoff of the accumulation type (float32 for float32, float16
-  and bfloat16 inputs; float64 for float64 inputs).
-* ``rho``: relative error of one probability. ``z = temperature * logits`` is
-  rounded, so the shifted softmax argument has an absolute error up to about
-  ``2 u |z|max``, i.e. a relative error of ``exp`` of ``2 u |z|max`` per term and
-  twice that after normalisation; plus the error of ``exp`` itself.
-* sums over ``n`` pixels: ``8 sqrt(n) u`` relative to the magnitude of the terms
-  (the kernels sum in fixed-size chunks; worst case grows like ``n u``, the
-  observed error like ``sqrt(n) u``).
-* outputs rounded to float16 / bfloat16 (and probabilities saved in that
-  dtype) add a few ``finfo(dtype).eps``.
+* soft op: elementwise first-order error bounds derived from the oracle's own
+  intermediate values (:func:`check_soft_forward`, :func:`check_soft_backward`):
+  rounding of ``temperature * logits`` (grows with ``|z|``), of ``exp``, of the
+  sums over pixels and colours (``8 sqrt(n) u``) and of float16 / bfloat16
+  storage, propagated through the weighted means and the closed-form backward.
+  A palette entry is a weighted mean of the image, so its error is bounded by
+  the error of the weights times ``|image - palette|`` however little the
+  colour is used. The bounds are applied with a safety factor of 2 and
+  observed errors stay below a quarter of them (float16 subnormals: half).
+* hard palette / render backward: sums of up to ``n`` terms, worst case
+  ``2 n u`` relative to the largest term (:func:`mean_tol`, :func:`index_sum_tol`).
 
-Absolute tolerances scale with the magnitude of the data (``max |image|``),
-because a palette entry is a weighted mean of the image: its error is bounded
-by the relative error of the weights times ``max |image|``, however little a
-colour is used (``probs / (sum probs + eps) <= 1``).
+``u`` is the unit roundoff of the accumulation type: float32 for float32,
+float16 and bfloat16 inputs, float64 for float64 inputs.
 """
 
 from __future__ import annotations
@@ -38,7 +35,6 @@ CUDA_SKIP_REASON = "CUDA not available (no GPU on this machine)"
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-MAX_COLORS = 256
 
 LAYOUTS_4D = ("contiguous", "channels_last", "reversed", "sliced", "expanded")
 LAYOUTS_3D = ("contiguous", "reversed", "sliced", "expanded")
@@ -158,17 +154,6 @@ def storage_eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps if dtype in LOW_PRECISION else 0.0
 
 
-def prob_rel_error(dtype: torch.dtype, zmax: float) -> float:
-    """rho: relative error bound of one probability (see module docstring)."""
-    u = unit_roundoff(accumulation_dtype(dtype))
-    return 4 * u * zmax + 8 * u
-
-
-def sum_rel_error(dtype: torch.dtype, n: int) -> float:
-    u = unit_roundoff(accumulation_dtype(dtype))
-    return 8 * math.sqrt(max(n, 1)) * u
-
-
 @dataclasses.dataclass(frozen=True)
 class Tol:
     atol: float
@@ -178,48 +163,176 @@ class Tol:
         return {"atol": self.atol, "rtol": self.rtol}
 
 
-def soft_forward_tols(dtype, *, zmax: float, xmax: float, num_pixels: int, num_colors: int):
-    """Tolerances of (quantized, palette, probs) of soft_color_quantize."""
-    rho = prob_rel_error(dtype, zmax)
-    summ = sum_rel_error(dtype, num_pixels + num_colors)
-    s = storage_eps(dtype)
-    tiny = 1e-300 if dtype == torch.float64 else 1e-30
-    probs = Tol(atol=rho + s + tiny, rtol=s)
-    palette = Tol(atol=xmax * (3 * rho + 2 * summ + 2 * s) + tiny, rtol=s)
-    quantized = Tol(atol=xmax * (4 * rho + 3 * summ + 4 * s) + tiny, rtol=s)
-    return quantized, palette, probs
+def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor, what: str):
+    """|actual - expected| <= bound elementwise (NaN fails); expected and bound float64 CPU."""
+    got = f64(actual)
+    assert got.shape == expected.shape, f"{what}: shape {tuple(got.shape)}, expected {tuple(expected.shape)}"
+    err = (got - expected).abs()
+    bad = ~(err <= bound)
+    if bad.any():
+        flat = int(torch.nonzero(bad.flatten())[0])
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), got.shape))
+        ratio = float((err / bound.clamp_min(1e-300)).nan_to_num(float("inf")).max())
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {got.numel()} elements outside the error bound "
+            f"(max error/bound {ratio:.3g}); first at {idx}: got {got[idx].item()!r}, "
+            f"expected {expected[idx].item()!r}, bound {bound[idx].item():.3g}"
+        )
 
 
-def soft_backward_tols(
-    dtype, *, zmax: float, xmax: float, temperature: float, num_pixels: int, num_colors: int, gq: float, gpal: float, gprobs: float
-):
-    """Tolerances of (grad_logits, grad_image) of soft_color_quantize.
+def storage_floor(dtype: torch.dtype) -> float:
+    """Largest rounding error of a subnormal of a low-precision output (float16
+    stores values below 6e-5 with an absolute error up to 3e-8); 0 for float32/64."""
+    info = torch.finfo(dtype)
+    return info.smallest_normal * info.eps if dtype in LOW_PRECISION else 0.0
 
-    With A[k,c] = (grad_palette + sum_p probs grad_quantized) / (sum_p probs + eps):
-    grad_image[c,p] = sum_k probs[k,p] A[k,c] is bounded by G_x = gq + K gpal, and
-    grad_logits = temperature probs (G - sum probs G) with
-    |G| <= xmax (3 gq + 2 K gpal) + 2 gprobs =: G_l (since probs[k,p] / sum_p probs[k] <= 1).
+
+def accumulation_floor(dtype: torch.dtype) -> float:
+    """Absolute error allowed on any value computed in the accumulation type
+    (underflow: the CPU float exp clamps its argument at -87)."""
+    return 1e-300 if dtype == torch.float64 else 1e-30
+
+
+def stored(value_abs, bound, dtype):
+    """Error bound of a value with error `bound` after rounding to dtype: a
+    relative eps, or for a subnormal at most min(|value|, subnormal spacing)."""
+    return bound + storage_eps(dtype) * value_abs + (value_abs + bound).clamp_max(storage_floor(dtype))
+
+
+SAFETY = 2.0  # on top of the first-order error bounds below
+
+
+def _soft_bound_terms(logits, image, temperature, eps, dtype):
+    """Oracle outputs and first-order error bounds of the soft forward.
+
+    Per probability: the kernel rounds z = temperature * logits (and the
+    temperature) in the accumulation type, so exp(z_k - max z) has a relative
+    error up to expm1(delta_k), delta_k = 2u (|z_k| + |max z|) + u |z_k - max z| + 8u
+    (the +8u: exp itself). After normalisation probs_k has the error
+    probs_k (d_k (1 - probs_k) + sum_{j != k} probs_j d_j), plus the rounding of
+    the normaliser (a sum over K). The palette (a weighted mean of the image,
+    computed from the probabilities in the accumulation type) and quantized (a
+    sum over K of the probabilities as stored) inherit these; float16/bfloat16
+    outputs add their rounding (:func:`stored`).
     """
-    rho = prob_rel_error(dtype, zmax)
-    summ = sum_rel_error(dtype, num_pixels + num_colors)
-    s = storage_eps(dtype)
-    rel = 8 * (rho + summ) + 16 * s
-    tiny = 1e-300 if dtype == torch.float64 else 1e-30
-    g_x = gq + num_colors * gpal
-    g_l = temperature * (xmax * (3 * gq + 2 * num_colors * gpal) + 2 * gprobs)
-    return Tol(atol=g_l * rel + tiny, rtol=s), Tol(atol=g_x * rel + tiny, rtol=s)
+    u = unit_roundoff(accumulation_dtype(dtype))
+    tiny = accumulation_floor(dtype)
+    l64, x64 = f64(logits), f64(image)
+    B, K, H, W = l64.shape
+    C = x64.shape[1]
+    n = H * W
+    q, pal, probs = reference.soft_color_quantize(l64, x64, temperature, eps)
+    P = probs.reshape(B, K, n)
+    x = x64.reshape(B, C, n)
+    z = temperature * l64.reshape(B, K, n)
+    zmax = z.amax(dim=1, keepdim=True) if K else z
+    delta = torch.expm1((2 * u * (z.abs() + zmax.abs()) + u * (z - zmax).abs() + 8 * u).clamp_max(50))
+    D = (P * delta).sum(dim=1, keepdim=True)
+    sum_k = 8 * math.sqrt(K) * u
+    sum_p = 8 * math.sqrt(n) * u
+    b_probs_acc = P * (delta * (1 - P) + (D - P * delta).clamp_min(0) + sum_k + 2 * u) + tiny
+    b_probs = stored(P, b_probs_acc, dtype)
+    weight = P.sum(dim=2)  # [B,K]
+    # palette = sum_p P x / (W + eps):  d palette = sum_p dP (x - palette) / (W + eps)
+    dev = (x[:, None, :, :] - pal[:, :, :, None]).abs()  # [B,K,C,n]
+    num = (b_probs_acc[:, :, None, :] * dev).sum(-1) + sum_p * (
+        torch.einsum("bkp,bcp->bkc", P, x.abs()) + pal.abs() * weight[..., None]
+    )
+    b_pal_acc = num / (weight[..., None] + eps) + 2 * u * pal.abs() + tiny
+    b_pal = stored(pal.abs(), b_pal_acc, dtype)
+    # quantized = sum_k P palette (stored probabilities, palette in the accumulation type)
+    b_q = (
+        torch.einsum("bkp,bkc->bcp", b_probs, pal.abs())
+        + torch.einsum("bkp,bkc->bcp", P, b_pal_acc)
+        + sum_k * torch.einsum("bkp,bkc->bcp", P, pal.abs())
+        + 2 * u * q.reshape(B, C, n).abs()
+        + tiny
+    )
+    b_q = stored(q.reshape(B, C, n).abs(), b_q, dtype)
+    return dict(
+        q=q, pal=pal, probs=probs, P=P, x=x, weight=weight, b_probs=b_probs, b_pal=b_pal, b_q=b_q,
+        u=u, tiny=tiny, sum_k=sum_k, sum_p=sum_p, shape=(B, K, C, H, W),
+    )
+
+
+def check_soft_forward(out, logits, image, temperature, eps):
+    """Compares (quantized, palette, probs) with the oracle within their error bounds."""
+    t = _soft_bound_terms(logits, image, temperature, eps, logits.dtype)
+    B, K, C, H, W = t["shape"]
+    assert_within(out[0], t["q"], SAFETY * t["b_q"].reshape(B, C, H, W), "quantized")
+    assert_within(out[1], t["pal"], SAFETY * t["b_pal"], "palette")
+    assert_within(out[2], t["probs"], SAFETY * t["b_probs"].reshape(B, K, H, W), "probs")
+
+
+def check_soft_backward(got_logits_grad, got_image_grad, logits, image, temperature, eps, grads):
+    """Compares (grad_logits, grad_image) for the upstream grads of (quantized,
+    palette, probs) with autograd through the oracle, within first-order bounds.
+
+    With A[k,c] = (grad_palette + sum_p P grad_quantized) / (W + eps) and
+    G[k,p] = grad_probs + sum_c grad_quantized palette + sum_c A (x - palette):
+    grad_logits = temperature P (G - sum_k P G), grad_image = sum_k P A.
+    Errors: those of P and palette (forward bounds), of W and the sums in A, G.
+    """
+    t = _soft_bound_terms(logits, image, temperature, eps, logits.dtype)
+    B, K, C, H, W = t["shape"]
+    n = H * W
+    P, x, pal, weight, bp, bpal = t["P"], t["x"], t["pal"], t["weight"], t["b_probs"], t["b_pal"]
+    u, tiny, sum_k, sum_p = t["u"], t["tiny"], t["sum_k"], t["sum_p"]
+    dtype = logits.dtype
+    sum_c = 8 * math.sqrt(C) * u
+    gq = f64(grads[0]).reshape(B, C, n)
+    gpal = f64(grads[1])
+    gpr = f64(grads[2]).reshape(B, K, n)
+    ref_l, ref_x = soft_reference_grads(logits, image, temperature, eps, grads)
+
+    den = weight[..., None] + eps  # [B,K,1]
+    A = (gpal + torch.einsum("bkp,bcp->bkc", P, gq)) / den
+    A_abs = (gpal.abs() + torch.einsum("bkp,bcp->bkc", P, gq.abs())) / den
+    G = gpr + torch.einsum("bkc,bcp->bkp", pal, gq) + torch.einsum("bkc,bcp->bkp", A, x) - (A * pal).sum(-1, keepdim=True)
+    G_abs = (
+        gpr.abs()
+        + torch.einsum("bkc,bcp->bkp", pal.abs(), gq.abs())
+        + torch.einsum("bkc,bcp->bkp", A_abs, x.abs())
+        + (A_abs * pal.abs()).sum(-1, keepdim=True)
+    )
+    dot = (P * G).sum(dim=1, keepdim=True)
+    # absolute error of A: (dN - A dW) / (W + eps) plus the rounding of the sums
+    e_A = (
+        torch.einsum("bkp,bcp->bkc", bp, gq.abs())
+        + A_abs * bp.sum(-1, keepdim=True)
+        + sum_p * (gpal.abs() + torch.einsum("bkp,bcp->bkc", P, gq.abs()) + A_abs * weight[..., None])
+    ) / den
+    e_G = (
+        torch.einsum("bkc,bcp->bkp", bpal, gq.abs())
+        + torch.einsum("bkc,bcp->bkp", e_A, x.abs())
+        + (e_A * pal.abs() + A_abs * bpal).sum(-1, keepdim=True)
+        + sum_c * G_abs
+    )
+    e_dot = (bp * G.abs() + P * e_G).sum(dim=1, keepdim=True) + sum_k * (P * G_abs).sum(dim=1, keepdim=True)
+    b_l = temperature * (bp * (G - dot).abs() + P * (e_G + e_dot)) + 2 * u * ref_l.reshape(B, K, n).abs() + tiny
+    b_l = stored(ref_l.reshape(B, K, n).abs(), b_l, dtype)
+    b_x = (
+        torch.einsum("bkp,bkc->bcp", bp, A.abs())
+        + torch.einsum("bkp,bkc->bcp", P, e_A)
+        + sum_k * torch.einsum("bkp,bkc->bcp", P, A_abs)
+        + 2 * u * ref_x.reshape(B, C, n).abs()
+        + tiny
+    )
+    b_x = stored(ref_x.reshape(B, C, n).abs(), b_x, dtype)
+    assert_within(got_logits_grad, ref_l, SAFETY * b_l.reshape(B, K, H, W), "grad_logits")
+    assert_within(got_image_grad, ref_x, SAFETY * b_x.reshape(B, C, H, W), "grad_image")
 
 
 def mean_tol(dtype, *, xmax: float, num_pixels: int) -> Tol:
     """Per-colour means / sums over up to num_pixels pixels (hard palette)."""
     u = unit_roundoff(accumulation_dtype(dtype))
-    return Tol(atol=xmax * (num_pixels * 2 * u + 4 * u) + 1e-300, rtol=storage_eps(dtype) + 2 * u)
+    return Tol(atol=xmax * (num_pixels * 2 * u + 4 * u) + (storage_floor(dtype) + accumulation_floor(dtype)), rtol=storage_eps(dtype) + 2 * u)
 
 
 def index_sum_tol(dtype, *, gmax: float, num_pixels: int) -> Tol:
     """Sums of up to num_pixels terms bounded by gmax (render backward)."""
     u = unit_roundoff(accumulation_dtype(dtype))
-    return Tol(atol=gmax * num_pixels * 2 * u + 1e-300, rtol=storage_eps(dtype))
+    return Tol(atol=gmax * num_pixels * 2 * u + (storage_floor(dtype) + accumulation_floor(dtype)), rtol=storage_eps(dtype))
 
 
 # --------------------------------------------------------------------------- soft op cases
@@ -286,11 +399,6 @@ def soft_cases(
         logits_layout=draw(st.sampled_from(LAYOUTS_4D)),
         image_layout=draw(st.sampled_from(LAYOUTS_4D)),
     )
-
-
-def soft_reference(logits, image, temperature, eps):
-    """The float64 oracle on the exact input values."""
-    return reference.soft_color_quantize(f64(logits), f64(image), temperature, eps)
 
 
 def soft_reference_grads(logits, image, temperature, eps, grads):

@@ -149,6 +149,12 @@ def test_max_colours(device):
     check_hard(logits, rand((2, 3, 9, 11), gen, device=device))
 
 
+def test_large_image(device):
+    """More pixels than one CPU work chunk (8192): partial sums combined correctly."""
+    gen = generator(41)
+    check_hard(randn((2, 7, 97, 101), gen, device=device), rand((2, 3, 97, 101), gen, device=device))
+
+
 @pytest.mark.parametrize("layout", LAYOUTS_4D)
 def test_layouts(device, layout):
     gen = generator(24)

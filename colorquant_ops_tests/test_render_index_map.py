@@ -21,7 +21,6 @@ from .helpers import (
     generator,
     index_sum_tol,
     odd_sizes,
-    rand,
     randn,
     random_index_map,
     with_layout,
@@ -122,6 +121,23 @@ def test_max_colours_and_unused_colours(device):
     out.sum().backward()
     counts = torch.zeros(2, 256).scatter_add_(1, index_map.cpu().reshape(2, -1), torch.ones(2, 42))
     assert torch.equal(f64(palette.grad), counts[:, :, None].double().expand(2, 256, 3))
+
+
+def test_large_image(device):
+    """More pixels than one CPU work chunk (8192), an out-of-range index in the last chunk."""
+    gen = generator(42)
+    index_map = random_index_map((2, 97, 101), 9, gen, device)
+    palette = randn((2, 9, 3), gen, device=device).requires_grad_(True)
+    grad = randn((2, 3, 97, 101), gen, device=device)
+    out = cq.render_index_map(index_map, palette)
+    assert torch.equal(f64(out), reference.render_index_map(f64(index_map), f64(palette)))
+    (got,) = torch.autograd.grad(out, palette, grad)
+    p64 = f64(palette).requires_grad_(True)
+    (want,) = torch.autograd.grad(reference.render_index_map(f64(index_map), p64), p64, f64(grad))
+    assert_close64(got, want, what="grad_palette", **index_sum_tol(torch.float32, gmax=amax(grad), num_pixels=97 * 101).kw())
+    index_map[1, 96, 100] = 9
+    with pytest.raises(IndexError, match=r"index"):
+        cq.render_index_map(index_map, palette)
 
 
 def test_opcheck(device):

@@ -12,8 +12,6 @@ from .helpers import (
     FLOAT_DTYPES,
     LAYOUTS_3D,
     LAYOUTS_4D,
-    LOW_PRECISION,
-    SoftCase,
     amax,
     assert_close64,
     check_output,
@@ -22,10 +20,10 @@ from .helpers import (
     generator,
     rand,
     randn,
-    soft_backward_tols,
+    check_soft_backward,
+    check_soft_forward,
+    mean_tol,
     soft_cases,
-    soft_forward_tols,
-    soft_reference,
     soft_reference_grads,
     with_layout,
 )
@@ -44,12 +42,7 @@ def check_forward(logits, image, temperature, eps, out=None):
     check_output(out.quantized, (B, C, H, W), dtype, device)
     check_output(out.palette, (B, K, C), dtype, device)
     check_output(out.probs, (B, K, H, W), dtype, device)
-    ref = soft_reference(logits, image, temperature, eps)
-    tols = soft_forward_tols(
-        dtype, zmax=temperature * amax(logits), xmax=amax(image), num_pixels=H * W, num_colors=K
-    )
-    for name, got, want, tol in zip(("quantized", "palette", "probs"), out, ref, tols):
-        assert_close64(got, want, what=name, **tol.kw())
+    check_soft_forward(out, logits, image, temperature, eps)
     return out
 
 
@@ -65,21 +58,7 @@ def check_backward(logits, image, temperature, eps, grads):
     got_l, got_x = torch.autograd.grad(out, (logits, image), grads)
     check_output(got_l, logits.shape, logits.dtype, logits.device)
     check_output(got_x, image.shape, image.dtype, image.device)
-    ref_l, ref_x = soft_reference_grads(logits, image, temperature, eps, grads)
-    B, K, H, W = logits.shape
-    tol_l, tol_x = soft_backward_tols(
-        logits.dtype,
-        zmax=temperature * amax(logits),
-        xmax=amax(image),
-        temperature=temperature,
-        num_pixels=H * W,
-        num_colors=K,
-        gq=amax(grads[0]),
-        gpal=amax(grads[1]),
-        gprobs=amax(grads[2]),
-    )
-    assert_close64(got_l, ref_l, what="grad_logits", **tol_l.kw())
-    assert_close64(got_x, ref_x, what="grad_image", **tol_x.kw())
+    check_soft_backward(got_l, got_x, logits, image, temperature, eps, grads)
 
 
 # --------------------------------------------------------------------------- forward
@@ -142,9 +121,9 @@ def test_single_colour(device, dtype, eps):
     q, pal, probs = check_forward(logits, image, 3.0, eps)
     assert torch.equal(probs, torch.ones_like(probs))
     want = f64(image).mean(dim=(2, 3)) * (H * W / (H * W + eps))  # [B,C]
-    tol = soft_forward_tols(dtype, zmax=0.0, xmax=1.0, num_pixels=H * W, num_colors=1)
-    assert_close64(pal, want[:, None, :], what="palette", **tol[1].kw())
-    assert_close64(q, want[:, :, None, None].expand(B, C, H, W), what="quantized", **tol[0].kw())
+    tol = mean_tol(dtype, xmax=amax(image), num_pixels=H * W)
+    assert_close64(pal, want[:, None, :], what="palette", **tol.kw())
+    assert_close64(q, want[:, :, None, None].expand(B, C, H, W), what="quantized", atol=2 * tol.atol, rtol=2 * tol.rtol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=dtype_id)
@@ -178,6 +157,17 @@ def test_unused_colour(device, dtype, gap):
     check_backward(logits, image, temperature, 1e-8, grads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+def test_large_image(device, dtype):
+    """More pixels than one CPU work chunk (8192): the per-chunk partial sums
+    are combined correctly, forward and backward."""
+    gen = generator(40)
+    logits = randn((2, 5, 97, 101), gen, 2.0, dtype, device).requires_grad_(True)
+    image = rand((2, 3, 97, 101), gen, dtype=dtype, device=device).requires_grad_(True)
+    out = check_forward(logits, image, 1.7, 1e-8)
+    check_backward(logits, image, 1.7, 1e-8, upstream_grads(out, gen))
+
+
 # --------------------------------------------------------------------------- backward
 
 
@@ -208,26 +198,19 @@ def test_gradcheck_layouts(device, layout):
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @given(
-    case=soft_cases(logit_scale=(1e-3, 10.0)),
+    case=soft_cases(),
     grad_layouts=st.tuples(st.sampled_from(LAYOUTS_4D), st.sampled_from(LAYOUTS_3D), st.sampled_from(LAYOUTS_4D)),
 )
 def test_backward_matches_reference(device, dtype, case, grad_layouts):
+    """Upstream gradients on all three outputs, in any layout; float16/bfloat16:
+    the backward only sees the probabilities and palette rounded to the dtype,
+    which the error bounds account for."""
     logits, image = case.inputs(dtype, device, requires_grad=True)
     out = cq.soft_color_quantize(logits, image, case.temperature, case.eps)
     grads = upstream_grads(out, generator(case.seed + 1), grad_layouts)
     check_backward(logits, image, case.temperature, case.eps, grads)
-
-
-@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=dtype_id)
-@given(case=soft_cases(max_colors=8, temperature=(0.25, 2.0), logit_scale=(1e-2, 0.25), eps=(1e-8, 1e-3)))
-def test_backward_low_precision(device, dtype, case):
-    """float16 / bfloat16 gradients (the backward only sees the probabilities
-    rounded to the dtype: logits are kept moderate so that none is subnormal)."""
-    logits, image = case.inputs(dtype, device, requires_grad=True)
-    out = cq.soft_color_quantize(logits, image, case.temperature, case.eps)
-    check_backward(logits, image, case.temperature, case.eps, upstream_grads(out, generator(case.seed + 1)))
 
 
 @pytest.mark.parametrize("used", ["quantized", "palette", "probs"])

@@ -30,4 +30,8 @@ TORCH_LIBRARY(colorquant, m) {
   m.def(
       "render_index_map_backward(Tensor grad_image, Tensor index_map, "
       "Tensor palette) -> Tensor");
+  m.def(
+      "kmeans_palette(Tensor image, int num_colors, int iters=10, int seed=0) "
+      "-> (Tensor index_map, Tensor palette)");
+  m.def("floyd_steinberg_dither(Tensor image, Tensor palette) -> Tensor");
 }

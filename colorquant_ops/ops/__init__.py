@@ -13,12 +13,16 @@ from .color_quantize import (
     render_index_map,
     soft_color_quantize,
 )
+from .palette_ops import KMeansPalette, floyd_steinberg_dither, kmeans_palette
 
 __all__ = [
     "HardQuantized",
+    "KMeansPalette",
     "SoftQuantized",
     "cuda_kernels_compiled",
+    "floyd_steinberg_dither",
     "hard_color_quantize",
+    "kmeans_palette",
     "render_index_map",
     "soft_color_quantize",
 ]

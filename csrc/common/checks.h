@@ -94,6 +94,45 @@ inline void check_index_palette(const at::Tensor& index_map,
                     index_map.sizes(), " and ", palette.sizes());
 }
 
+// image [B,C,H,W] of the palette ops: floating point (an integer image must
+// be converted first), C >= 1.
+inline void check_image(const at::Tensor& image) {
+  TORCH_CHECK_TYPE(
+      at::isFloatingType(image.scalar_type()),
+      "image must be a floating-point tensor (float32, float16, bfloat16 or "
+      "float64), got ",
+      image.scalar_type(),
+      "; convert it first, e.g. image.float() / 255 for 8-bit colours");
+  check_ndim(image, 4, "image", "[B, C, H, W]");
+  TORCH_CHECK_VALUE(image.size(1) >= 1,
+                    "image must have at least one channel, got shape ",
+                    image.sizes());
+}
+
+// kmeans_palette(image, num_colors, iters, seed).
+inline void check_kmeans_args(const at::Tensor& image, int64_t num_colors,
+                              int64_t iters) {
+  check_image(image);
+  check_num_colors(num_colors, "num_colors");
+  TORCH_CHECK_VALUE(iters >= 0, "iters must be >= 0, got ", iters);
+}
+
+// image [B,C,H,W] and palette [B,K,C]: same dtype and device, same B and C.
+inline void check_image_palette(const at::Tensor& image,
+                                const at::Tensor& palette) {
+  check_image(image);
+  check_floating(palette, "palette");
+  check_ndim(palette, 3, "palette", "[B, K, C]");
+  check_same_device(image, "image", palette, "palette");
+  check_same_dtype(image, "image", palette, "palette");
+  check_num_colors(palette.size(1), "palette.shape[1]");
+  TORCH_CHECK_VALUE(palette.size(0) == image.size(0) &&
+                        palette.size(2) == image.size(1),
+                    "palette [B, K, C] and image [B, C, H, W] must agree in B "
+                    "and C, got ",
+                    palette.sizes(), " and ", image.sizes());
+}
+
 // A gradient must have exactly the shape of the forward output it belongs to
 // and live on the device of the forward tensors.
 inline void check_grad(const at::Tensor& grad, at::IntArrayRef sizes,
@@ -107,6 +146,32 @@ inline void check_grad(const at::Tensor& grad, at::IntArrayRef sizes,
 inline void check_grad(const at::Tensor& grad, const at::Tensor& like,
                        const char* name) {
   check_grad(grad, like.sizes(), like, name);
+}
+
+// Arguments of soft_color_quantize_backward: the saved forward tensors
+// (probs [B,K,H,W], image [B,C,H,W], palette [B,K,C]) and one gradient per
+// forward output. The kernels index the saved palette as [B,K,C], so a wrong
+// shape must be an error, not an out-of-bounds read.
+inline void check_soft_backward(const at::Tensor& grad_quantized,
+                                const at::Tensor& grad_palette,
+                                const at::Tensor& grad_probs,
+                                const at::Tensor& probs,
+                                const at::Tensor& image,
+                                const at::Tensor& palette, double temperature,
+                                double eps) {
+  check_logits_image(probs, image);
+  check_temperature_eps(temperature, eps);
+  check_floating(palette, "palette");
+  check_same_device(palette, "palette", image, "image");
+  TORCH_CHECK_VALUE(palette.dim() == 3 && palette.size(0) == image.size(0) &&
+                        palette.size(1) == probs.size(1) &&
+                        palette.size(2) == image.size(1),
+                    "palette must have shape [B, K, C] = [", image.size(0),
+                    ", ", probs.size(1), ", ", image.size(1), "], got ",
+                    palette.sizes());
+  check_grad(grad_quantized, image, "grad_quantized");
+  check_grad(grad_probs, probs, "grad_probs");
+  check_grad(grad_palette, palette, "grad_palette");
 }
 
 }  // namespace colorquant

@@ -174,11 +174,8 @@ std::tuple<Tensor, Tensor> soft_color_quantize_backward_cpu(
     const Tensor& grad_quantized, const Tensor& grad_palette, const Tensor& grad_probs,
     const Tensor& probs_in, const Tensor& image_in, const Tensor& palette_in,
     double temperature, double eps) {
-  check_logits_image(probs_in, image_in);
-  check_temperature_eps(temperature, eps);
-  check_grad(grad_quantized, image_in, "grad_quantized");
-  check_grad(grad_probs, probs_in, "grad_probs");
-  check_grad(grad_palette, palette_in, "grad_palette");
+  check_soft_backward(grad_quantized, grad_palette, grad_probs, probs_in, image_in, palette_in,
+                      temperature, eps);
   const auto dtype = image_in.scalar_type();
   const Tensor probs = probs_in.contiguous();
   const Tensor image = image_in.contiguous();

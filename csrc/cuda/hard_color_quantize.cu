@@ -172,15 +172,7 @@ at::Tensor render_index_map_backward_cuda(const at::Tensor& grad_image_in,
   const int64_t H = index_map_in.size(1), W = index_map_in.size(2);
   const int64_t K = palette_in.size(1), C = palette_in.size(2);
   const int64_t P = H * W;
-  // check_grad against the shape render_index_map produced, [B,C,H,W].
-  const std::vector<int64_t> image_shape{B, C, H, W};
-  TORCH_CHECK_VALUE(grad_image_in.sizes() == c10::IntArrayRef(image_shape),
-                    "grad_image must have shape ",
-                    c10::IntArrayRef(image_shape), ", got ",
-                    grad_image_in.sizes());
-  check_same_device(grad_image_in, "grad_image", palette_in,
-                    "the forward tensors");
-  check_floating(grad_image_in, "grad_image");
+  check_grad(grad_image_in, {B, C, H, W}, palette_in, "grad_image");
 
   const c10::cuda::CUDAGuard device_guard(palette_in.device());
   const at::Tensor index_map = index_map_in.contiguous();

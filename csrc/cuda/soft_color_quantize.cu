@@ -239,23 +239,12 @@ std::tuple<at::Tensor, at::Tensor> soft_color_quantize_backward_cuda(
     const at::Tensor& grad_probs_in, const at::Tensor& probs_in,
     const at::Tensor& image_in, const at::Tensor& palette_in,
     double temperature, double eps) {
-  check_logits_image(probs_in, image_in);
-  check_temperature_eps(temperature, eps);
-  check_grad(grad_quantized_in, image_in, "grad_quantized");
-  check_grad(grad_probs_in, probs_in, "grad_probs");
-  check_grad(grad_palette_in, palette_in, "grad_palette");
+  check_soft_backward(grad_quantized_in, grad_palette_in, grad_probs_in,
+                      probs_in, image_in, palette_in, temperature, eps);
   const int64_t B = image_in.size(0), C = image_in.size(1);
   const int64_t H = image_in.size(2), W = image_in.size(3);
   const int64_t K = probs_in.size(1);
   const int64_t P = H * W;
-  // The kernels index the saved palette as [B,K,C]; a wrong shape must not
-  // turn into an out-of-bounds read.
-  check_floating(palette_in, "palette");
-  check_same_device(palette_in, "palette", image_in, "image");
-  TORCH_CHECK_VALUE(palette_in.dim() == 3 && palette_in.size(0) == B &&
-                        palette_in.size(1) == K && palette_in.size(2) == C,
-                    "palette must have shape [", B, ", ", K, ", ", C,
-                    "] (B, K, C of probs and image), got ", palette_in.sizes());
 
   const c10::cuda::CUDAGuard device_guard(image_in.device());
   const at::ScalarType dtype = image_in.scalar_type();
