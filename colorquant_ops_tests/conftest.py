@@ -25,7 +25,7 @@ from .helpers import CUDA_SKIP_REASON  # noqa: E402
 settings.register_profile(
     "ci",
     deadline=None,
-    max_examples=20,
+    max_examples=40,
     derandomize=True,
     database=None,
     print_blob=True,

@@ -1,0 +1,242 @@
+"""Classifiers that judge ColorCNN's quantized images, and their checkpoints.
+
+Hou, Zheng, Gould, "Learning to Structure an Image with Few Colors", CVPR 2020,
+train ColorCNN against a frozen classifier. On small images (CIFAR, SVHN,
+Tiny-ImageNet: 32 to 64 pixels) the paper uses CIFAR-style networks, built here
+as in the authors' code (github.com/hou-yz/color_distillation,
+``color_distillation/models``):
+
+* :class:`CifarAlexNet` -- five 3x3 convolutions (the first with stride 2),
+  three 2x2 max-pools, global average pooling, dropout and one linear layer;
+* :class:`CifarVGG` -- VGG16 with batch norm, the last max-pool replaced by a
+  global max-pool, then one linear layer;
+* :func:`cifar_resnet18` -- torchvision's ResNet18 with a 3x3 stride-1 stem and
+  no max-pool.
+
+On larger images any torchvision classification model is available by name
+(:func:`build_classifier`), always randomly initialised: nothing here downloads
+weights.
+"""
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from ._validation import check_int as _check_int
+
+__all__ = [
+    "CIFAR_MAX_IMAGE_SIZE",
+    "CLASSIFIER_ARCHS",
+    "CifarAlexNet",
+    "CifarVGG",
+    "build_classifier",
+    "cifar_resnet18",
+    "load_classifier",
+    "save_classifier",
+]
+
+#: Tag of the checkpoint format written by :func:`save_classifier`.
+CHECKPOINT_FORMAT = "colorquant_ops.classifier/1"
+
+#: Architectures with a CIFAR-sized version (used when ``image_size <= CIFAR_MAX_IMAGE_SIZE``).
+CLASSIFIER_ARCHS = ("alexnet", "vgg16", "resnet18")
+
+#: Largest image size for which :func:`build_classifier` picks the CIFAR-sized
+#: version of an architecture in :data:`CLASSIFIER_ARCHS` (Tiny-ImageNet is 64).
+CIFAR_MAX_IMAGE_SIZE = 64
+
+#: VGG16 layer configuration: output channels of each 3x3 conv, "M" a 2x2 max-pool.
+VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+_CKPT_KEYS = ("arch", "num_classes", "image_size", "state_dict")
+
+
+class CifarAlexNet(nn.Module):
+    """AlexNet for 32x32 images, the paper's (and its code's) CIFAR version.
+
+    ``features``: conv 64 (3x3, stride 2, padding 1) -> ReLU -> max-pool 2 ->
+    conv 192 -> ReLU -> max-pool 2 -> conv 384 -> ReLU -> conv 256 -> ReLU ->
+    conv 256 -> ReLU -> max-pool 2 (all 3x3, padding 1); then global average
+    pooling, ``classifier = Dropout(0.5) -> Linear(256, num_classes)``.
+    About 2.25 M parameters for 10 classes.
+
+    Shape:
+        - Input: ``[B, in_channels, H, W]`` with ``H, W >= 16`` (stride 2 and
+          three 2x2 pools).
+        - Output: ``[B, num_classes]`` logits.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 64, kernel_size=3, stride=2, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=2),
+            nn.Conv2d(64, 192, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=2),
+            nn.Conv2d(192, 384, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=2),
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(256, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.avgpool(self.features(x))
+        return self.classifier(torch.flatten(x, 1))
+
+
+class CifarVGG(nn.Module):
+    """VGG with batch norm for 32x32 images, as in the paper's code.
+
+    Every number in ``cfg`` is a 3x3 conv (padding 1) -> BatchNorm -> ReLU and
+    every ``"M"`` a 2x2 max-pool, except that the last ``"M"`` is a global
+    max-pool (``AdaptiveMaxPool2d(1)``: on 32x32 inputs the same as the 2x2
+    pool, and any size works); then ``classifier = Linear(512, num_classes)``.
+    The default ``cfg`` is VGG16 (about 14.7 M parameters for 10 classes).
+
+    Shape:
+        - Input: ``[B, in_channels, H, W]`` with ``H, W >= 2 ** (number of "M" - 1)``
+          (16 for VGG16).
+        - Output: ``[B, num_classes]`` logits.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, cfg=VGG16_CFG) -> None:
+        super().__init__()
+        layers = []
+        channels = in_channels
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                layers += [nn.Conv2d(channels, v, kernel_size=3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+                channels = v
+        if not layers or not isinstance(layers[-1], nn.MaxPool2d):
+            raise ValueError("cfg must end with 'M'")
+        layers[-1] = nn.AdaptiveMaxPool2d((1, 1))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(channels, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def cifar_resnet18(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """ResNet18 for 32x32 images: torchvision's ``resnet18`` (BasicBlock
+    ``[2, 2, 2, 2]``, adaptive average pooling, ``fc``) with a 3x3 stride-1
+    stem convolution and no max-pool, as in the paper's code. Randomly
+    initialised (about 11.2 M parameters for 10 classes).
+
+    Shape:
+        - Input: ``[B, in_channels, H, W]``, any ``H, W >= 1``.
+        - Output: ``[B, num_classes]`` logits.
+    """
+    model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision does
+    model.maxpool = nn.Identity()
+    return model
+
+
+_CIFAR_BUILDERS = {
+    "alexnet": CifarAlexNet,
+    "vgg16": CifarVGG,
+    "resnet18": cifar_resnet18,
+}
+
+
+def _torchvision_archs():
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def build_classifier(arch: str, num_classes: int, image_size: int = 32) -> nn.Module:
+    """Build a randomly initialised classifier (never downloads weights).
+
+    Args:
+        arch: ``"alexnet"``, ``"vgg16"`` or ``"resnet18"`` (see
+            :data:`CLASSIFIER_ARCHS`) -- the CIFAR-sized versions when
+            ``image_size <= 64`` -- or the name of any torchvision
+            classification model (``torchvision.models.list_models(module=torchvision.models)``),
+            built with ``torchvision.models.get_model(arch, num_classes=num_classes, weights=None)``.
+            Note that above 64 pixels ``"vgg16"`` is torchvision's VGG16
+            *without* batch norm; pass ``"vgg16_bn"`` for the variant the
+            paper's code uses on ImageNet.
+        num_classes: number of output logits, >= 1.
+        image_size: side of the (square) input images; it only selects the
+            CIFAR or the torchvision version, the models accept other sizes.
+
+    Raises:
+        ValueError: unknown ``arch``, or ``num_classes`` / ``image_size`` < 1.
+    """
+    if not isinstance(arch, str):
+        raise TypeError(f"arch must be a string, got {type(arch).__name__}")
+    num_classes = _check_int(num_classes, "num_classes", 1)
+    image_size = _check_int(image_size, "image_size", 1)
+    if arch in _CIFAR_BUILDERS and image_size <= CIFAR_MAX_IMAGE_SIZE:
+        return _CIFAR_BUILDERS[arch](num_classes)
+    if arch not in _torchvision_archs():
+        raise ValueError(
+            f"unknown classifier arch {arch!r}: use one of the CIFAR-sized {list(CLASSIFIER_ARCHS)} "
+            "or a torchvision classification model, see "
+            "torchvision.models.list_models(module=torchvision.models)"
+        )
+    return torchvision.models.get_model(arch, num_classes=num_classes, weights=None)
+
+
+def save_classifier(model: nn.Module, path, arch: str, num_classes: int, image_size: int, **extra) -> None:
+    """Write ``model``'s weights with what :func:`load_classifier` needs to
+    rebuild it (``build_classifier(arch, num_classes, image_size)``), plus any
+    ``extra`` entries (e.g. ``epoch=...``, ``accuracy=...``; they must be
+    loadable with ``torch.load(weights_only=True)``: tensors, numbers, strings,
+    lists, dicts)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    clash = sorted(set(extra) & {"format", *_CKPT_KEYS})
+    if clash:
+        raise ValueError(f"extra entries may not use the reserved keys {clash}")
+    torch.save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "arch": arch,
+            "num_classes": num_classes,
+            "image_size": image_size,
+            "state_dict": model.state_dict(),
+            **extra,
+        },
+        path,
+    )
+
+
+def load_classifier(path, map_location="cpu") -> nn.Module:
+    """Rebuild a classifier from a checkpoint written by :func:`save_classifier`.
+
+    The model is returned as built (training mode); call ``.eval()`` (and
+    freeze its parameters) to use it as ColorCNN's fixed judge.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a readable classifier checkpoint, or its
+            weights do not fit its architecture.
+    """
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"classifier checkpoint not found: {path}") from None
+    except Exception as exc:  # unpickling errors come in many types
+        raise ValueError(f"{path} is not a classifier checkpoint (cannot read it: {exc})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a classifier checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    missing = [k for k in _CKPT_KEYS if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a classifier checkpoint (missing entries {missing})")
+    model = build_classifier(ckpt["arch"], ckpt["num_classes"], ckpt["image_size"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        raise ValueError(f"weights in {path} do not fit arch {ckpt['arch']!r}: {exc}") from exc
+    return model

@@ -1,0 +1,197 @@
+"""The ColorCNN training objective (Hou, Zheng, Gould, CVPR 2020).
+
+ColorCNN is trained end to end through a frozen classifier ``f``::
+
+    loss = CE(f(quantized), y)
+         + alpha * color_usage_loss(probs)                  # paper's R, default 1
+         + beta  * color_variance_loss(image, probs)        # code only, default 0
+         + gamma * MSE(quantized, image)                    # code only, default 0
+
+as in the authors' code (github.com/hou-yz/color_distillation,
+``color_distillation/trainer.py``, ``CNNTrainer.train``; defaults
+``--alpha 1 --beta 0 --gamma 0`` in ``color_cnn_downsample.py``).
+"""
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._validation import check_float as _check_float
+from .models.colorcnn import ColorCNNOutput
+
+__all__ = ["ColorCNNLoss", "color_usage_loss", "color_variance_loss", "soft_palette"]
+
+
+def _check_tensor(x, name: str, dim: int) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def color_usage_loss(probs: Tensor) -> Tensor:
+    """The paper's regularizer that keeps every colour in use.
+
+    ``log2(K) * (1 - mean_{b,k} max_{h,w} probs[b, k, h, w])``: each of the K
+    colours should reach a high probability at some pixel of every image; a
+    colour that no pixel picks lowers its maximum. It is 0 when every colour
+    reaches probability 1 somewhere and ``log2(K) * (1 - 1/K)`` for uniform
+    probabilities. The authors' code computes exactly this
+    (``prob.view(B, K, -1).max(dim=2)[0].mean()`` and the factor
+    ``np.log2(num_colors)``); the maximum is taken per image and colour over
+    the pixels, then averaged over images and colours.
+
+    Args:
+        probs: ``[B, K, H, W]`` per-pixel colour probabilities (softmax over K).
+
+    Returns:
+        A scalar in ``probs``' dtype (0 for K = 1).
+    """
+    _check_tensor(probs, "probs", 4)
+    num_colors = probs.shape[1]
+    return math.log2(num_colors) * (1 - probs.amax(dim=(2, 3)).mean())
+
+
+def soft_palette(image: Tensor, probs: Tensor, eps: float = 1e-8) -> Tensor:
+    """``[B, K, C]`` probability-weighted mean colour of each index:
+    ``sum_p probs[b,k,p] * image[b,c,p] / (sum_p probs[b,k,p] + eps)`` -- the
+    palette ColorCNN recolours with in training, before ``color_norm`` and
+    ``color_jitter``. Differentiable w.r.t. both inputs."""
+    _check_tensor(image, "image", 4)
+    _check_tensor(probs, "probs", 4)
+    _check_pair(image, probs)
+    B, K = probs.shape[:2]
+    p = probs.reshape(B, K, -1)
+    num = torch.bmm(p, image.reshape(B, image.shape[1], -1).transpose(1, 2))  # [B, K, C]
+    return num / (p.sum(dim=2, keepdim=True) + eps)
+
+
+def _check_pair(image: Tensor, probs: Tensor) -> None:
+    if image.shape[0] != probs.shape[0] or image.shape[2:] != probs.shape[2:]:
+        raise ValueError(
+            f"image [B, C, H, W] and probs [B, K, H, W] must agree in B, H and W, "
+            f"got {tuple(image.shape)} and {tuple(probs.shape)}"
+        )
+
+
+def color_variance_loss(image: Tensor, probs: Tensor, palette: Optional[Tensor] = None) -> Tensor:
+    """Probability-weighted spread of the pixels around their colours.
+
+    ``mean_{b,c,p} sum_k probs[b,k,p] * (image[b,c,p] - palette[b,k,c])**2``:
+    the expected squared error, per pixel and channel, of recolouring a pixel
+    with a colour drawn from its probabilities (the soft k-means distortion).
+    It is 0 when every pixel equals its palette colour under one-hot
+    probabilities.
+
+    Normalization: per pixel (every pixel weighs the same). The authors' code
+    (``color_var`` in ``trainer.py``, the ``beta`` term, off by default) instead
+    normalizes per colour -- ``sum_p probs * (.)**2 / (sum_p probs + 1e-8)``,
+    averaged over b, c, k, so a colour covering few pixels weighs as much as
+    one covering many -- and squares ``image * probs - palette`` rather than
+    ``image - palette``, which looks unintended; neither is reproduced here.
+
+    Args:
+        image: ``[B, C, H, W]`` image the colours come from.
+        probs: ``[B, K, H, W]`` per-pixel colour probabilities.
+        palette: ``[B, K, C]`` colours; ``None`` (the default) uses
+            :func:`soft_palette` ``(image, probs)``.
+
+    Returns:
+        A scalar, differentiable w.r.t. all inputs.
+    """
+    _check_tensor(image, "image", 4)
+    _check_tensor(probs, "probs", 4)
+    _check_pair(image, probs)
+    B, C = image.shape[:2]
+    K = probs.shape[1]
+    if palette is None:
+        palette = soft_palette(image, probs)
+    _check_tensor(palette, "palette", 3)
+    if tuple(palette.shape) != (B, K, C):
+        raise ValueError(f"palette must have shape [B, K, C] = {(B, K, C)}, got {tuple(palette.shape)}")
+    # sum_k p (x - c)^2 = x^2 sum_k p - 2 x sum_k p c + sum_k p c^2 would avoid the
+    # [B, K, C, H, W] difference but cancels badly; K * C is small, so expand.
+    diff = image.unsqueeze(1) - palette.unsqueeze(-1).unsqueeze(-1)  # [B, K, C, H, W]
+    sq = (probs.unsqueeze(2) * diff.square()).sum(dim=1)  # [B, C, H, W]
+    return sq.mean()
+
+
+class ColorCNNLoss(nn.Module):
+    """The objective of ColorCNN against a frozen classifier.
+
+    ``total = CE(logits_cls, target) + alpha * color_usage_loss(probs)
+    + beta * color_variance_loss(image, probs) + gamma * MSE(quantized, image)``
+    with the paper's defaults ``alpha=1, beta=0, gamma=0``.
+
+    * The colour-variance term measures the pixels against :func:`soft_palette`
+      ``(image, probs)``, not ``output.palette``: in training the latter is
+      divided by ``color_norm`` and shifted by the random ``color_jitter``,
+      which would make the term noisy and scale-dependent.
+    * The reconstruction term uses ``output.quantized`` as it is (in training
+      with ``color_norm`` and ``color_jitter`` applied), like the authors' code.
+    * Terms with a zero coefficient are still computed for the log, without
+      gradient, and are not added: with ``alpha = beta = gamma = 0`` the total
+      is exactly the cross-entropy.
+
+    Works on training-mode and evaluation-mode outputs of
+    :class:`~colorquant_ops.ColorCNN` alike (only ``quantized`` and ``probs``
+    are used).
+
+    Args:
+        alpha: weight of the colour-usage term, >= 0.
+        beta: weight of the colour-variance term, >= 0.
+        gamma: weight of the reconstruction MSE, >= 0.
+        label_smoothing: passed to :func:`torch.nn.functional.cross_entropy`.
+
+    Returns (forward):
+        ``(total, terms)``: ``total`` a differentiable scalar; ``terms`` a dict
+        of Python floats ``{"total", "cross_entropy", "color_usage",
+        "color_variance", "reconstruction"}`` (unweighted terms) for logging.
+    """
+
+    def __init__(self, alpha: float = 1.0, beta: float = 0.0, gamma: float = 0.0, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.alpha = _check_float(alpha, "alpha", positive=False)
+        self.beta = _check_float(beta, "beta", positive=False)
+        self.gamma = _check_float(gamma, "gamma", positive=False)
+        self.label_smoothing = _check_float(label_smoothing, "label_smoothing", positive=False)
+        if self.label_smoothing > 1:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, label_smoothing={self.label_smoothing}"
+
+    def forward(
+        self, logits_cls: Tensor, target: Tensor, output: ColorCNNOutput, image: Tensor
+    ) -> Tuple[Tensor, Dict[str, float]]:
+        if not isinstance(output, ColorCNNOutput):
+            raise TypeError(f"output must be a ColorCNNOutput, got {type(output).__name__}")
+        _check_tensor(image, "image", 4)
+        if output.quantized.shape != image.shape:
+            raise ValueError(
+                f"output.quantized {tuple(output.quantized.shape)} and image {tuple(image.shape)} "
+                "must have the same shape"
+            )
+        ce = F.cross_entropy(logits_cls, target, label_smoothing=self.label_smoothing)
+        total = ce
+        terms = [ce]
+        for weight, fn in (
+            (self.alpha, lambda: color_usage_loss(output.probs)),
+            (self.beta, lambda: color_variance_loss(image, output.probs)),
+            (self.gamma, lambda: F.mse_loss(output.quantized, image)),
+        ):
+            if weight != 0.0:
+                term = fn()
+                total = total + weight * term
+            else:
+                with torch.no_grad():
+                    term = fn()
+            terms.append(term)
+        values = torch.stack([t.detach().float() for t in (total, *terms)]).tolist()  # one device sync
+        names = ("total", "cross_entropy", "color_usage", "color_variance", "reconstruction")
+        return total, dict(zip(names, values))

@@ -1,0 +1,212 @@
+"""Tests of colorquant_ops.losses: the colour-usage regularizer, the colour
+variance, and ColorCNNLoss (the paper's objective) with a tiny ColorCNN."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from colorquant_ops.classifiers import CifarAlexNet
+from colorquant_ops.losses import ColorCNNLoss, color_usage_loss, color_variance_loss, soft_palette
+from colorquant_ops.models import ColorCNN
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_one_thread():
+    # One intra-op thread: these small models run ~100x slower with 2 OpenMP
+    # threads on a CPU shared with other work (threads spin at barriers).
+    torch.manual_seed(0)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _one_hot_regions(B, K, H, W):
+    """Index map in which every colour owns some pixels, and its one-hot probs."""
+    idx = torch.stack([torch.randperm(H * W) % K for _ in range(B)]).reshape(B, H, W)
+    probs = F.one_hot(idx, K).permute(0, 3, 1, 2).float()
+    return idx, probs
+
+
+# ----------------------------------------------------------------------------- color_usage_loss
+
+
+@pytest.mark.parametrize("K", [2, 5, 16])
+def test_color_usage_zero_when_every_color_used(K):
+    _, probs = _one_hot_regions(3, K, 6, 7)
+    assert color_usage_loss(probs).item() == 0.0
+
+
+@pytest.mark.parametrize("K", [2, 5, 16])
+def test_color_usage_uniform(K):
+    probs = torch.full((2, K, 4, 4), 1.0 / K)
+    expected = math.log2(K) * (1 - 1 / K)
+    assert color_usage_loss(probs).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_color_usage_matches_authors_formula():
+    B, K, H, W = 3, 6, 5, 4
+    probs = torch.softmax(torch.randn(B, K, H, W), dim=1)
+    # the authors' code: np.log2(K) * (1 - prob.view(B, K, -1).max(dim=2)[0].mean())
+    ref = math.log2(K) * (1 - probs.view(B, K, -1).max(dim=2)[0].mean())
+    torch.testing.assert_close(color_usage_loss(probs), ref)
+    # one colour takes every pixel, three are never used: maxima (1, 0, 0, 0)
+    probs2 = torch.zeros(1, 4, 2, 2)
+    probs2[0, 0] = 1.0
+    assert color_usage_loss(probs2).item() == pytest.approx(2 * (1 - 1 / 4))
+
+
+def test_color_usage_bad_input():
+    with pytest.raises(ValueError, match="4-D"):
+        color_usage_loss(torch.rand(2, 3, 4))
+    with pytest.raises(TypeError):
+        color_usage_loss(torch.ones(1, 2, 3, 3, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------- color_variance_loss
+
+
+def _variance_brute_force(image, probs, palette):
+    image, probs, palette = image.double(), probs.double(), palette.double()
+    B, C, H, W = image.shape
+    K = probs.shape[1]
+    total = 0.0
+    for b in range(B):
+        for c in range(C):
+            for y in range(H):
+                for x in range(W):
+                    for k in range(K):
+                        total += probs[b, k, y, x].item() * (image[b, c, y, x].item() - palette[b, k, c].item()) ** 2
+    return total / (B * C * H * W)
+
+
+def test_color_variance_zero_for_exact_one_hot():
+    B, K, C, H, W = 2, 4, 3, 5, 6
+    idx, probs = _one_hot_regions(B, K, H, W)
+    palette = torch.rand(B, K, C)
+    image = torch.stack([palette[b][idx[b]].permute(2, 0, 1) for b in range(B)])  # [B, C, H, W]
+    assert color_variance_loss(image, probs, palette).item() == 0.0
+    # the soft palette of such an image is its palette, so the default is 0 too
+    torch.testing.assert_close(soft_palette(image, probs), palette)
+    assert color_variance_loss(image, probs).item() == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 3, 4, 5), (1, 5, 1, 3, 3)])
+def test_color_variance_matches_brute_force(shape):
+    B, K, C, H, W = shape
+    image = torch.randn(B, C, H, W)
+    probs = torch.softmax(2 * torch.randn(B, K, H, W), dim=1)
+    palette = torch.randn(B, K, C)
+    got = color_variance_loss(image, probs, palette)
+    assert got.item() == pytest.approx(_variance_brute_force(image, probs, palette), rel=1e-5)
+    # default palette: the probability-weighted mean colour
+    pal = soft_palette(image, probs)
+    p64 = probs.double()
+    ref = (p64.unsqueeze(2) * image.double().unsqueeze(1)).sum((3, 4)) / p64.sum((2, 3)).unsqueeze(2)
+    torch.testing.assert_close(pal.double(), ref, rtol=1e-5, atol=1e-6)
+    assert color_variance_loss(image, probs).item() == pytest.approx(_variance_brute_force(image, probs, pal), rel=1e-5)
+
+
+def test_color_variance_bad_shapes():
+    image, probs = torch.rand(2, 3, 4, 4), torch.rand(2, 5, 4, 4)
+    with pytest.raises(ValueError, match="palette"):
+        color_variance_loss(image, probs, torch.rand(2, 5, 4))
+    with pytest.raises(ValueError, match="agree"):
+        color_variance_loss(image, torch.rand(2, 5, 4, 3))
+
+
+# ----------------------------------------------------------------------------- ColorCNNLoss
+
+
+def _setup(num_colors=4, train=True):
+    model = ColorCNN(num_colors, width=4).train(train)
+    classifier = CifarAlexNet(10).eval()
+    for p in classifier.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(2, 3, 32, 32)
+    y = torch.tensor([1, 7])
+    return model, classifier, x, y
+
+
+def test_defaults_are_the_papers():
+    loss = ColorCNNLoss()
+    assert (loss.alpha, loss.beta, loss.gamma) == (1.0, 0.0, 0.0)
+    with pytest.raises(ValueError):
+        ColorCNNLoss(alpha=-1)
+
+
+def test_zero_weights_is_cross_entropy():
+    model, classifier, x, y = _setup()
+    out = model(x)
+    logits = classifier(out.quantized)
+    total, terms = ColorCNNLoss(alpha=0, beta=0, gamma=0)(logits, y, out, x)
+    assert torch.equal(total, F.cross_entropy(logits, y))
+    assert set(terms) == {"total", "cross_entropy", "color_usage", "color_variance", "reconstruction"}
+    assert all(isinstance(v, float) for v in terms.values())
+    assert terms["total"] == terms["cross_entropy"] == pytest.approx(total.item())
+    assert terms["color_usage"] > 0 and terms["color_variance"] > 0 and terms["reconstruction"] > 0
+
+
+def test_total_is_weighted_sum():
+    model, classifier, x, y = _setup()
+    out = model(x)
+    logits = classifier(out.quantized)
+    alpha, beta, gamma = 0.7, 0.3, 2.0
+    total, terms = ColorCNNLoss(alpha, beta, gamma)(logits, y, out, x)
+    expected = (
+        F.cross_entropy(logits, y)
+        + alpha * color_usage_loss(out.probs)
+        + beta * color_variance_loss(x, out.probs, soft_palette(x, out.probs))
+        + gamma * F.mse_loss(out.quantized, x)
+    )
+    torch.testing.assert_close(total, expected)
+    weighted = terms["cross_entropy"] + alpha * terms["color_usage"] + beta * terms["color_variance"]
+    assert terms["total"] == pytest.approx(weighted + gamma * terms["reconstruction"], rel=1e-5)
+
+
+@pytest.mark.parametrize("weights", [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0.5, 0.5)])
+def test_gradients_reach_colorcnn_logits(weights):
+    model, classifier, x, y = _setup()
+    saved = {}
+
+    def keep(_module, _inp, logits):
+        logits.retain_grad()
+        saved["logits"] = logits
+
+    model.head.register_forward_hook(keep)
+    out = model(x)
+    ce_free = weights != (0, 0, 0)
+    logits = classifier(out.quantized)
+    if ce_free:  # isolate the regularizers: a CE that carries no gradient
+        logits = logits.detach()
+    total, _ = ColorCNNLoss(*weights)(logits, y, out, x)
+    total.backward()
+    g = saved["logits"].grad
+    assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+    assert all(p.grad is None for p in classifier.parameters())
+    grads = [p.grad for p in model.parameters()]
+    assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
+    assert model.head[2].weight.grad.abs().sum() > 0
+
+
+def test_eval_mode_output():
+    model, classifier, x, y = _setup(train=False)
+    with torch.no_grad():
+        out = model(x)
+        assert out.index_map is not None
+        total, terms = ColorCNNLoss(1.0, 0.5, 0.5)(classifier(out.quantized), y, out, x)
+    assert math.isfinite(total.item())
+    assert all(math.isfinite(v) for v in terms.values())
+    assert 0 <= terms["color_usage"] <= math.log2(4)
+
+
+def test_loss_bad_inputs():
+    model, classifier, x, y = _setup()
+    out = model(x)
+    logits = classifier(out.quantized)
+    with pytest.raises(TypeError, match="ColorCNNOutput"):
+        ColorCNNLoss()(logits, y, tuple(out), x)
+    with pytest.raises(ValueError, match="same shape"):
+        ColorCNNLoss()(logits, y, out, x[:, :, :16])
