@@ -28,10 +28,16 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", f"{device.type}-{device_name(device)}".lower()).strip("-")
 
 
+def command_line() -> str:
+    args = sys.argv[1:]
+    prog = "python -m benchmarks" if sys.argv[0].endswith("__main__.py") else f"python {sys.argv[0]}"
+    return " ".join([prog] + args)
+
+
 def machine_header(device: torch.device) -> str:
     return (
         f"device: {device_name(device)}; torch {torch.__version__}; python {platform.python_version()}; "
-        f"command: `{' '.join(sys.argv)}`"
+        f"command: `{command_line()}`"
     )
 
 

@@ -329,10 +329,23 @@ def mean_tol(dtype, *, xmax: float, num_pixels: int) -> Tol:
     return Tol(atol=xmax * (num_pixels * 2 * u + 4 * u) + (storage_floor(dtype) + accumulation_floor(dtype)), rtol=storage_eps(dtype) + 2 * u)
 
 
-def index_sum_tol(dtype, *, gmax: float, num_pixels: int) -> Tol:
-    """Sums of up to num_pixels terms bounded by gmax (render backward)."""
+def check_render_backward(got, index_map, palette, grad):
+    """grad_palette of render_index_map vs autograd through the oracle. Each
+    entry is a sum over the pixels of one colour: naive summation of m terms
+    errs by at most (m - 1) u sum |terms| (plus the float16/bfloat16 rounding)."""
+    dtype = palette.dtype
     u = unit_roundoff(accumulation_dtype(dtype))
-    return Tol(atol=gmax * num_pixels * 2 * u + (storage_floor(dtype) + accumulation_floor(dtype)), rtol=storage_eps(dtype))
+    idx = f64(index_map)
+    p64 = f64(palette).requires_grad_(True)
+    (want,) = torch.autograd.grad(reference.render_index_map(idx, p64), p64, f64(grad))
+    (sum_abs,) = torch.autograd.grad(reference.render_index_map(idx, p64), p64, f64(grad).abs())
+    B, H, W = idx.shape
+    counts = torch.zeros(B, palette.shape[1], dtype=torch.float64)
+    if idx.numel():
+        counts.scatter_add_(1, idx.reshape(B, -1), torch.ones(B, H * W, dtype=torch.float64))
+    bound = (counts[..., None] + 1) * u * sum_abs + accumulation_floor(dtype)
+    bound = stored(want.abs(), bound, dtype)
+    assert_within(got, want, SAFETY * bound, "grad_palette")
 
 
 # --------------------------------------------------------------------------- soft op cases
