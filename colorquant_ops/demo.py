@@ -1,9 +1,12 @@
-"""``colorquant demo``: quantize a few generated images through the fused ops.
+"""``colorquant demo``: quantize a few generated images through the fused ops
+and the traditional quantizers.
 
 Each image gets colour logits from its distance to K seed colours (picked
 from the image itself); ``hard_color_quantize`` turns them into an index map
 and a palette, ``soft_color_quantize`` into the differentiable recolouring.
-Prints a table and writes a picture sheet.
+Then ``ColorQuantize`` runs median cut, octree and k-means (with and without
+Floyd-Steinberg dithering) on the same images, with palette-PNG sizes.
+Prints tables and writes picture sheets.
 """
 
 import os
@@ -65,4 +68,32 @@ def main(out_dir: str = "runs/demo", colors=(2, 4, 8, 16)) -> str:
     grid = torch.stack(sheet, dim=1).flatten(0, 1)
     save_image(grid, path, nrow=len(sheet), padding=2, pad_value=1.0)
     print(f"picture sheet (rows: images; columns: original, K = {', '.join(map(str, colors))}): {path}")
+    compare_quantizers(images, out_dir, colors)
+    return path
+
+
+def compare_quantizers(images: torch.Tensor, out_dir: str, colors) -> str:
+    """Median cut, octree and k-means, each with and without dithering: PSNR and palette-PNG bits per pixel."""
+    from torchvision.utils import save_image
+
+    from .codecs import bits_per_pixel, palette_png_sizes
+    from .transforms import ColorQuantize
+
+    H, W = images.shape[-2:]
+    methods = [(m, d) for m in ("median_cut", "octree", "kmeans") for d in (False, True)]
+    print(f"\n{'method':<20}" + "".join(f"{f'K={k} PSNR/bpp':>18}" for k in colors))
+    sheet = [images]
+    for method, dither in methods:
+        cells = []
+        for k in colors:
+            res = ColorQuantize(k, method, dither=dither).quantize(images)
+            bpp = float(bits_per_pixel(palette_png_sizes(res.index_map, res.palette), H, W).mean())
+            cells.append(f"{psnr(res.quantized, images):6.2f} / {bpp:5.2f}")
+            if k == colors[1]:
+                sheet.append(res.quantized)
+        print(f"{method + (' + dither' if dither else ''):<20}" + "".join(f"{c:>18}" for c in cells))
+    path = os.path.join(out_dir, "quantizers_demo.png")
+    save_image(torch.stack(sheet, dim=1).flatten(0, 1), path, nrow=len(sheet), padding=2, pad_value=1.0)
+    names = ", ".join(m + (" + dither" if d else "") for m, d in methods)
+    print(f"picture sheet at K = {colors[1]} (columns: original, {names}): {path}")
     return path

@@ -25,7 +25,7 @@ from .helpers import CUDA_SKIP_REASON  # noqa: E402
 settings.register_profile(
     "ci",
     deadline=None,
-    max_examples=40,
+    max_examples=100,
     derandomize=True,
     database=None,
     print_blob=True,
@@ -33,7 +33,7 @@ settings.register_profile(
     # once per test and stays valid for all of its examples.
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-settings.register_profile("dev", parent=settings.get_profile("ci"), max_examples=300, derandomize=False)
+settings.register_profile("dev", parent=settings.get_profile("ci"), max_examples=1000, derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

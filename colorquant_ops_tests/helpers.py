@@ -15,7 +15,8 @@ tested dtype), so the allowed error only has to cover the kernel's own rounding:
   colour is used. The bounds are applied with a safety factor of 2 and
   observed errors stay below a quarter of them (float16 subnormals: half).
 * hard palette / render backward: sums of up to ``n`` terms, worst case
-  ``2 n u`` relative to the largest term (:func:`mean_tol`, :func:`index_sum_tol`).
+  ``(n - 1) u`` times the sum of their magnitudes (:func:`mean_tol`,
+  :func:`check_render_backward`).
 
 ``u`` is the unit roundoff of the accumulation type: float32 for float32,
 float16 and bfloat16 inputs, float64 for float64 inputs.
