@@ -140,6 +140,16 @@ def _soft_setup_context(ctx, inputs, output):
 
 def _soft_backward(ctx, grad_quantized, grad_palette, grad_probs):
     probs, image, palette = ctx.saved_tensors
+    # Grad mode is on in a backward only under create_graph=True. The closed-form
+    # backward kernel is not itself differentiable: refuse rather than let second
+    # derivatives through this op silently come out as zeros.
+    if torch.is_grad_enabled() and any(
+        t.requires_grad for t in (grad_quantized, grad_palette, grad_probs, probs, image, palette)
+    ):
+        raise RuntimeError(
+            "soft_color_quantize does not support double backward (create_graph=True through it); "
+            "use colorquant_ops.ops.reference.soft_color_quantize where second derivatives are needed"
+        )
     grad_logits, grad_image = _ops.soft_color_quantize_backward(
         grad_quantized, grad_palette, grad_probs, probs, image, palette, ctx.temperature, ctx.eps
     )
@@ -170,3 +180,23 @@ def _render_backward(ctx, grad_image):
 
 
 torch.library.register_autograd("colorquant::render_index_map", _render_backward, setup_context=_render_setup_context)
+
+
+# render_index_map_backward is linear in grad_image (a per-index sum, the adjoint
+# of the gather), so its own gradient is the gather again: double backward works.
+def _render_backward_setup_context(ctx, inputs, output):
+    _, index_map, palette = inputs
+    ctx.save_for_backward(index_map)
+
+
+def _render_backward_backward(ctx, grad_grad_palette):
+    (index_map,) = ctx.saved_tensors
+    grad_grad_image = None
+    if ctx.needs_input_grad[0]:
+        grad_grad_image = _ops.render_index_map(index_map, grad_grad_palette)
+    return grad_grad_image, None, None
+
+
+torch.library.register_autograd(
+    "colorquant::render_index_map_backward", _render_backward_backward, setup_context=_render_backward_setup_context
+)

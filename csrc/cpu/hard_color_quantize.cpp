@@ -19,7 +19,7 @@ using at::Tensor;
 template <typename scalar_t>
 void render(const int64_t* index, const scalar_t* palette, int64_t B, int64_t K, int64_t C,
             int64_t P, scalar_t* out) {
-  parallel_for_chunks(B, P, [&](int64_t, int64_t b, int64_t p0, int64_t p1) {
+  parallel_for_chunks(B, P, C, [&](int64_t, int64_t b, int64_t p0, int64_t p1) {
     const int64_t* idx = index + b * P;
     check_indices(idx + p0, p1 - p0, K);
     const scalar_t* pal = palette + b * K * C;
@@ -38,7 +38,7 @@ void index_sums(const int64_t* index, const scalar_t* y, int64_t B, int64_t K, i
   const int64_t nc = num_chunks(P);
   std::vector<opmath_t> partial(B * nc * K * C, opmath_t(0));
   std::vector<int64_t> partial_counts(B * nc * K, 0);
-  parallel_for_chunks(B, P, [&](int64_t task, int64_t b, int64_t p0, int64_t p1) {
+  parallel_for_chunks(B, P, C, [&](int64_t task, int64_t b, int64_t p0, int64_t p1) {
     check_indices(index + b * P + p0, p1 - p0, K);
     accumulate_index_sums(index + b * P + p0, y + b * C * P + p0, P, C, p1 - p0,
                           partial.data() + task * K * C, partial_counts.data() + task * K);
@@ -64,7 +64,7 @@ void hard_forward(const Tensor& logits, const Tensor& image, Tensor& quantized,
   const scalar_t* lg = logits.const_data_ptr<scalar_t>();
   int64_t* idx = index_map.mutable_data_ptr<int64_t>();
 
-  parallel_for_chunks(B, P, [&](int64_t, int64_t b, int64_t p0, int64_t p1) {
+  parallel_for_chunks(B, P, K, [&](int64_t, int64_t b, int64_t p0, int64_t p1) {
     std::vector<opmath_t> best(T);
     for (int64_t q = p0; q < p1; q += T) {
       const int64_t n = std::min(T, p1 - q);

@@ -30,7 +30,7 @@ void soft_forward(const Tensor& logits, const Tensor& image, double temperature,
 
   // Stage 1: probs, and per-chunk sums S[k] = sum_p probs, N[k,c] = sum_p probs*image.
   std::vector<opmath_t> partial(B * nc * K * (C + 1), opmath_t(0));
-  parallel_for_chunks(B, P, [&](int64_t task, int64_t b, int64_t p0, int64_t p1) {
+  parallel_for_chunks(B, P, K, [&](int64_t task, int64_t b, int64_t p0, int64_t p1) {
     std::vector<opmath_t> buf(K * T + 2 * T);
     opmath_t* acc = partial.data() + task * K * (C + 1);
     for (int64_t q = p0; q < p1; q += T) {
@@ -53,7 +53,7 @@ void soft_forward(const Tensor& logits, const Tensor& image, double temperature,
   for (int64_t i = 0; i < B * K * C; ++i) pal_out[i] = static_cast<scalar_t>(pal[i]);
 
   // Stage 3: quantized[c,p] = sum_k probs[k,p] palette[k,c].
-  parallel_for_chunks(B, P, [&](int64_t, int64_t b, int64_t p0, int64_t p1) {
+  parallel_for_chunks(B, P, K * C, [&](int64_t, int64_t b, int64_t p0, int64_t p1) {
     std::vector<opmath_t> acc(T);
     for (int64_t q = p0; q < p1; q += T) {
       const int64_t n = std::min(T, p1 - q);
@@ -92,7 +92,7 @@ void soft_backward(const Tensor& grad_quantized, const Tensor& grad_palette,
 
   // Stage 1: per-chunk S[k] = sum_p probs and M[k,c] = sum_p probs*grad_quantized.
   std::vector<opmath_t> partial(B * nc * K * (C + 1), opmath_t(0));
-  parallel_for_chunks(B, P, [&](int64_t task, int64_t b, int64_t p0, int64_t p1) {
+  parallel_for_chunks(B, P, K * C, [&](int64_t task, int64_t b, int64_t p0, int64_t p1) {
     accumulate_weighted_sums(pr + b * K * P + p0, P, gq + b * C * P + p0, P, K, C, p1 - p0,
                              partial.data() + task * K * (C + 1));
   });
@@ -105,7 +105,7 @@ void soft_backward(const Tensor& grad_quantized, const Tensor& grad_palette,
 
   // Stage 3, per pixel: G[k] = dL/dprobs[k] in total, then the softmax backward
   // and grad_image[c] = sum_k A[k,c] probs[k].
-  parallel_for_chunks(B, P, [&](int64_t, int64_t b, int64_t p0, int64_t p1) {
+  parallel_for_chunks(B, P, K * C, [&](int64_t, int64_t b, int64_t p0, int64_t p1) {
     std::vector<opmath_t> G(K * T), dot(T), acc(T);
     for (int64_t q = p0; q < p1; q += T) {
       const int64_t n = std::min(T, p1 - q);

@@ -29,12 +29,22 @@ inline int64_t num_chunks(int64_t num_pixels) {
   return (num_pixels + kChunkPixels - 1) / kChunkPixels;
 }
 
+// Below about this many (pixel x colour) operations a task list runs on the
+// calling thread: waking the thread pool costs more than it saves.
+constexpr int64_t kMinParallelWork = int64_t{1} << 16;
+
 // Runs f(task, b, p_begin, p_end) for every (image b, chunk) task in parallel;
 // task = b * num_chunks + chunk indexes the per-task partial sums.
+// work_per_pixel (e.g. K or K*C) only sets how many tasks a thread takes at
+// least; results never depend on it.
 template <typename F>
-void parallel_for_chunks(int64_t batch, int64_t num_pixels, const F& f) {
+void parallel_for_chunks(int64_t batch, int64_t num_pixels, int64_t work_per_pixel,
+                         const F& f) {
   const int64_t nc = num_chunks(num_pixels);
-  at::parallel_for(0, batch * nc, 1, [&](int64_t begin, int64_t end) {
+  const int64_t task_work =
+      std::max<int64_t>(1, std::min(num_pixels, kChunkPixels) * work_per_pixel);
+  const int64_t grain = std::max<int64_t>(1, kMinParallelWork / task_work);
+  at::parallel_for(0, batch * nc, grain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nc;
       const int64_t p0 = (task % nc) * kChunkPixels;
