@@ -33,6 +33,8 @@ $(STAMP)/venv: requirements.txt
 	@mkdir -p $(STAMP)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	@# Put this checkout on the venv's path, so that .venv/bin/python imports colorquant_ops from anywhere.
+	$(PY) -c "import os, site; open(os.path.join(site.getsitepackages()[0], 'colorquant_ops-checkout.pth'), 'w').write(os.getcwd() + '\n')"
 	@touch $@
 
 build: $(STAMP)/ext
