@@ -56,17 +56,8 @@ void soft_forward(const Tensor& logits, const Tensor& image, double temperature,
   parallel_for_chunks(B, P, K * C, [&](int64_t, int64_t b, int64_t p0, int64_t p1) {
     std::vector<opmath_t> acc(T);
     for (int64_t q = p0; q < p1; q += T) {
-      const int64_t n = std::min(T, p1 - q);
-      for (int64_t c = 0; c < C; ++c) {
-        std::fill(acc.begin(), acc.begin() + n, opmath_t(0));
-        for (int64_t k = 0; k < K; ++k) {
-          const opmath_t pkc = pal[(b * K + k) * C + c];
-          const scalar_t* pk = pr + (b * K + k) * P + q;
-          for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<opmath_t>(pk[i]) * pkc;
-        }
-        scalar_t* out = qt + (b * C + c) * P + q;
-        for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(acc[i]);
-      }
+      mix_tile(pr + b * K * P + q, P, pal.data() + b * K * C, K, C, std::min(T, p1 - q),
+               qt + b * C * P + q, P, acc.data());
     }
   });
 }
@@ -106,46 +97,13 @@ void soft_backward(const Tensor& grad_quantized, const Tensor& grad_palette,
   // Stage 3, per pixel: G[k] = dL/dprobs[k] in total, then the softmax backward
   // and grad_image[c] = sum_k A[k,c] probs[k].
   parallel_for_chunks(B, P, K * C, [&](int64_t, int64_t b, int64_t p0, int64_t p1) {
-    std::vector<opmath_t> G(K * T), dot(T), acc(T);
+    std::vector<opmath_t> G(K * T), dot(T);
     for (int64_t q = p0; q < p1; q += T) {
       const int64_t n = std::min(T, p1 - q);
-      std::fill(dot.begin(), dot.begin() + n, opmath_t(0));
-      for (int64_t k = 0; k < K; ++k) {
-        opmath_t* Gk = G.data() + k * T;
-        const scalar_t* gpk = gp + (b * K + k) * P + q;
-        for (int64_t i = 0; i < n; ++i) Gk[i] = static_cast<opmath_t>(gpk[i]);
-        for (int64_t c = 0; c < C; ++c) {
-          const opmath_t pkc = pal[(b * K + k) * C + c];
-          const opmath_t akc = adj[(b * K + k) * C + c];
-          const scalar_t* gqc = gq + (b * C + c) * P + q;
-          const scalar_t* xc = img + (b * C + c) * P + q;
-          for (int64_t i = 0; i < n; ++i) {
-            Gk[i] += prob_grad_term(static_cast<opmath_t>(gqc[i]), pkc, akc,
-                                    static_cast<opmath_t>(xc[i]));
-          }
-        }
-        const scalar_t* pk = pr + (b * K + k) * P + q;
-        for (int64_t i = 0; i < n; ++i) dot[i] += static_cast<opmath_t>(pk[i]) * Gk[i];
-      }
-      for (int64_t k = 0; k < K; ++k) {
-        const opmath_t* Gk = G.data() + k * T;
-        const scalar_t* pk = pr + (b * K + k) * P + q;
-        scalar_t* out = gl + (b * K + k) * P + q;
-        for (int64_t i = 0; i < n; ++i) {
-          out[i] = static_cast<scalar_t>(
-              softmax_logit_grad(static_cast<opmath_t>(pk[i]), Gk[i], dot[i], temp));
-        }
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        std::fill(acc.begin(), acc.begin() + n, opmath_t(0));
-        for (int64_t k = 0; k < K; ++k) {
-          const opmath_t akc = adj[(b * K + k) * C + c];
-          const scalar_t* pk = pr + (b * K + k) * P + q;
-          for (int64_t i = 0; i < n; ++i) acc[i] += akc * static_cast<opmath_t>(pk[i]);
-        }
-        scalar_t* out = gi + (b * C + c) * P + q;
-        for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(acc[i]);
-      }
+      const int64_t kp = b * K * P + q, cp = b * C * P + q;
+      soft_backward_tile(pr + kp, gp + kp, gq + cp, img + cp, P, pal.data() + b * K * C,
+                         adj.data() + b * K * C, K, C, n, temp, gl + kp, G.data(), dot.data());
+      mix_tile(pr + kp, P, adj.data() + b * K * C, K, C, n, gi + cp, P, dot.data());
     }
   });
 }

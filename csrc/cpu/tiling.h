@@ -13,6 +13,16 @@
 
 #include "common/color_math.h"
 
+// The tile loops are compiled for AVX-512 and AVX2 as well as the baseline
+// x86-64 ISA, the best one picked at load time (GCC function multiversioning),
+// as ATen does for its own kernels. Results are deterministic on a machine;
+// the vector width may change the last bits of a sum between machines.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define CQ_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CQ_SIMD_CLONES
+#endif
+
 namespace colorquant {
 namespace cpu {
 
@@ -56,7 +66,7 @@ void parallel_for_chunks(int64_t batch, int64_t num_pixels, int64_t work_per_pix
 // probs[k*ld + i] = softmax_k(temperature * logits[k*stride + i]) for the n
 // pixels of a tile. work holds 2n values.
 template <typename scalar_t, typename opmath_t>
-void softmax_tile(const scalar_t* logits, int64_t stride, int64_t num_colors,
+CQ_SIMD_CLONES void softmax_tile(const scalar_t* logits, int64_t stride, int64_t num_colors,
                   int64_t n, opmath_t temperature, opmath_t* probs, int64_t ld,
                   opmath_t* work) {
   opmath_t* max_z = work;
@@ -93,7 +103,7 @@ void softmax_tile(const scalar_t* logits, int64_t stride, int64_t num_colors,
 // acc[k*(C+1)+1+c] += sum_i w[k*w_ld + i] * y[c*y_ld + i]
 // Forward: w = probs, y = image. Backward: w = probs, y = grad_quantized.
 template <typename w_t, typename y_t, typename opmath_t>
-void accumulate_weighted_sums(const w_t* w, int64_t w_ld, const y_t* y,
+CQ_SIMD_CLONES void accumulate_weighted_sums(const w_t* w, int64_t w_ld, const y_t* y,
                               int64_t y_ld, int64_t num_colors,
                               int64_t channels, int64_t n, opmath_t* acc) {
   for (int64_t k = 0; k < num_colors; ++k) {
@@ -111,6 +121,64 @@ void accumulate_weighted_sums(const w_t* w, int64_t w_ld, const y_t* y,
         t += static_cast<opmath_t>(wk[i]) * static_cast<opmath_t>(yc[i]);
       }
       acc_k[1 + c] += t;
+    }
+  }
+}
+
+// out[c*out_ld + i] = sum_k w[k*w_ld + i] * table[k*C + c] for the n pixels of
+// a tile: quantized from the palette (forward), grad_image from the adjoint
+// (backward). acc holds n values.
+template <typename w_t, typename opmath_t, typename out_t>
+CQ_SIMD_CLONES void mix_tile(const w_t* w, int64_t w_ld, const opmath_t* table,
+                             int64_t num_colors, int64_t channels, int64_t n,
+                             out_t* out, int64_t out_ld, opmath_t* acc) {
+  for (int64_t c = 0; c < channels; ++c) {
+    for (int64_t i = 0; i < n; ++i) acc[i] = 0;
+    for (int64_t k = 0; k < num_colors; ++k) {
+      const opmath_t t = table[k * channels + c];
+      const w_t* wk = w + k * w_ld;
+      for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<opmath_t>(wk[i]) * t;
+    }
+    out_t* oc = out + c * out_ld;
+    for (int64_t i = 0; i < n; ++i) oc[i] = static_cast<out_t>(acc[i]);
+  }
+}
+
+// Soft backward for the n pixels of a tile (arrays strided by ld over k or c):
+//   G[k] = grad_probs[k] + sum_c prob_grad_term(gq[c], palette[k,c], A[k,c], x[c])
+//   grad_logits[k] = softmax_logit_grad(probs[k], G[k], sum_j probs[j] G[j], temperature)
+// G holds num_colors * n values, dot n values.
+template <typename scalar_t, typename opmath_t>
+CQ_SIMD_CLONES void soft_backward_tile(
+    const scalar_t* probs, const scalar_t* grad_probs, const scalar_t* grad_quantized,
+    const scalar_t* image, int64_t ld, const opmath_t* palette, const opmath_t* adjoint,
+    int64_t num_colors, int64_t channels, int64_t n, opmath_t temperature,
+    scalar_t* grad_logits, opmath_t* G, opmath_t* dot) {
+  for (int64_t i = 0; i < n; ++i) dot[i] = 0;
+  for (int64_t k = 0; k < num_colors; ++k) {
+    opmath_t* Gk = G + k * n;
+    const scalar_t* gpk = grad_probs + k * ld;
+    for (int64_t i = 0; i < n; ++i) Gk[i] = static_cast<opmath_t>(gpk[i]);
+    for (int64_t c = 0; c < channels; ++c) {
+      const opmath_t pkc = palette[k * channels + c];
+      const opmath_t akc = adjoint[k * channels + c];
+      const scalar_t* gqc = grad_quantized + c * ld;
+      const scalar_t* xc = image + c * ld;
+      for (int64_t i = 0; i < n; ++i) {
+        Gk[i] += prob_grad_term(static_cast<opmath_t>(gqc[i]), pkc, akc,
+                                static_cast<opmath_t>(xc[i]));
+      }
+    }
+    const scalar_t* pk = probs + k * ld;
+    for (int64_t i = 0; i < n; ++i) dot[i] += static_cast<opmath_t>(pk[i]) * Gk[i];
+  }
+  for (int64_t k = 0; k < num_colors; ++k) {
+    const opmath_t* Gk = G + k * n;
+    const scalar_t* pk = probs + k * ld;
+    scalar_t* out = grad_logits + k * ld;
+    for (int64_t i = 0; i < n; ++i) {
+      out[i] = static_cast<scalar_t>(
+          softmax_logit_grad(static_cast<opmath_t>(pk[i]), Gk[i], dot[i], temperature));
     }
   }
 }
