@@ -1,23 +1,52 @@
-"""Command line interface: ``colorquant <command>`` (also ``python -m colorquant_ops``)."""
+"""Command line interface: ``colorquant <command>`` (also ``python -m colorquant_ops``).
+
+* ``demo``: quantize generated images through the fused ops.
+* ``train-classifier``: train the full-colour classifier ColorCNN is judged by.
+* ``train``: train ColorCNN against a frozen classifier checkpoint.
+
+Bad arguments, missing data and unreadable checkpoints end with one ``colorquant: error: ...``
+message on stderr and exit status 2, without a traceback.
+"""
 
 import argparse
 import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import train
+
     parser = argparse.ArgumentParser(prog="colorquant", description="Learned colour quantization (ColorCNN) tools.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="quantize generated images through the fused ops; prints a table, writes a sheet")
     demo.add_argument("--out-dir", default="runs/demo", help="where the picture sheet goes (default: runs/demo)")
+    cls = sub.add_parser("train-classifier", help="train the full-colour classifier (paper: SGD 0.1, 60 epochs)",
+                         description="Train a full-colour classifier; writes a run directory (see colorquant_ops.train).")
+    train.add_classifier_arguments(cls)
+    cnn = sub.add_parser("train", help="train ColorCNN against a frozen classifier checkpoint",
+                         description="Train ColorCNN through a frozen classifier; writes a run directory.")
+    train.add_colorcnn_arguments(cnn)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import main as demo_main
 
         demo_main(out_dir=args.out_dir)
+        return 0
+    from . import train
+
+    trainer = {"train-classifier": train.train_classifier, "train": train.train_colorcnn}[args.command]
+    try:
+        trainer(args)
+    except (ValueError, OSError) as exc:  # bad arguments, missing data (DatasetNotFoundError), bad checkpoints
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

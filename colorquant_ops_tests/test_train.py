@@ -1,0 +1,201 @@
+"""End-to-end tests of the training engine and its CLI commands (``colorquant train-classifier`` /
+``colorquant train``) on a few hundred real CIFAR-10 images (the project's JPEG copy, see test_data.py).
+
+The two straight runs (classifier, ColorCNN) are module fixtures; the resume tests repeat them as
+1 epoch + ``--resume`` 1 more and compare the weights bit for bit. Deterministic mode is on
+(conftest.py, and here around the fixtures too).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from colorquant_ops import cli, data
+from colorquant_ops.classifiers import load_classifier
+from colorquant_ops.models.colorcnn import ColorCNN, load_colorcnn
+
+ARCHIVE = data.find_shared_cifar10_archive()
+pytestmark = pytest.mark.skipif(
+    ARCHIVE is None and not (data.default_cache_dir() / "cifar10-jpeg" / ".extracted").is_file(),
+    reason="CIFAR-10 JPEG archive ../shared/data/cifar10-jpeg.tar.gz not found",
+)
+
+COMMON = ["--subset", "128", "--test-subset", "64", "--batch-size", "64", "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tensor-cache")
+
+
+def _run(*argv) -> int:
+    return cli.main([str(a) for a in argv])
+
+
+def _train_classifier(out_dir, cache_dir, *extra):
+    return _run("train-classifier", *COMMON, "--cache-dir", cache_dir, "--out-dir", out_dir, *extra)
+
+
+def _train_colorcnn(out_dir, cache_dir, classifier, *extra):
+    return _run("train", *COMMON, "--cache-dir", cache_dir, "--out-dir", out_dir, "--classifier", classifier,
+                "--num-colors", "2", "--width", "4", *extra)
+
+
+class _Deterministic:
+    def __enter__(self):
+        self.prev = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+
+    def __exit__(self, *exc):
+        torch.use_deterministic_algorithms(self.prev)
+
+
+@pytest.fixture(scope="module")
+def classifier_run(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("runs") / "classifier"
+    with _Deterministic():
+        assert _train_classifier(out, cache_dir, "--epochs", "2") == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def colorcnn_run(tmp_path_factory, cache_dir, classifier_run):
+    out = tmp_path_factory.mktemp("runs") / "colorcnn"
+    with _Deterministic():
+        assert _train_colorcnn(out, cache_dir, classifier_run / "final.pt", "--epochs", "2") == 0
+    return out
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _check_artifacts(run: Path, command: str) -> list[dict]:
+    for name in ("settings.json", "log.txt", "metrics.jsonl", "last.pt", "best.pt", "final.pt"):
+        assert (run / name).is_file(), name
+    settings = json.loads((run / "settings.json").read_text())
+    assert settings["command"] == command and settings["epochs"] == 2 and settings["subset"] == 128
+    metrics = _metrics(run)
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert {"train_loss", "train_acc", "test_acc", "lr", "seconds"} <= set(m)
+        assert 0 <= m["test_acc"] <= 1 and m["train_loss"] > 0
+    log = (run / "log.txt").read_text()
+    assert "epoch 2 train_loss" in log and "done: best test_acc" in log
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["step"] == 4  # 128 images, batch 64
+    assert {"model", "optimizer", "scheduler", "rng"} <= set(state)
+    return metrics
+
+
+def test_classifier_run_writes_artifacts_and_loadable_checkpoints(classifier_run):
+    metrics = _check_artifacts(classifier_run, "train-classifier")
+    assert metrics[0]["lr"] == pytest.approx(0.1)  # the paper's lr
+    for name in ("final.pt", "best.pt"):
+        model = load_classifier(classifier_run / name).eval()
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    state = torch.load(classifier_run / "last.pt", weights_only=True)
+    final = load_classifier(classifier_run / "final.pt").state_dict()
+    assert all(torch.equal(final[k], v) for k, v in state["model"].items())
+
+
+def test_colorcnn_run_writes_artifacts_and_learns(colorcnn_run):
+    metrics = _check_artifacts(colorcnn_run, "train")
+    for m in metrics:
+        assert 1 <= m["test_colors"] <= 2
+    # ColorCNN's loss (cross-entropy + colour usage) goes down from the first to the second epoch
+    assert metrics[1]["train_loss"] < metrics[0]["train_loss"]
+    # cosine schedule stepped per batch: the second epoch starts below the initial lr 0.01
+    assert metrics[0]["lr"] == pytest.approx(0.01) and metrics[1]["lr"] < 0.01
+    model = load_colorcnn(colorcnn_run / "final.pt")
+    assert isinstance(model, ColorCNN)
+    assert model.num_colors == 2 and model.width == 4 and model.color_norm == 4.0  # CIFAR default
+    out = model.eval()(torch.randn(2, 3, 32, 32))
+    assert out.index_map.shape == (2, 32, 32) and int(out.index_map.max()) <= 1
+    assert isinstance(load_colorcnn(colorcnn_run / "best.pt"), ColorCNN)
+
+
+def _assert_same_run(resumed: Path, straight: Path, loader) -> None:
+    a, b = loader(resumed / "final.pt").state_dict(), loader(straight / "final.pt").state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    opt_a = torch.load(resumed / "last.pt", weights_only=True)["optimizer"]["state"]
+    opt_b = torch.load(straight / "last.pt", weights_only=True)["optimizer"]["state"]
+    for k in opt_a:
+        assert torch.equal(opt_a[k]["momentum_buffer"], opt_b[k]["momentum_buffer"])
+    strip = lambda ms: [{k: v for k, v in m.items() if "seconds" not in k} for m in ms]  # noqa: E731
+    assert strip(_metrics(resumed)) == strip(_metrics(straight))
+
+
+def test_classifier_resume_is_exact(tmp_path, cache_dir, classifier_run):
+    out = tmp_path / "run"
+    assert _train_classifier(out, cache_dir, "--epochs", "1") == 0
+    assert _train_classifier(out, cache_dir, "--epochs", "2", "--resume") == 0
+    assert "resumed from" in (out / "log.txt").read_text()
+    _assert_same_run(out, classifier_run, load_classifier)
+
+
+def test_colorcnn_resume_is_exact(tmp_path, cache_dir, classifier_run, colorcnn_run):
+    out = tmp_path / "run"
+    classifier = classifier_run / "final.pt"
+    assert _train_colorcnn(out, cache_dir, classifier, "--epochs", "1") == 0
+    assert _train_colorcnn(out, cache_dir, classifier, "--epochs", "2", "--resume") == 0
+    _assert_same_run(out, colorcnn_run, load_colorcnn)
+
+
+def _error(capsys, *argv) -> str:
+    """Run the CLI expecting a failure; return its one stderr message."""
+    try:
+        status = _run(*argv)
+    except SystemExit as exc:  # argparse errors
+        status = exc.code
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "colorquant" in err and "error: " in err
+    return err
+
+
+def test_cli_bad_arguments(capsys, tmp_path, cache_dir, classifier_run):
+    base = ["--cache-dir", cache_dir, *COMMON, "--epochs", "1"]
+    assert "invalid choice: 'mnist'" in _error(capsys, "train-classifier", *base, "--dataset", "mnist")
+    assert "unknown classifier arch 'nonet'" in _error(
+        capsys, "train-classifier", *base, "--arch", "nonet", "--out-dir", tmp_path / "a")
+    ckpt = classifier_run / "final.pt"
+    assert "num_colors must be in [2, 256], got 1" in _error(
+        capsys, "train", *base, "--classifier", ckpt, "--num-colors", "1", "--out-dir", tmp_path / "b")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    assert "is not a classifier checkpoint" in _error(
+        capsys, "train", *base, "--classifier", garbage, "--out-dir", tmp_path / "c")
+    assert "classifier checkpoint not found" in _error(
+        capsys, "train", *base, "--classifier", tmp_path / "missing.pt", "--out-dir", tmp_path / "d")
+    assert "the following arguments are required: --classifier" in _error(capsys, "train", *base)
+    assert "no checkpoint to resume from" in _error(
+        capsys, "train-classifier", *base, "--out-dir", tmp_path / "e", "--resume")
+    assert "holds a run already" in _error(capsys, "train-classifier", *base, "--out-dir", classifier_run)
+    settings = (classifier_run / "settings.json").read_text()
+    assert "--resume with other settings than" in _error(
+        capsys, "train-classifier", *base, "--out-dir", classifier_run, "--resume", "--seed", "1")
+    assert (classifier_run / "settings.json").read_text() == settings  # the run is left as it was
+
+
+def test_cli_missing_dataset(capsys, tmp_path):
+    err = _error(capsys, "train-classifier", *COMMON, "--dataset", "cifar100", "--data-root", tmp_path / "nothing",
+                 "--cache-dir", tmp_path / "cache", "--out-dir", tmp_path / "run")
+    assert "CIFAR-100 not found under data_root=" in err and "To supply it:" in err
+
+
+def test_cli_error_in_a_real_process(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "colorquant_ops", "train", "--classifier", str(tmp_path / "missing.pt"),
+         "--out-dir", str(tmp_path / "run"), "--device", "cpu"],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"colorquant: error: classifier checkpoint not found: {tmp_path / 'missing.pt'}"]
