@@ -22,6 +22,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from ._checkpoint import read_checkpoint
 from ._validation import check_int as _check_int
 
 __all__ = [
@@ -223,14 +224,7 @@ def load_classifier(path, map_location="cpu") -> nn.Module:
         ValueError: the file is not a readable classifier checkpoint, or its
             weights do not fit its architecture.
     """
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"classifier checkpoint not found: {path}") from None
-    except Exception as exc:  # unpickling errors come in many types
-        raise ValueError(f"{path} is not a classifier checkpoint (cannot read it: {exc})") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a classifier checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    ckpt = read_checkpoint(path, CHECKPOINT_FORMAT, "classifier", map_location)
     missing = [k for k in _CKPT_KEYS if k not in ckpt]
     if missing:
         raise ValueError(f"{path} is not a classifier checkpoint (missing entries {missing})")

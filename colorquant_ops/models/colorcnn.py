@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
+from .._checkpoint import read_checkpoint
 from .._validation import check_float as _check_float
 from .._validation import check_int as _check_int
 from ..ops import hard_color_quantize, soft_color_quantize
@@ -211,14 +212,7 @@ def load_colorcnn(path, map_location="cpu") -> ColorCNN:
         FileNotFoundError: ``path`` does not exist.
         ValueError: the file is not a readable ColorCNN checkpoint.
     """
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"ColorCNN checkpoint not found: {path}") from None
-    except Exception as exc:  # unpickling errors come in many types
-        raise ValueError(f"cannot read ColorCNN checkpoint {path}: {exc}") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a ColorCNN checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    ckpt = read_checkpoint(path, CHECKPOINT_FORMAT, "ColorCNN", map_location)
     model = ColorCNN(**ckpt["config"])
     model.load_state_dict(ckpt["state_dict"])
     return model
