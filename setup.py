@@ -31,7 +31,8 @@ def extension():
     # The C++ standard is left to torch (C++17 up to torch 2.x, C++20 since 2.14).
     # -fopenmp: at::parallel_for is header code; without it the CPU kernels run on one thread.
     # -fno-trapping-math: lets gcc vectorize the float->int step of shifted_exp (no FP traps are used).
-    # -ffp-contract=off: no fused multiply-adds, so CPU and CUDA (which round with __fmul_rn etc.) agree bit for bit.
+    # -ffp-contract=off: no fused multiply-adds, so the k-means/dither kernels agree bit for bit with
+    # their CUDA twins (which round with __fmul_rn etc.).
     cxx = opt + ["-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
     extra = {"cxx": cxx}
     ext_cls = cpp_extension.CppExtension
