@@ -3,6 +3,7 @@
 * ``demo``: quantize generated images through the fused ops.
 * ``train-classifier``: train the full-colour classifier ColorCNN is judged by.
 * ``train``: train ColorCNN against a frozen classifier checkpoint.
+* ``evaluate``: accuracy / colours used / bits per pixel of quantization methods and JPEG.
 
 Bad arguments, missing data and unreadable checkpoints end with one ``colorquant: error: ...``
 message on stderr and exit status 2, without a traceback.
@@ -13,7 +14,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import train
+    from . import evaluate, train
 
     parser = argparse.ArgumentParser(prog="colorquant", description="Learned colour quantization (ColorCNN) tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -25,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     cnn = sub.add_parser("train", help="train ColorCNN against a frozen classifier checkpoint",
                          description="Train ColorCNN through a frozen classifier; writes a run directory.")
     train.add_colorcnn_arguments(cnn)
+    ev = sub.add_parser("evaluate", help="a frozen classifier on quantized (and JPEG) test images; one table",
+                        description="Evaluate colour quantization methods and JPEG through a frozen classifier; "
+                                    "writes results.csv/.json/.md and plots into a run directory.")
+    evaluate.add_evaluate_arguments(ev)
     return parser
 
 
@@ -36,9 +41,10 @@ def main(argv=None) -> int:
 
         demo_main(out_dir=args.out_dir)
         return 0
-    from . import train
+    from . import evaluate, train
 
-    trainer = {"train-classifier": train.train_classifier, "train": train.train_colorcnn}[args.command]
+    trainer = {"train-classifier": train.train_classifier, "train": train.train_colorcnn,
+               "evaluate": evaluate.evaluate}[args.command]
     try:
         trainer(args)
     except (ValueError, OSError) as exc:  # bad arguments, missing data (DatasetNotFoundError), bad checkpoints

@@ -1,0 +1,356 @@
+"""``colorquant evaluate``: a frozen classifier on colour-quantized and JPEG-compressed test images.
+
+One pass over the test split (``data.test_transform(name, normalize=False)``, values in [0,1]) fills
+one table with, per row:
+
+* ``method`` / ``dither`` / ``K``: each of ``--methods`` x ``--dither`` x ``--num-colors``. The
+  classical methods (``median_cut``, ``octree``, ``kmeans``; :class:`~colorquant_ops.transforms.ColorQuantize`)
+  quantize the [0,1] image, which is then normalized for the classifier. ``colorcnn`` runs the
+  ``--colorcnn`` checkpoint whose ``num_colors`` is K (eval mode) on the normalized image, as in
+  training, and its output goes into the classifier as is; dithering does not apply to it (one row,
+  dither ``off``); a K without a checkpoint is skipped with a note.
+* ``accuracy``: top-1 accuracy of the classifier (eval mode);
+* ``colors``: mean number of colours actually used per image (``count_colors``);
+* ``bpp``: mean size of the palette PNG (index map + palette, ``palette_png_sizes``) in bits per pixel;
+  for ColorCNN the palette is mapped back to [0,1] (``x * std + mean``, clamped).
+
+plus a ``full colour`` row (bpp ``-``) and one ``jpeg`` row per ``--jpeg-qualities`` entry (accuracy on
+the JPEG round-tripped images, mean JPEG bits per pixel).
+
+The run directory gets ``settings.json``, ``log.txt``, ``results.csv``, ``results.json``,
+``results.md`` (the printed markdown table), ``accuracy_vs_bits.png`` (accuracy vs log2 K per method)
+and ``accuracy_vs_bpp.png`` (accuracy vs bits per pixel, with the JPEG curve).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from . import codecs, data
+from .classifiers import load_classifier
+from .models.colorcnn import load_colorcnn
+from .quantizers.reference import count_colors
+from .train import RunDir, _positive_int
+from .transforms import METHODS, ColorQuantize
+
+__all__ = ["add_evaluate_arguments", "evaluate"]
+
+_DITHERED = ("median_cut", "octree", "kmeans")
+_FIELDS = ("method", "dither", "num_colors", "bits", "accuracy", "colors", "bpp", "images", "note")
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--classifier", required=True, help="frozen classifier checkpoint (from train-classifier)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS),
+                   help=f"quantization methods, of {', '.join(METHODS)} (default: all)")
+    p.add_argument("--dither", default="both", help="on, off or both: Floyd-Steinberg for median_cut, octree, "
+                   "kmeans (default: both)")
+    p.add_argument("--num-colors", nargs="+", type=_int, default=[2, 4, 8, 16, 32, 64],
+                   help="numbers of colours K, each in 2..256 (default: 2 4 8 16 32 64)")
+    p.add_argument("--colorcnn", nargs="+", default=[], help="ColorCNN checkpoints (from train), matched to K "
+                   "by their num_colors")
+    p.add_argument("--jpeg-qualities", nargs="*", type=_int, default=[5, 10, 20, 40, 80],
+                   help="JPEG qualities for the comparison rows (default: 5 10 20 40 80; none: no JPEG rows)")
+    p.add_argument("--kmeans-iters", type=int, default=10, help="Lloyd iterations of kmeans (default: 10)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="cifar10", choices=data.DATASETS, help="dataset name (default: cifar10)")
+    g.add_argument("--data-root", default=None,
+                   help="dataset directory (default: for cifar10 the project's extracted JPEG copy, else ./data)")
+    g.add_argument("--test-subset", type=_positive_int, default=None, help="evaluate on N test images only")
+    g.add_argument("--cache-dir", default=None,
+                   help="decoded-tensor cache of fixed-size datasets (default: <repo>/.cache/tensors; 'none': off)")
+    g.add_argument("--batch-size", type=_positive_int, default=128, help="(default: 128)")
+    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    g.add_argument("--out-dir", default=None, help="run directory (default: runs/evaluate-<timestamp>)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="tqdm progress bar (default: on)")
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _check_args(args: argparse.Namespace) -> list[bool]:
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"--methods: unknown method {unknown[0]!r}; use any of {', '.join(METHODS)}")
+    bad = [k for k in args.num_colors if not 2 <= k <= 256]
+    if bad:
+        raise ValueError(f"--num-colors: K must be in 2..256, got {bad[0]}")
+    choices = {"on": [True], "off": [False], "both": [False, True]}
+    if args.dither not in choices:
+        raise ValueError(f"--dither: expected on, off or both, got {args.dither!r}")
+    bad = [q for q in args.jpeg_qualities if not 1 <= q <= 100]
+    if bad:
+        raise ValueError(f"--jpeg-qualities: quality must be in 1..100, got {bad[0]}")
+    if args.kmeans_iters < 0:
+        raise ValueError(f"--kmeans-iters must be >= 0, got {args.kmeans_iters}")
+    return choices[args.dither]
+
+
+def _device(name) -> torch.device:
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"--device: expected cpu or cuda, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available on this machine")
+    return device
+
+
+def _test_set(args: argparse.Namespace):
+    root = args.data_root
+    if root is None:
+        root = "data"
+        if args.dataset == "cifar10":
+            try:
+                root = data.extract_cifar10_jpeg()
+            except data.DatasetNotFoundError:
+                pass
+    cache = args.cache_dir
+    if cache is None and args.dataset != "imagefolder":
+        cache = data.default_cache_dir() / "tensors"
+    if isinstance(cache, str) and cache.lower() == "none":
+        cache = None
+    transform = data.test_transform(args.dataset, normalize=False)
+    return data.build_dataset(args.dataset, root, "test", transform, subset=args.test_subset, cache_dir=cache), root
+
+
+def _load(loader, path):
+    """``loader(path)``, with a one-line message when the file cannot be read (torch.load's
+    unpickling errors span several lines)."""
+    try:
+        return loader(path)
+    except ValueError as exc:
+        text = str(exc)
+        if "\n" not in text:
+            raise
+        head, sep, _ = text.partition(" (cannot read it:")
+        cause = type(exc.__cause__).__name__ if exc.__cause__ is not None else ""
+        raise ValueError(f"{head} (cannot read it: {cause})" if sep and cause else " ".join(text.split())) from exc
+
+
+def _load_colorcnns(paths) -> dict:
+    models = {}
+    for path in paths:
+        model = _load(load_colorcnn, path)
+        if model.num_colors in models:
+            raise ValueError(f"--colorcnn: two checkpoints quantize to {model.num_colors} colours "
+                             f"({models[model.num_colors][0]} and {path})")
+        models[model.num_colors] = (path, model.eval().requires_grad_(False))
+    return models
+
+
+class _Row:
+    def __init__(self, method, dither, k, note=""):
+        self.method, self.dither, self.k, self.note = method, dither, k, note
+        self.correct = 0
+        self.seen = 0
+        self.colors = 0.0
+        self.bpp = 0.0
+        self.has_colors = self.has_bpp = False
+
+    def add(self, logits: Tensor, labels: Tensor, colors=None, bpp=None) -> None:
+        self.correct += int((logits.argmax(1) == labels).sum())
+        self.seen += labels.shape[0]
+        if colors is not None:
+            self.colors += float(colors.double().sum())
+            self.has_colors = True
+        if bpp is not None:
+            self.bpp += float(bpp.double().sum())
+            self.has_bpp = True
+
+    def record(self) -> dict:
+        n = self.seen
+        return {
+            "method": self.method,
+            "dither": self.dither,
+            "num_colors": self.k,
+            "bits": math.log2(self.k) if isinstance(self.k, int) else None,
+            "accuracy": self.correct / n if n else None,
+            "colors": self.colors / n if n and self.has_colors else None,
+            "bpp": self.bpp / n if n and self.has_bpp else None,
+            "images": n,
+            "note": self.note,
+        }
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None or value == "" else format(value, spec)
+
+
+def markdown_table(records: list[dict]) -> str:
+    lines = ["| method | dither | K | accuracy | colours used | bpp | note |",
+             "|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['method']} | {r['dither'] or '-'} | {_fmt(r['num_colors'], 'd')} | "
+                     f"{_fmt(r['accuracy'], '.4f')} | {_fmt(r['colors'], '.2f')} | {_fmt(r['bpp'], '.3f')} | "
+                     f"{r['note'] or ''} |")
+    return "\n".join(lines)
+
+
+def _plots(records: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    quant = [r for r in records if r["method"] in METHODS and r["accuracy"] is not None]
+    full = next((r for r in records if r["method"] == "full colour"), None)
+    jpeg = sorted((r for r in records if r["method"] == "jpeg"), key=lambda r: r["bpp"])
+    series = {}
+    for r in quant:
+        series.setdefault(f"{r['method']} (dither {r['dither']})" if r["method"] in _DITHERED else r["method"],
+                          []).append(r)
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for label, rows in series.items():
+        rows = sorted(rows, key=lambda r: r["bits"])
+        ax.plot([r["bits"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=label)
+    if full is not None:
+        ax.axhline(full["accuracy"], color="k", linestyle="--", label="full colour")
+    ax.set_xlabel("colour space size, bits (log2 K)")
+    ax.set_ylabel("top-1 accuracy")
+    ax.set_title("accuracy vs colours")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    paths.append(out / "accuracy_vs_bits.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for label, rows in series.items():
+        rows = sorted((r for r in rows if r["bpp"] is not None), key=lambda r: r["bpp"])
+        ax.plot([r["bpp"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=label)
+    if jpeg:
+        ax.plot([r["bpp"] for r in jpeg], [r["accuracy"] for r in jpeg], marker="s", color="k", label="JPEG")
+    if full is not None:
+        ax.axhline(full["accuracy"], color="k", linestyle="--", label="full colour")
+    ax.set_xlabel("bits per pixel (palette PNG / JPEG)")
+    ax.set_ylabel("top-1 accuracy")
+    ax.set_title("accuracy vs file size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    paths.append(out / "accuracy_vs_bpp.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+@torch.no_grad()
+def evaluate(args: argparse.Namespace) -> list[dict]:
+    """Run ``colorquant evaluate`` (see the module docstring); returns the table's rows as dicts."""
+    dithers = _check_args(args)
+    device = _device(args.device)
+    classifier = _load(load_classifier, args.classifier).eval().requires_grad_(False).to(device)
+    colorcnns = _load_colorcnns(args.colorcnn)
+    for _, model in colorcnns.values():
+        model.to(device)
+
+    run = RunDir(args.out_dir or Path("runs") / f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}")
+    run.write_settings(args)
+    options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "command")
+    run.log(f"colorquant evaluate {options}")
+
+    test_set, root = _test_set(args)
+    run.log(f"data: {args.dataset} in {root}: {len(test_set)} test images")
+    stats = data.DATASET_STATS[args.dataset]
+    num_classes = stats.num_classes or len(test_set.classes)
+    out_features = classifier(torch.zeros(1, 3, stats.image_size, stats.image_size, device=device)).shape[1]
+    if out_features != num_classes:
+        raise ValueError(f"--classifier {args.classifier} predicts {out_features} classes; "
+                         f"{args.dataset} has {num_classes}")
+    normalize = data.normalize(args.dataset)
+    mean = torch.tensor(stats.mean, device=device).view(1, 1, 3)
+    std = torch.tensor(stats.std, device=device).view(1, 1, 3)
+
+    # rows in table order; jobs: (row, kind, quantizer or model)
+    rows, jobs = [], []
+    full = _Row("full colour", "", None)
+    rows.append(full)
+    ks = list(dict.fromkeys(args.num_colors))
+    for method in dict.fromkeys(args.methods):
+        for k in ks:
+            if method == "colorcnn":
+                if k not in colorcnns:
+                    rows.append(_Row(method, "off", k, note="skipped: no --colorcnn checkpoint for this K"))
+                    run.log(f"note: colorcnn K={k} skipped: no --colorcnn checkpoint with num_colors={k}")
+                    continue
+                row = _Row(method, "off", k)
+                rows.append(row)
+                jobs.append((row, "colorcnn", colorcnns[k][1]))
+                continue
+            for dither in dithers:
+                row = _Row(method, "on" if dither else "off", k)
+                rows.append(row)
+                jobs.append((row, "classic", ColorQuantize(k, method, dither=dither, kmeans_iters=args.kmeans_iters)))
+    for k in sorted(colorcnns):
+        if "colorcnn" in args.methods and k not in ks:
+            run.log(f"note: --colorcnn {colorcnns[k][0]} (K={k}) unused: K={k} is not in --num-colors")
+    jpeg_rows = []
+    for q in dict.fromkeys(args.jpeg_qualities):
+        row = _Row("jpeg", "", None, note=f"quality {q}")
+        row.quality = q
+        rows.append(row)
+        jpeg_rows.append(row)
+
+    loader = DataLoader(test_set, args.batch_size, shuffle=False, num_workers=args.workers)
+    started = time.perf_counter()
+    for images, labels in tqdm(loader, desc="evaluate", unit="batch", disable=not args.progress,
+                               dynamic_ncols=True):
+        images, labels = images.to(device), labels.to(device)
+        H, W = images.shape[-2:]
+        normed = normalize(images)
+        full.add(classifier(normed), labels)
+        for row, kind, q in jobs:
+            if kind == "colorcnn":
+                out = q(normed)
+                palette01 = (out.palette * std + mean).clamp(0, 1)
+                bpp = codecs.bits_per_pixel(codecs.palette_png_sizes(out.index_map.cpu(), palette01.cpu()), H, W)
+                row.add(classifier(out.quantized), labels, count_colors(out.quantized), bpp)
+            else:
+                quantized, index_map, palette = q.quantize(images)
+                bpp = codecs.bits_per_pixel(codecs.palette_png_sizes(index_map.cpu(), palette.cpu()), H, W)
+                row.add(classifier(normalize(quantized)), labels, count_colors(quantized), bpp)
+        for row in jpeg_rows:
+            decoded, sizes = codecs.jpeg_roundtrip(images, row.quality, return_sizes=True)
+            row.add(classifier(normalize(decoded)), labels, None, codecs.bits_per_pixel(sizes, H, W))
+    seconds = time.perf_counter() - started
+
+    records = [r.record() for r in rows]
+    table = markdown_table(records)
+    run.log(table)
+    (run.path / "results.md").write_text(table + "\n")
+    with open(run.path / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=_FIELDS)
+        writer.writeheader()
+        for r in records:
+            writer.writerow({k: "" if r[k] is None else r[k] for k in _FIELDS})
+    (run.path / "results.json").write_text(json.dumps(
+        {"dataset": args.dataset, "classifier": str(args.classifier), "images": len(test_set),
+         "seconds": round(seconds, 3), "rows": records}, indent=2) + "\n")
+    plots = _plots(records, run.path)
+    run.log(f"done in {seconds:.1f} s: results.csv, results.json, results.md, "
+            f"{', '.join(p.name for p in plots)} in {run.path}")
+    return records
