@@ -40,7 +40,7 @@ from . import codecs, data
 from .classifiers import load_classifier
 from .models.colorcnn import load_colorcnn
 from .quantizers.reference import count_colors
-from .train import RunDir, _positive_int
+from .train import RunDir, _positive_int, data_locations
 from .transforms import METHODS, ColorQuantize
 
 __all__ = ["add_evaluate_arguments", "evaluate"]
@@ -117,19 +117,7 @@ def _device(name) -> torch.device:
 
 
 def _test_set(args: argparse.Namespace):
-    root = args.data_root
-    if root is None:
-        root = "data"
-        if args.dataset == "cifar10":
-            try:
-                root = data.extract_cifar10_jpeg()
-            except data.DatasetNotFoundError:
-                pass
-    cache = args.cache_dir
-    if cache is None and args.dataset != "imagefolder":
-        cache = data.default_cache_dir() / "tensors"
-    if isinstance(cache, str) and cache.lower() == "none":
-        cache = None
+    root, cache = data_locations(args)
     transform = data.test_transform(args.dataset, normalize=False)
     return data.build_dataset(args.dataset, root, "test", transform, subset=args.test_subset, cache_dir=cache), root
 

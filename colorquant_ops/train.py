@@ -54,6 +54,28 @@ __all__ = [
 
 _CIFAR = ("cifar10", "cifar100")
 
+def data_locations(args: argparse.Namespace):
+    """(data root, tensor-cache dir or None) from --data-root / --cache-dir.
+
+    Without --data-root, CIFAR-10 comes from the shared JPEG copy (extracted once
+    into .cache/) when it is present, anything else from ./data.
+    """
+    root = args.data_root
+    if root is None:
+        root = "data"
+        if args.dataset == "cifar10":
+            try:
+                root = data.extract_cifar10_jpeg()
+            except data.DatasetNotFoundError:
+                pass
+    cache = args.cache_dir
+    if cache is None and args.dataset != "imagefolder":
+        cache = data.default_cache_dir() / "tensors"
+    if isinstance(cache, str) and cache.lower() == "none":
+        cache = None
+    return root, cache
+
+
 #: Settings a resumed run may change (where the data lives, how it runs, how long).
 _RESUME_FREE = frozenset({"epochs", "resume", "progress", "workers", "device", "compile", "out_dir",
                           "data_root", "cache_dir", "classifier"})
@@ -267,19 +289,7 @@ class _Setup:
 
     def loaders(self) -> tuple[DataLoader, DataLoader, list]:
         args = self.args
-        root = args.data_root
-        if root is None:
-            root = "data"
-            if args.dataset == "cifar10":
-                try:
-                    root = data.extract_cifar10_jpeg()
-                except data.DatasetNotFoundError:
-                    pass
-        cache = args.cache_dir
-        if cache is None and args.dataset != "imagefolder":
-            cache = data.default_cache_dir() / "tensors"
-        if isinstance(cache, str) and cache.lower() == "none":
-            cache = None
+        root, cache = data_locations(args)
 
         def build(split, subset, transform):
             # the subset order is seeded with 0, not --seed: the same images whatever the run's seed
