@@ -214,17 +214,8 @@ def _plots(records: list[dict], out: Path) -> list[Path]:
     for label, rows in series.items():
         rows = sorted(rows, key=lambda r: r["bits"])
         ax.plot([r["bits"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=label)
-    if full is not None:
-        ax.axhline(full["accuracy"], color="k", linestyle="--", label="full colour")
-    ax.set_xlabel("colour space size, bits (log2 K)")
-    ax.set_ylabel("top-1 accuracy")
-    ax.set_title("accuracy vs colours")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    paths.append(out / "accuracy_vs_bits.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_finish_plot(plt, fig, ax, full, "colour space size, bits (log2 K)", "accuracy vs colours",
+                              out / "accuracy_vs_bits.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for label, rows in series.items():
@@ -232,18 +223,24 @@ def _plots(records: list[dict], out: Path) -> list[Path]:
         ax.plot([r["bpp"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=label)
     if jpeg:
         ax.plot([r["bpp"] for r in jpeg], [r["accuracy"] for r in jpeg], marker="s", color="k", label="JPEG")
+    paths.append(_finish_plot(plt, fig, ax, full, "bits per pixel (palette PNG / JPEG)", "accuracy vs file size",
+                              out / "accuracy_vs_bpp.png"))
+    return paths
+
+
+def _finish_plot(plt, fig, ax, full, xlabel: str, title: str, path: Path) -> Path:
+    """Full-colour reference line, labels, legend; save to path and close."""
     if full is not None:
         ax.axhline(full["accuracy"], color="k", linestyle="--", label="full colour")
-    ax.set_xlabel("bits per pixel (palette PNG / JPEG)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("top-1 accuracy")
-    ax.set_title("accuracy vs file size")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    paths.append(out / "accuracy_vs_bpp.png")
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return paths
+    return path
 
 
 @torch.no_grad()
