@@ -4,6 +4,7 @@
 * ``train-classifier``: train the full-colour classifier ColorCNN is judged by.
 * ``train``: train ColorCNN against a frozen classifier checkpoint.
 * ``evaluate``: accuracy / colours used / bits per pixel of quantization methods and JPEG.
+* ``reproduce``: a named preset of the above, e.g. the paper's CIFAR-10 experiment, in one command.
 
 Bad arguments, missing data and unreadable checkpoints end with one ``colorquant: error: ...``
 message on stderr and exit status 2, without a traceback.
@@ -14,7 +15,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import evaluate, train
+    from . import evaluate, presets, train
 
     parser = argparse.ArgumentParser(prog="colorquant", description="Learned colour quantization (ColorCNN) tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -30,7 +31,20 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Evaluate colour quantization methods and JPEG through a frozen classifier; "
                                     "writes results.csv/.json/.md and plots into a run directory.")
     evaluate.add_evaluate_arguments(ev)
+    rep = sub.add_parser("reproduce", help="run a named preset: classifier, ColorCNN per K, evaluate",
+                         description="Run a whole experiment (train-classifier, train per K, evaluate) from a "
+                                     "named preset; done stages are skipped, interrupted ones resumed.")
+    presets.add_reproduce_arguments(rep)
     return parser
+
+
+def run_command(args: argparse.Namespace):
+    """Run a parsed ``colorquant`` command (not ``demo``); errors propagate."""
+    from . import evaluate, presets, train
+
+    command = {"train-classifier": train.train_classifier, "train": train.train_colorcnn,
+               "evaluate": evaluate.evaluate, "reproduce": presets.reproduce}[args.command]
+    return command(args)
 
 
 def main(argv=None) -> int:
@@ -41,12 +55,8 @@ def main(argv=None) -> int:
 
         demo_main(out_dir=args.out_dir)
         return 0
-    from . import evaluate, train
-
-    trainer = {"train-classifier": train.train_classifier, "train": train.train_colorcnn,
-               "evaluate": evaluate.evaluate}[args.command]
     try:
-        trainer(args)
+        run_command(args)
     except (ValueError, OSError) as exc:  # bad arguments, missing data (DatasetNotFoundError), bad checkpoints
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2

@@ -125,7 +125,7 @@ def add_common_arguments(p: argparse.ArgumentParser, *, epochs: int, lr: float, 
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seed of torch, numpy and random (default: 0)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    g.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only)")
+    g.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA; on CPU worthwhile where the CPU has native bf16, e.g. AVX512-BF16 or AMX)")
     g.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     g.add_argument("--compile", action="store_true", help="torch.compile the trained model")
     g.add_argument("--out-dir", default=None, help="run directory (default: runs/<command>-<timestamp>)")
@@ -262,7 +262,7 @@ class _Setup:
             raise ValueError(f"--device: expected cpu or cuda, got {args.device!r}") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: CUDA is not available on this machine")
-        self.amp = bool(args.amp and self.device.type == "cuda")
+        self.amp = bool(args.amp)
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.run = RunDir(args.out_dir or Path("runs") / f"{command}-{stamp}", resume=args.resume)
@@ -272,8 +272,6 @@ class _Setup:
         options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "command")
         self.run.log(f"colorquant {command} {options}")
         _seed_everything(args.seed)
-        if args.amp and not self.amp:
-            self.run.log("note: --amp is for CUDA only; training in float32")
 
     def autocast(self):
         if not self.amp:

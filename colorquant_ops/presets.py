@@ -1,0 +1,169 @@
+"""``colorquant reproduce --preset NAME``: a whole experiment (classifier, ColorCNN per K, evaluate) in one command.
+
+A preset is a list of stages, each an ordinary ``colorquant`` command line (``train-classifier``,
+``train``, ``evaluate``) with ``{out}`` standing for the preset's output directory. The stages run
+in order, in this process, through the same parser a user's command goes through, so a preset is
+exactly the commands it prints (``--dry-run`` prints them without running anything):
+
+* a stage whose run directory holds ``final.pt`` (trainers) or ``results.json`` (evaluate) is done
+  and skipped;
+* a stage whose run directory holds ``last.pt`` was interrupted and continues with ``--resume``.
+
+So re-running an interrupted ``reproduce`` picks up where it stopped. Presets:
+
+* ``cifar10-paper`` -- the seed paper's CIFAR-10 configuration (CIFAR AlexNet 60 epochs; ColorCNN
+  U-Net width 64, 60 epochs, cosine restarts every 20; K = 2..64); meant for a GPU;
+* ``cifar10-cpu`` -- what a 2-core CPU can do in about two hours: AlexNet 15 epochs; ColorCNN U-Net
+  width 16 in bfloat16 autocast, a few epochs at K = 2, 4 and one epoch on half the training set
+  at K = 8..64 (one cosine cycle each);
+* ``smoke`` -- a tiny run of every stage (a few hundred images, one epoch, width 4) to check a setup
+  in a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+__all__ = ["PRESETS", "Preset", "Stage", "add_reproduce_arguments", "reproduce"]
+
+_KS = (2, 4, 8, 16, 32, 64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One ``colorquant`` command of a preset; ``name`` is its run directory under the output directory."""
+
+    name: str
+    argv: tuple[str, ...]
+
+    def command(self, out: Path, extra: tuple[str, ...] = ()) -> list[str]:
+        """The stage's command line with ``{out}`` filled in, ``--out-dir`` and ``extra`` appended."""
+        return [a.format(out=out) for a in self.argv] + ["--out-dir", str(out / self.name), *extra]
+
+    def done_marker(self) -> str:
+        return "results.json" if self.argv[0] == "evaluate" else "final.pt"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    stages: tuple[Stage, ...]
+
+
+def _colorcnn(k: int, *options: str) -> Stage:
+    return Stage(f"colorcnn-k{k}", ("train", "--classifier", "{out}/classifier/final.pt", "--num-colors", str(k),
+                                    *options))
+
+
+def _evaluate(ks, *options: str) -> Stage:
+    ckpts = [f"{{out}}/colorcnn-k{k}/final.pt" for k in ks]
+    return Stage("evaluate", ("evaluate", "--classifier", "{out}/classifier/final.pt",
+                              "--methods", "colorcnn", "median_cut", "octree", "kmeans", "--dither", "both",
+                              "--num-colors", *map(str, ks), "--colorcnn", *ckpts, *options))
+
+
+def _cpu_colorcnn(k: int) -> Stage:
+    common = ("--width", "16", "--amp", "--seed", "0")
+    if k == 2:
+        return _colorcnn(k, *common, "--epochs", "3", "--restart-epochs", "3")
+    if k == 4:
+        return _colorcnn(k, *common, "--epochs", "2", "--restart-epochs", "2")
+    return _colorcnn(k, *common, "--epochs", "1", "--restart-epochs", "1", "--subset", "25000")
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            "cifar10-paper",
+            "the paper's CIFAR-10 configuration: AlexNet 60 epochs, ColorCNN width 64, 60 epochs, K=2..64 (GPU)",
+            (
+                Stage("classifier", ("train-classifier", "--arch", "alexnet", "--epochs", "60",
+                                     "--lr-steps", "20,40", "--seed", "0")),
+                *(_colorcnn(k, "--width", "64", "--epochs", "60", "--restart-epochs", "20", "--seed", "0")
+                  for k in _KS),
+                _evaluate(_KS),
+            ),
+        ),
+        Preset(
+            "cifar10-cpu",
+            "a 2-core CPU's configuration: AlexNet 15 epochs, ColorCNN width 16 (bf16), 1-3 epochs, K=2..64",
+            (
+                Stage("classifier", ("train-classifier", "--arch", "alexnet", "--epochs", "15",
+                                     "--lr-steps", "8,12", "--seed", "0")),
+                *(_cpu_colorcnn(k) for k in _KS),
+                _evaluate(_KS),
+            ),
+        ),
+        Preset(
+            "smoke",
+            "every stage on a few hundred images, one epoch, width 4: checks a setup in about a minute",
+            (
+                Stage("classifier", ("train-classifier", "--subset", "256", "--test-subset", "128",
+                                     "--epochs", "1", "--batch-size", "64")),
+                *(_colorcnn(k, "--width", "4", "--subset", "256", "--test-subset", "128", "--epochs", "1",
+                            "--batch-size", "64") for k in (2, 4)),
+                _evaluate((2, 4), "--test-subset", "128", "--jpeg-qualities", "10", "50"),
+            ),
+        ),
+    )
+}
+
+
+def add_reproduce_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS), help="which experiment to run")
+    p.add_argument("--out-dir", default=None, help="output directory, one run directory per stage "
+                   "(default: runs/<preset>)")
+    p.add_argument("--dry-run", action="store_true", help="print the stages' commands and their state, run nothing")
+    p.add_argument("--device", default=None, help="passed to every stage (default: cuda if available)")
+    p.add_argument("--data-root", default=None, help="passed to every stage")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="tqdm progress bars (default: on)")
+
+
+def _state(stage: Stage, out: Path) -> str:
+    run = out / stage.name
+    if (run / stage.done_marker()).is_file():
+        return "done"
+    if (run / "last.pt").is_file():
+        return "resume"
+    return "todo"
+
+
+def reproduce(args: argparse.Namespace) -> list[dict]:
+    """Run (or with ``--dry-run`` list) a preset's stages; returns ``{"stage", "state", "command"}`` per stage
+    (``state``: done, resume or todo before this call; ``seconds`` for stages run)."""
+    from .cli import build_parser, run_command
+
+    preset = PRESETS[args.preset]
+    out = Path(args.out_dir or Path("runs") / preset.name)
+    extra = []
+    for flag, value in (("--device", args.device), ("--data-root", args.data_root)):
+        if value is not None:
+            extra += [flag, str(value)]
+    if not args.progress:
+        extra.append("--no-progress")
+    parser = build_parser()
+    plan = []
+    for stage in preset.stages:
+        state = _state(stage, out)
+        argv = stage.command(out, tuple(extra)) + (["--resume"] if state == "resume" else [])
+        plan.append({"stage": stage.name, "state": state, "command": argv})
+    print(f"colorquant reproduce --preset {preset.name}: {preset.description}; output in {out}")
+    for step in plan:
+        print(f"  [{step['state']:>6}] colorquant {' '.join(step['command'])}")
+    if args.dry_run:
+        return plan
+    for step in plan:
+        if step["state"] == "done":
+            continue
+        print(f"\n== {step['stage']}: colorquant {' '.join(step['command'])}", flush=True)
+        started = time.perf_counter()
+        run_command(parser.parse_args(step["command"]))
+        step["seconds"] = round(time.perf_counter() - started, 1)
+        print(f"== {step['stage']} finished in {step['seconds']:.0f} s", flush=True)
+    return plan
