@@ -4,6 +4,7 @@
 * ``train-classifier``: train the full-colour classifier ColorCNN is judged by.
 * ``train``: train ColorCNN against a frozen classifier checkpoint.
 * ``evaluate``: accuracy / colours used / bits per pixel of quantization methods and JPEG.
+* ``quantize``: image files to palette PNGs (any method and K), a table and a side-by-side sheet.
 
 Bad arguments, missing data and unreadable checkpoints end with one ``colorquant: error: ...``
 message on stderr and exit status 2, without a traceback.
@@ -14,7 +15,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import evaluate, train
+    from . import evaluate, quantize_files, train
 
     parser = argparse.ArgumentParser(prog="colorquant", description="Learned colour quantization (ColorCNN) tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -30,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Evaluate colour quantization methods and JPEG through a frozen classifier; "
                                     "writes results.csv/.json/.md and plots into a run directory.")
     evaluate.add_evaluate_arguments(ev)
+    qu = sub.add_parser("quantize", help="image files to palette PNGs; a table and a side-by-side sheet",
+                        description="Quantize image files with each method and K into palette PNGs "
+                                    "(OUT/<stem>-<method>[-dither]-k<K>.png), print colours used, PNG bytes, "
+                                    "bits per pixel and PSNR, and draw OUT/sheet.png.")
+    quantize_files.add_quantize_arguments(qu)
     return parser
 
 
@@ -41,10 +47,10 @@ def main(argv=None) -> int:
 
         demo_main(out_dir=args.out_dir)
         return 0
-    from . import evaluate, train
+    from . import evaluate, quantize_files, train
 
     trainer = {"train-classifier": train.train_classifier, "train": train.train_colorcnn,
-               "evaluate": evaluate.evaluate}[args.command]
+               "evaluate": evaluate.evaluate, "quantize": quantize_files.quantize_images}[args.command]
     try:
         trainer(args)
     except (ValueError, OSError) as exc:  # bad arguments, missing data (DatasetNotFoundError), bad checkpoints
