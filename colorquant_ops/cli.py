@@ -4,6 +4,7 @@
 * ``train-classifier``: train the full-colour classifier ColorCNN is judged by.
 * ``train``: train ColorCNN against a frozen classifier checkpoint.
 * ``evaluate``: accuracy / colours used / bits per pixel of quantization methods and JPEG.
+* ``quantize``: image files to palette PNGs (any method and K), a table and a side-by-side sheet.
 * ``reproduce``: a named preset of the above, e.g. the paper's CIFAR-10 experiment, in one command.
 
 Bad arguments, missing data and unreadable checkpoints end with one ``colorquant: error: ...``
@@ -15,7 +16,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import evaluate, presets, train
+    from . import evaluate, presets, quantize_files, train
 
     parser = argparse.ArgumentParser(prog="colorquant", description="Learned colour quantization (ColorCNN) tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -31,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Evaluate colour quantization methods and JPEG through a frozen classifier; "
                                     "writes results.csv/.json/.md and plots into a run directory.")
     evaluate.add_evaluate_arguments(ev)
+    qu = sub.add_parser("quantize", help="image files to palette PNGs; a table and a side-by-side sheet",
+                        description="Quantize image files with each method and K into palette PNGs "
+                                    "(OUT/<stem>-<method>[-dither]-k<K>.png), print colours used, PNG bytes, "
+                                    "bits per pixel and PSNR, and draw OUT/sheet.png.")
+    quantize_files.add_quantize_arguments(qu)
     rep = sub.add_parser("reproduce", help="run a named preset: classifier, ColorCNN per K, evaluate",
                          description="Run a whole experiment (train-classifier, train per K, evaluate) from a "
                                      "named preset; done stages are skipped, interrupted ones resumed.")
@@ -40,10 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_command(args: argparse.Namespace):
     """Run a parsed ``colorquant`` command (not ``demo``); errors propagate."""
-    from . import evaluate, presets, train
+    from . import evaluate, presets, quantize_files, train
 
     command = {"train-classifier": train.train_classifier, "train": train.train_colorcnn,
-               "evaluate": evaluate.evaluate, "reproduce": presets.reproduce}[args.command]
+               "evaluate": evaluate.evaluate, "quantize": quantize_files.quantize_images,
+               "reproduce": presets.reproduce}[args.command]
     return command(args)
 
 

@@ -8,7 +8,7 @@ evaluation assigns every pixel its argmax colour, the mean of its pixels
 (:func:`~colorquant_ops.ops.hard_color_quantize`).
 """
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +19,7 @@ from .._validation import check_int as _check_int
 from ..ops import hard_color_quantize, soft_color_quantize
 from .backbones import DnCNN, UNet
 
-__all__ = ["ColorCNN", "ColorCNNOutput", "load_colorcnn", "save_colorcnn"]
+__all__ = ["ColorCNN", "ColorCNNOutput", "load_colorcnn", "load_colorcnn_checkpoint", "save_colorcnn"]
 
 #: Tag of the checkpoint format written by :func:`save_colorcnn`.
 CHECKPOINT_FORMAT = "colorquant_ops.ColorCNN/1"
@@ -212,7 +212,14 @@ def load_colorcnn(path, map_location="cpu") -> ColorCNN:
         FileNotFoundError: ``path`` does not exist.
         ValueError: the file is not a readable ColorCNN checkpoint.
     """
+    return load_colorcnn_checkpoint(path, map_location)[0]
+
+
+def load_colorcnn_checkpoint(path, map_location="cpu") -> Tuple[ColorCNN, dict]:
+    """:func:`load_colorcnn`, plus the ``extra`` entries :func:`save_colorcnn` stored
+    (e.g. ``dataset``, whose normalization the model expects, from ``colorquant train``)."""
     ckpt = read_checkpoint(path, CHECKPOINT_FORMAT, "ColorCNN", map_location)
     model = ColorCNN(**ckpt["config"])
     model.load_state_dict(ckpt["state_dict"])
-    return model
+    extra = {k: v for k, v in ckpt.items() if k not in ("format", "config", "state_dict")}
+    return model, extra
