@@ -1,6 +1,6 @@
 """Command line interface: ``colorquant <command>`` (also ``python -m colorquant_ops``).
 
-* ``demo``: quantize generated images through the fused ops.
+* ``demo``: ColorCNN against the traditional quantizers on bundled images with bundled weights.
 * ``train-classifier``: train the full-colour classifier ColorCNN is judged by.
 * ``train``: train ColorCNN against a frozen classifier checkpoint.
 * ``evaluate``: accuracy / colours used / bits per pixel of quantization methods and JPEG.
@@ -20,8 +20,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="colorquant", description="Learned colour quantization (ColorCNN) tools.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="quantize generated images through the fused ops; prints a table, writes a sheet")
-    demo.add_argument("--out-dir", default="runs/demo", help="where the picture sheet goes (default: runs/demo)")
+    demo = sub.add_parser("demo", help="ColorCNN vs median cut / octree / k-means at K=2,4,8 on bundled CIFAR-10 "
+                          "images with bundled weights: a table and a picture sheet (offline, CPU)")
+    demo.add_argument("--out-dir", default="runs/demo", help="where the table and sheet go (default: runs/demo)")
+    demo.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                      help="tqdm progress bar (default: on)")
+    demo.add_argument("--rebuild-assets", metavar="RUN_DIR", default=None,
+                      help="regenerate the bundled weights and image sample from a finished "
+                           "'colorquant reproduce --preset cifar10-cpu' run directory, then stop")
     cls = sub.add_parser("train-classifier", help="train the full-colour classifier (paper: SGD 0.1, 60 epochs)",
                          description="Train a full-colour classifier; writes a run directory (see colorquant_ops.train).")
     train.add_classifier_arguments(cls)
@@ -45,9 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(args: argparse.Namespace):
-    """Run a parsed ``colorquant`` command (not ``demo``); errors propagate."""
-    from . import evaluate, presets, quantize_files, train
+    """Run a parsed ``colorquant`` command; errors propagate."""
+    from . import demo, evaluate, presets, quantize_files, train
 
+    if args.command == "demo":
+        if args.rebuild_assets is not None:
+            written = demo.rebuild_assets(args.rebuild_assets)
+            print(f"wrote {len(written)} files under {demo.ASSETS}")
+            return written
+        return demo.main(out_dir=args.out_dir, progress=args.progress)
     command = {"train-classifier": train.train_classifier, "train": train.train_colorcnn,
                "evaluate": evaluate.evaluate, "quantize": quantize_files.quantize_images,
                "reproduce": presets.reproduce}[args.command]
@@ -57,11 +69,6 @@ def run_command(args: argparse.Namespace):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        from .demo import main as demo_main
-
-        demo_main(out_dir=args.out_dir)
-        return 0
     try:
         run_command(args)
     except (ValueError, OSError) as exc:  # bad arguments, missing data (DatasetNotFoundError), bad checkpoints

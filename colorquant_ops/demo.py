@@ -1,99 +1,138 @@
-"""``colorquant demo``: quantize a few generated images through the fused ops
-and the traditional quantizers.
+"""``colorquant demo``: the paper's point on bundled CIFAR-10 test images with bundled trained weights.
 
-Each image gets colour logits from its distance to K seed colours (picked
-from the image itself); ``hard_color_quantize`` turns them into an index map
-and a palette, ``soft_color_quantize`` into the differentiable recolouring.
-Then ``ColorQuantize`` runs median cut, octree and k-means (with and without
-Floyd-Steinberg dithering) on the same images, with palette-PNG sizes.
-Prints tables and writes picture sheets.
+Runs offline in a minute or two on a CPU: a frozen CIFAR AlexNet judges test images quantized by
+ColorCNN and by median cut, octree and k-means (with and without Floyd-Steinberg dithering) at
+K = 2, 4, 8 colours, with JPEG as the comparison; prints the table (``colorquant evaluate`` does the
+work, on the bundled sample) and the gap between ColorCNN and the best traditional method per K,
+and draws a picture sheet.
+
+What is bundled (``colorquant_ops/assets/``, about 10 MB):
+
+* ``cifar10-sample/test/<class>/*.jpg``: 500 CIFAR-10 test images, 50 per class, the same files as
+  ``--test-subset 500`` picks from the project's CIFAR-10 JPEG copy (its class-balanced seeded order);
+* ``weights/alexnet-cifar10.pt``: the classifier of ``colorquant reproduce --preset cifar10-cpu``;
+* ``weights/colorcnn-k{2,4,8}.pt``: the ColorCNN (U-Net width 16) checkpoints of that preset;
+
+weights stored in float16 (loaded into float32 models). :func:`rebuild_assets` (``colorquant demo
+--rebuild-assets RUN_DIR``) regenerates them from a finished preset run.
 """
 
-import os
-import time
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
 
 import torch
 
-from . import ops
+__all__ = ["ASSETS", "DEMO_KS", "main", "rebuild_assets"]
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+SAMPLE_ROOT = ASSETS / "cifar10-sample"
+WEIGHTS = ASSETS / "weights"
+CLASSIFIER = WEIGHTS / "alexnet-cifar10.pt"
+DEMO_KS = (2, 4, 8)
+SAMPLE_SIZE = 500
+_TRADITIONAL = ("median_cut", "octree", "kmeans")
 
 
-def generated_images(size: int = 64, seed: int = 0) -> torch.Tensor:
-    """Four RGB test images in [0, 1]: a colour ramp, discs, stripes, and smooth noise."""
-    g = torch.Generator().manual_seed(seed)
-    y, x = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    ramp = torch.stack([x, y, 1 - x * y])
-    r = ((x - 0.35) ** 2 + (y - 0.4) ** 2).sqrt()
-    discs = torch.stack([(r < 0.25).float(), ((x - 0.7) ** 2 + (y - 0.7) ** 2 < 0.04).float() * 0.8, 0.3 + 0.4 * y])
-    stripes = torch.stack([0.5 + 0.5 * torch.sin(12 * x), 0.5 + 0.5 * torch.cos(9 * y), (x + y) / 2])
-    noise = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=size, mode="bicubic")[0]
-    return torch.stack([ramp, discs, stripes, noise]).clamp(0, 1)
+def _colorcnn_path(k: int) -> Path:
+    return WEIGHTS / f"colorcnn-k{k}.pt"
 
 
-def distance_logits(images: torch.Tensor, num_colors: int, seed: int = 0) -> torch.Tensor:
-    """Logits [B,K,H,W] = minus the squared distance of each pixel to K seed colours of its image."""
-    B, C, H, W = images.shape
-    g = torch.Generator().manual_seed(seed)
-    pixels = images.flatten(2)  # [B,C,P]
-    picks = torch.stack([torch.randperm(H * W, generator=g)[:num_colors] for _ in range(B)])  # [B,K]
-    seeds = pixels.gather(2, picks[:, None].expand(B, C, num_colors))  # [B,C,K]
-    dist = (pixels[:, :, None] - seeds[..., None]).square().sum(1)  # [B,K,P]
-    return (-dist).reshape(B, num_colors, H, W)
+def _half_state(ckpt: dict) -> dict:
+    state = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    return {**ckpt, "state_dict": state}
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = (a - b).square().mean().clamp_min(1e-12)
-    return float(10 * torch.log10(1 / mse))
+def rebuild_assets(run_dir, data_root=None) -> list[Path]:
+    """Regenerate the bundled sample and weights from a finished ``reproduce --preset cifar10-cpu``
+    run directory (its ``classifier/final.pt`` and ``colorcnn-k{2,4,8}/final.pt``); ``data_root``:
+    the CIFAR-10 copy to take the sample from (default: the project's extracted JPEG copy)."""
+    from . import data
+
+    run_dir = Path(run_dir)
+    sources = {CLASSIFIER: run_dir / "classifier" / "final.pt"}
+    sources.update({_colorcnn_path(k): run_dir / f"colorcnn-k{k}" / "final.pt" for k in DEMO_KS})
+    missing = [str(p) for p in sources.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"--rebuild-assets {run_dir}: missing {', '.join(missing)}")
+    root = Path(data_root) if data_root is not None else data.extract_cifar10_jpeg()
+    sample = data.build_dataset("cifar10", root, "test", subset=SAMPLE_SIZE)
+    files = [sample.dataset.samples[i][0] for i in sample.indices]  # ImageFolder-layout copy: real files
+    written = []
+    WEIGHTS.mkdir(parents=True, exist_ok=True)
+    for dest, src in sources.items():
+        ckpt = torch.load(src, map_location="cpu", weights_only=True)
+        if "classifier" in ckpt:  # ColorCNN checkpoints name their classifier
+            ckpt["classifier"] = CLASSIFIER.name
+        torch.save(_half_state(ckpt), dest)
+        written.append(dest)
+    shutil.rmtree(SAMPLE_ROOT / "test", ignore_errors=True)
+    for path in files:
+        path = Path(path)
+        dest = SAMPLE_ROOT / "test" / path.parent.name / path.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest)
+        written.append(dest)
+    return written
 
 
-def main(out_dir: str = "runs/demo", colors=(2, 4, 8, 16)) -> str:
-    from torchvision.utils import save_image
-
-    images = generated_images()
-    rows, sheet = [], [images]
-    print(f"{len(images)} generated images {tuple(images.shape[1:])}, fused ops on CPU")
-    print(f"{'K':>4} {'colours used (max)':>19} {'PSNR hard':>10} {'PSNR soft':>10} {'ms hard+soft':>13}")
-    for k in colors:
-        logits = distance_logits(images, k) * 50.0
-        t0 = time.perf_counter()
-        hard = ops.hard_color_quantize(logits, images)
-        soft = ops.soft_color_quantize(logits, images)
-        ms = (time.perf_counter() - t0) * 1e3
-        used = max(int(torch.unique(hard.index_map[i]).numel()) for i in range(len(images)))
-        rows.append((k, used, psnr(hard.quantized, images), psnr(soft.quantized, images), ms))
-        print(f"{k:>4} {used:>19} {rows[-1][2]:>10.2f} {rows[-1][3]:>10.2f} {ms:>13.1f}")
-        sheet.append(hard.quantized)
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "ops_demo.png")
-    # One row per image: original, then K = 2, 4, 8, 16.
-    grid = torch.stack(sheet, dim=1).flatten(0, 1)
-    save_image(grid, path, nrow=len(sheet), padding=2, pad_value=1.0)
-    print(f"picture sheet (rows: images; columns: original, K = {', '.join(map(str, colors))}): {path}")
-    compare_quantizers(images, out_dir, colors)
-    return path
+def _check_assets() -> None:
+    needed = [CLASSIFIER, *(_colorcnn_path(k) for k in DEMO_KS), SAMPLE_ROOT / "test"]
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"the demo's bundled assets are missing ({', '.join(missing)}); they come with the source tree, "
+            "or regenerate them: colorquant reproduce --preset cifar10-cpu && "
+            "colorquant demo --rebuild-assets runs/cifar10-cpu")
 
 
-def compare_quantizers(images: torch.Tensor, out_dir: str, colors) -> str:
-    """Median cut, octree and k-means, each with and without dithering: PSNR and palette-PNG bits per pixel."""
-    from torchvision.utils import save_image
+def _summary(records: list[dict]) -> list[str]:
+    """Per K: ColorCNN's accuracy against the best traditional method (dithered or not)."""
+    lines = []
+    full = next(r["accuracy"] for r in records if r["method"] == "full colour")
+    for k in DEMO_KS:
+        ours = next((r for r in records if r["method"] == "colorcnn" and r["num_colors"] == k), None)
+        rivals = [r for r in records if r["method"] in _TRADITIONAL and r["num_colors"] == k]
+        if ours is None or ours["accuracy"] is None or not rivals:
+            continue
+        best = max(rivals, key=lambda r: r["accuracy"])
+        name = best["method"] + (" + dither" if best["dither"] == "on" else "")
+        lines.append(f"K={k} ({math.log2(k):g} bit): ColorCNN {100 * ours['accuracy']:.1f}% vs best traditional "
+                     f"({name}) {100 * best['accuracy']:.1f}%: {100 * (ours['accuracy'] - best['accuracy']):+.1f} "
+                     f"points; full colour {100 * full:.1f}%")
+    return lines
 
-    from .codecs import bits_per_pixel, palette_png_sizes
-    from .transforms import ColorQuantize
 
-    H, W = images.shape[-2:]
-    methods = [(m, d) for m in ("median_cut", "octree", "kmeans") for d in (False, True)]
-    print(f"\n{'method':<20}" + "".join(f"{f'K={k} PSNR/bpp':>18}" for k in colors))
-    sheet = [images]
-    for method, dither in methods:
-        cells = []
-        for k in colors:
-            res = ColorQuantize(k, method, dither=dither).quantize(images)
-            bpp = float(bits_per_pixel(palette_png_sizes(res.index_map, res.palette), H, W).mean())
-            cells.append(f"{psnr(res.quantized, images):6.2f} / {bpp:5.2f}")
-            if k == colors[1]:
-                sheet.append(res.quantized)
-        print(f"{method + (' + dither' if dither else ''):<20}" + "".join(f"{c:>18}" for c in cells))
-    path = os.path.join(out_dir, "quantizers_demo.png")
-    save_image(torch.stack(sheet, dim=1).flatten(0, 1), path, nrow=len(sheet), padding=2, pad_value=1.0)
-    names = ", ".join(m + (" + dither" if d else "") for m, d in methods)
-    print(f"picture sheet at K = {colors[1]} (columns: original, {names}): {path}")
-    return path
+def main(out_dir="runs/demo", progress: bool = True, num_images: int = 5) -> list[dict]:
+    """Run the demo (see the module docstring); returns ``colorquant evaluate``'s rows."""
+    from . import data
+    from .cli import build_parser
+    from .evaluate import evaluate
+    from .quantize_files import comparison_sheet
+
+    _check_assets()
+    out = Path(out_dir)
+    ckpts = [str(_colorcnn_path(k)) for k in DEMO_KS]
+    argv = ["evaluate", "--classifier", str(CLASSIFIER), "--colorcnn", *ckpts, "--dataset", "cifar10",
+            "--data-root", str(SAMPLE_ROOT), "--cache-dir", "none", "--methods", "colorcnn", *_TRADITIONAL,
+            "--dither", "both", "--num-colors", *map(str, DEMO_KS), "--jpeg-qualities", "5", "10", "20", "40",
+            "--device", "cpu", "--out-dir", str(out / "evaluate")]
+    if not progress:
+        argv.append("--no-progress")
+    print("colorquant demo: a frozen CIFAR AlexNet on 500 bundled CIFAR-10 test images, quantized to K colours "
+          "by ColorCNN (bundled weights, U-Net width 16, preset cifar10-cpu) and by the traditional quantizers")
+    records = evaluate(build_parser().parse_args(argv))
+    print("\n" + "\n".join(_summary(records)))
+
+    test_set = data.build_dataset("cifar10", SAMPLE_ROOT, "test")
+    per_class = len(test_set) // len(test_set.classes)
+    picks = [i * per_class for i in range(min(num_images, len(test_set.classes)))]  # one image per class
+    images = torch.stack([data.test_transform("cifar10", normalize=False)(test_set[i][0]) for i in picks])
+    sheet = comparison_sheet((images * 255).round().to(torch.uint8), {k: Path(p) for k, p in zip(DEMO_KS, ckpts)},
+                             DEMO_KS)
+    sheet.save(out / "sheet.png")
+    print(f"picture sheet (rows: image x K; columns: original, ColorCNN, median cut, median cut + dither, "
+          f"octree, k-means): {out / 'sheet.png'}")
+    return records

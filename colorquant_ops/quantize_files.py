@@ -43,14 +43,14 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from . import codecs, data
-from .demo import psnr
 from .evaluate import _device, _int, _load
 from .models.colorcnn import load_colorcnn_checkpoint
-from .quantizers.reference import count_colors
+from .quantizers.reference import count_colors, psnr
 from .sheets import fit_to_cell, labelled_sheet
 from .transforms import METHODS, ColorQuantize
 
-__all__ = ["add_quantize_arguments", "image_files", "markdown_table", "output_name", "quantize_images"]
+__all__ = ["add_quantize_arguments", "comparison_sheet", "image_files", "markdown_table", "output_name",
+           "quantize_images"]
 
 _DITHER_CHOICES = {"off": [False], "on": [True], "both": [False, True]}
 
@@ -161,6 +161,43 @@ class _Job(NamedTuple):
         result = self.quantizer.quantize(data.normalize(self.dataset)(image[None].float() / 255))
         palette = torch.addcmul(mean, result.palette[0].cpu(), std).clamp(0, 1)
         return result.index_map[0].cpu(), palette.mul(255).round().to(torch.uint8)
+
+
+#: Columns of :func:`comparison_sheet`: (method, dither, label).
+COMPARISON_COLUMNS = (("colorcnn", False, "ColorCNN"), ("median_cut", False, "median cut"),
+                      ("median_cut", True, "median cut + dither"), ("octree", False, "octree"),
+                      ("kmeans", False, "k-means"))
+
+
+def comparison_sheet(images: Tensor, colorcnn_checkpoints: dict, ks, cell_size: int = 96, kmeans_iters: int = 10):
+    """The seed paper's comparison figure: one row per image and K, columns original, ColorCNN, median
+    cut, median cut + dither, octree, k-means (:data:`COMPARISON_COLUMNS`); captions give K and the
+    colours used. ``images``: uint8 ``[N,3,H,W]``; ``colorcnn_checkpoints``: ``{K: path}`` (a K without
+    one gets an empty ColorCNN cell). Returns the PIL image."""
+    models = _load_colorcnns(list(colorcnn_checkpoints.values()), None, torch.device("cpu"))
+    rows, captions = [], []
+    for image in images:
+        for k in ks:
+            row, caps = [image], [f"K={k} ({np.log2(k):g} bit)"]
+            for method, dither, _ in COMPARISON_COLUMNS:
+                if method == "colorcnn":
+                    if k not in models:
+                        row.append(torch.full_like(image, 255))
+                        caps.append("no checkpoint")
+                        continue
+                    job = _Job(method, False, k, ColorQuantize(k, "colorcnn", model=models[k][1]), models[k][2])
+                else:
+                    job = _Job(method, dither, k, ColorQuantize(k, method, dither=dither, kmeans_iters=kmeans_iters),
+                               None)
+                index_map, palette = job.run(image)
+                quantized = palette[index_map].permute(2, 0, 1)
+                row.append(quantized)
+                used = int(count_colors(quantized[None])[0])
+                caps.append(f"{used} colour{'' if used == 1 else 's'}")
+            rows.append(row)
+            captions.append(caps)
+    sheet, _ = labelled_sheet(rows, ["original"] + [label for *_, label in COMPARISON_COLUMNS], captions, cell_size)
+    return sheet
 
 
 def output_name(stem: str, method: str, dither: bool, k: int) -> str:

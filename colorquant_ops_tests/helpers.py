@@ -422,3 +422,15 @@ def soft_reference_grads(logits, image, temperature, eps, grads):
     outs = reference.soft_color_quantize(l64, x64, temperature, eps)
     loss = sum((o * f64(g)).sum() for o, g in zip(outs, grads))
     return torch.autograd.grad(loss, (l64, x64))
+
+
+def generated_images(size: int = 64, seed: int = 0) -> torch.Tensor:
+    """Four RGB test images in [0, 1], ``[4,3,size,size]``: a colour ramp, discs, stripes, smooth noise."""
+    g = torch.Generator().manual_seed(seed)
+    y, x = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    ramp = torch.stack([x, y, 1 - x * y])
+    r = ((x - 0.35) ** 2 + (y - 0.4) ** 2).sqrt()
+    discs = torch.stack([(r < 0.25).float(), ((x - 0.7) ** 2 + (y - 0.7) ** 2 < 0.04).float() * 0.8, 0.3 + 0.4 * y])
+    stripes = torch.stack([0.5 + 0.5 * torch.sin(12 * x), 0.5 + 0.5 * torch.cos(9 * y), (x + y) / 2])
+    noise = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=size, mode="bicubic")[0]
+    return torch.stack([ramp, discs, stripes, noise]).clamp(0, 1)

@@ -12,10 +12,12 @@ import torch
 from PIL import Image
 
 from colorquant_ops import cli, codecs, data
-from colorquant_ops.demo import generated_images, psnr
 from colorquant_ops.models.colorcnn import ColorCNN, load_colorcnn, save_colorcnn
+from colorquant_ops.quantizers.reference import psnr
 from colorquant_ops.sheets import fit_to_cell, labelled_sheet
 from colorquant_ops.transforms import ColorQuantize
+
+from .helpers import generated_images
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = (24, 20)  # H, W: not square, so that a transposed axis would show

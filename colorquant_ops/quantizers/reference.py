@@ -19,6 +19,7 @@ __all__ = [
     "floyd_steinberg_batch_reference",
     "floyd_steinberg_reference",
     "kmeans_inertia",
+    "psnr",
 ]
 
 # Floyd-Steinberg error-diffusion weights: (dy, dx, weight).
@@ -129,3 +130,9 @@ def count_colors(image: Tensor) -> Tensor:
     rows = torch.cat([batch, pixels], dim=2).reshape(B * H * W, C + 1)
     unique_rows = torch.unique(rows, dim=0)
     return torch.bincount(unique_rows[:, 0].long(), minlength=B)
+
+
+def psnr(a: Tensor, b: Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of two images with values in [0, 1] (mean over all elements)."""
+    mse = (a.double() - b.double()).square().mean().clamp_min(1e-12)
+    return float(10 * torch.log10(1 / mse))
