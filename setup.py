@@ -53,6 +53,8 @@ def extension():
 
 setup(
     packages=find_packages(include=["colorquant_ops", "colorquant_ops.*"]),
+    # the demo's bundled weights and CIFAR-10 test sample (colorquant_ops/demo.py)
+    package_data={"colorquant_ops": ["assets/weights/*.pt", "assets/cifar10-sample/test/*/*.jpg"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

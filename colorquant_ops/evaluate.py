@@ -43,7 +43,7 @@ from .quantizers.reference import count_colors
 from .train import RunDir, _positive_int, data_locations
 from .transforms import METHODS, ColorQuantize
 
-__all__ = ["add_evaluate_arguments", "evaluate"]
+__all__ = ["add_evaluate_arguments", "evaluate", "markdown_table", "pivot_tables"]
 
 _DITHERED = ("median_cut", "octree", "kmeans")
 _FIELDS = ("method", "dither", "num_colors", "bits", "accuracy", "colors", "bpp", "images", "note")
@@ -195,6 +195,29 @@ def markdown_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pivot_tables(records: list[dict]) -> str:
+    """Markdown tables with one row per method (and dither) and one column per K: top-1 accuracy (%),
+    mean colours used, palette-PNG bits per pixel. The full-colour accuracy heads the first table."""
+    quant = [r for r in records if r["method"] in METHODS]
+    ks = sorted({r["num_colors"] for r in quant})
+    labels = list(dict.fromkeys(f"{r['method']}{' + dither' if r['dither'] == 'on' else ''}" for r in quant))
+    cell = {(f"{r['method']}{' + dither' if r['dither'] == 'on' else ''}", r["num_colors"]): r for r in quant}
+    full = next((r for r in records if r["method"] == "full colour"), None)
+    parts = []
+    for title, key, scale, spec in (("top-1 accuracy (%)", "accuracy", 100, ".1f"),
+                                    ("mean colours used per image", "colors", 1, ".2f"),
+                                    ("palette PNG, bits per pixel", "bpp", 1, ".3f")):
+        lines = [f"| {title} | " + " | ".join(f"K={k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+        if key == "accuracy" and full is not None and full["accuracy"] is not None:
+            lines.append(f"| full colour | {100 * full['accuracy']:.1f} |" + " |" * (len(ks) - 1))
+        for label in labels:
+            values = [cell.get((label, k), {}).get(key) for k in ks]
+            lines.append(f"| {label} | " + " | ".join(_fmt(None if v is None else v * scale, spec)
+                                                       for v in values) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
 def _plots(records: list[dict], out: Path) -> list[Path]:
     import matplotlib
 
@@ -324,7 +347,7 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
     seconds = time.perf_counter() - started
 
     records = [r.record() for r in rows]
-    table = markdown_table(records)
+    table = markdown_table(records) + "\n\n" + pivot_tables(records)
     run.log(table)
     (run.path / "results.md").write_text(table + "\n")
     with open(run.path / "results.csv", "w", newline="") as f:
