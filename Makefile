@@ -49,8 +49,10 @@ demo: build
 test: build
 	$(PY) -m pytest colorquant_ops_tests
 
+# e.g. make bench BENCH_ARGS="--quick --only ops"
+BENCH_ARGS ?=
 bench: build
-	$(PY) -m benchmarks
+	$(PY) -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf build colorquant_ops/_C*.so

@@ -1,1 +1,1 @@
-"""Kernel micro-benchmarks of colorquant_ops (``python -m benchmarks``)."""
+"""Benchmarks of colorquant_ops (``python -m benchmarks``, ``make bench``); see :mod:`benchmarks.main`."""

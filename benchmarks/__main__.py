@@ -1,3 +1,5 @@
-from .bench_ops import main
+import sys
 
-main()
+from .main import main
+
+sys.exit(main())

@@ -1,93 +1,267 @@
-"""Fused soft_color_quantize against the reference formulations, side by side.
+"""The fused ops against the paper's, the eager and the compiled formulations.
 
-Formulations (same maths, see colorquant_ops.ops.reference):
-  fused  - colorquant::soft_color_quantize (this library's kernels)
-  paper  - the seed paper's broadcast to a B x C x K x H x W tensor
-  bmm    - batched matrix products in eager PyTorch
+``soft_color_quantize`` forward and forward + backward, ``hard_color_quantize``
+and ``render_index_map`` forward, at CIFAR (B=128, 32x32, K in {2, 8, 64}) and
+ImageNet (B=32, 224x224, K in {2, 16, 256}) sizes: median time, peak memory and,
+on CUDA, the achieved bandwidth of the fused op against the device's copy
+bandwidth. Every formulation's first result is checked against the fused op's.
 """
 
-import argparse
-import os
+import dataclasses
+from typing import Dict, List, Optional
 
 import torch
 
-from colorquant_ops import ops
-from colorquant_ops.ops import reference
+from .common import (
+    NotRun,
+    TimingPolicy,
+    available_memory_bytes,
+    fmt_mib,
+    fmt_ms,
+    fmt_ratio,
+    is_out_of_memory,
+    peak_memory,
+    ratio,
+    release_memory,
+    rotated_buffer_count,
+    time_calls,
+)
+from .formulations import FORMULATIONS, formulation
 
-from .common import device_slug, machine_header, markdown_table, median_time_ms
-
-FORMULATIONS = {
-    "fused": ops.soft_color_quantize,
-    "paper": reference.soft_color_quantize_paper,
-    "bmm": reference.soft_color_quantize,
+#: size name -> (B, H, W, Ks)
+SIZES = {
+    "cifar": (128, 32, 32, (2, 8, 64)),
+    "imagenet": (32, 224, 224, (2, 16, 256)),
 }
-
-CPU_SHAPES = [(128, 2, 32, 32), (128, 8, 32, 32), (128, 64, 32, 32)]
-
-
-def _inputs(B, K, H, W, dtype, device, n_buffers, requires_grad):
-    gen = torch.Generator().manual_seed(0)
-    bufs = []
-    for _ in range(n_buffers):
-        logits = (torch.randn(B, K, H, W, generator=gen) * 2).to(device, dtype).requires_grad_(requires_grad)
-        image = torch.rand(B, 3, H, W, generator=gen).to(device, dtype).requires_grad_(requires_grad)
-        bufs.append((logits, image))
-    return bufs
+#: (op, pass) pairs measured at every shape
+OP_PASSES = (("soft", "fwd"), ("soft", "fwd+bwd"), ("hard", "fwd"), ("render", "fwd"))
+CHANNELS = 3
 
 
-def _forward(fn):
-    def run(logits, image):
-        with torch.no_grad():
-            return fn(logits, image)
+@dataclasses.dataclass(frozen=True)
+class OpCase:
+    op: str  #: "soft", "hard" or "render"
+    mode: str  #: "fwd" or "fwd+bwd"
+    B: int
+    K: int
+    H: int
+    W: int
+    dtype: torch.dtype
+    C: int = CHANNELS
 
-    return run
+    @property
+    def shape(self) -> str:
+        return f"{self.B}x{self.K}x{self.H}x{self.W}"
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+    @property
+    def label(self) -> str:
+        return f"{self.op} {self.mode} {self.shape} {self.dtype_name}"
+
+    def min_bytes(self) -> int:
+        """The fewest bytes the op must move: each input read once, each output written once."""
+        s = torch.empty((), dtype=self.dtype).element_size()
+        BKP, BCP, BKC, BP = self.B * self.K * self.H * self.W, self.B * self.C * self.H * self.W, \
+            self.B * self.K * self.C, self.B * self.H * self.W
+        index = 8 * BP  # int64 index map
+        if self.op == "soft" and self.mode == "fwd":
+            return s * (2 * BKP + 2 * BCP + BKC)  # logits, image -> probs, quantized, palette
+        if self.op == "soft":
+            # logits, image, 3 upstream grads -> 3 outputs, grad_logits, grad_image
+            return s * (4 * BKP + 4 * BCP + 2 * BKC)
+        if self.op == "hard":
+            return s * (BKP + 2 * BCP + BKC) + index  # logits, image -> quantized, index_map, palette
+        return s * (BKC + BCP) + index  # index_map, palette -> image
 
 
-def _forward_backward(fn):
-    def run(logits, image):
-        quantized, palette, probs = fn(logits, image)
-        # A loss touching all three outputs, as ColorCNN's objective does.
-        (quantized.sum() + palette.square().sum() + probs.amax(dim=(2, 3)).sum()).backward()
+@dataclasses.dataclass
+class OpResult:
+    case: OpCase
+    seconds: Dict[str, object] = dataclasses.field(default_factory=dict)  # float or NotRun
+    peak_bytes: Dict[str, object] = dataclasses.field(default_factory=dict)
+    mismatches: List[str] = dataclasses.field(default_factory=list)
+    copy_bandwidth: Optional[float] = None  # bytes/s, CUDA only
 
-    return run
+    @property
+    def bandwidth(self) -> Optional[float]:
+        """Achieved bandwidth of the fused op (bytes/s) from :meth:`OpCase.min_bytes`."""
+        t = self.seconds.get("fused")
+        if isinstance(t, NotRun) or t is None:
+            return None
+        return self.case.min_bytes() / t
+
+    @property
+    def bandwidth_fraction(self) -> Optional[float]:
+        if self.bandwidth is None or not self.copy_bandwidth:
+            return None
+        return self.bandwidth / self.copy_bandwidth
 
 
-def run(shapes, dtype, device, repeats):
+def plan(sizes, dtypes) -> List[OpCase]:
+    cases = []
+    for size in sizes:
+        B, H, W, Ks = SIZES[size]
+        for K in Ks:
+            for dtype in dtypes:
+                cases += [OpCase(op, mode, B, K, H, W, dtype) for op, mode in OP_PASSES]
+    return cases
+
+
+def make_inputs(case: OpCase, device: torch.device, n_buffers: Optional[int] = None, seed: int = 0):
+    """Rotated random input buffers (never zeros) for ``case``'s runner."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    B, K, C, H, W, dtype = case.B, case.K, case.C, case.H, case.W, case.dtype
+
+    def one():
+        if case.op == "render":
+            index_map = torch.randint(0, K, (B, H, W), generator=gen, device=device)
+            return (index_map, torch.rand(B, K, C, generator=gen, device=device, dtype=dtype))
+        grad = case.mode == "fwd+bwd"
+        logits = (2 * torch.randn(B, K, H, W, generator=gen, device=device, dtype=dtype)).requires_grad_(grad)
+        image = torch.rand(B, C, H, W, generator=gen, device=device, dtype=dtype).requires_grad_(grad)
+        if not grad:
+            return (logits, image)
+        upstream = [torch.randn(shape, generator=gen, device=device, dtype=dtype)
+                    for shape in ((B, C, H, W), (B, K, C), (B, K, H, W))]
+        return (logits, image, *upstream)
+
+    first = one()
+    if n_buffers is None:
+        n_buffers = rotated_buffer_count(sum(t.nbytes for t in first))
+    return [first] + [one() for _ in range(n_buffers - 1)]
+
+
+def runner(fn, mode: str):
+    """The measured call: the forward alone (no autograd graph), or the forward and
+    the backward from random dense upstream gradients of all three outputs."""
+    if mode == "fwd":
+        def forward(*args):
+            with torch.no_grad():
+                return fn(*args)
+        return forward
+
+    def forward_backward(logits, image, grad_quantized, grad_palette, grad_probs):
+        outputs = fn(logits, image)
+        return torch.autograd.grad(outputs, (logits, image), (grad_quantized, grad_palette, grad_probs))
+
+    return forward_backward
+
+
+def _first_image(result):
+    return tuple(t[:1].detach().clone() for t in result) if isinstance(result, (tuple, list)) else (result[:1].detach().clone(),)
+
+
+#: largest error relative to the largest magnitude of the fused result accepted in the check
+_CHECK_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2, torch.float64: 1e-9}
+
+
+def _compare(name: str, got, expected, dtype) -> Optional[str]:
+    names = ("grad_logits", "grad_image") if len(expected) == 2 else [f"output {i}" for i in range(len(expected))]
+    for what, a, b in zip(names, got, expected):
+        if a.shape != b.shape:
+            return f"{name}: {what} has shape {tuple(a.shape)}, fused {tuple(b.shape)}"
+        if not a.is_floating_point():
+            if not torch.equal(a, b):
+                return f"{name}: {what} differs from fused at {int((a != b).sum())} of {a.numel()} elements"
+            continue
+        err = (a.double() - b.double()).abs().max().item()
+        scale = b.double().abs().max().item()
+        if not err <= _CHECK_TOLERANCE[dtype] * max(scale, 1e-30):
+            return f"{name}: {what} differs from fused by {err:.3g} (largest |fused| {scale:.3g})"
+    return None
+
+
+def paper_bytes_estimate(case: OpCase) -> int:
+    """Estimate of the paper formulation's peak memory, used on the CPU only to skip a
+    case rather than have the kernel's OOM killer end the run: its ``B x C x K x H x W``
+    products (measured on the CPU at B=1, 224x224, K=256: two live at once in the hard
+    forward and in the soft forward + backward) and per-pixel tensors, plus 10%."""
+    s = torch.empty((), dtype=case.dtype).element_size()
+    bckp = case.B * case.C * case.K * case.H * case.W * s
+    bkp = case.B * case.K * case.H * case.W * s
+    return int(1.1 * (2 * bckp + (2 if case.mode == "fwd+bwd" else 1) * bkp))
+
+
+class _Skipped(Exception):
+    pass
+
+
+def run_case(case: OpCase, device: torch.device, policy: TimingPolicy, copy_bandwidth=None,
+             progress=None, log=print, formulations=None) -> OpResult:
+    """Times ``case`` in each formulation (default :data:`FORMULATIONS`; ``fused`` first:
+    the others are checked against it)."""
+    result = OpResult(case, copy_bandwidth=copy_bandwidth)
+    inputs = make_inputs(case, device)
+    reference = None
+    for name in formulations or FORMULATIONS:
+        first = {}
+        try:
+            if name == "paper" and device.type == "cpu":
+                need, avail = paper_bytes_estimate(case), available_memory_bytes(device)
+                if avail is not None and need > 0.9 * avail:
+                    raise _Skipped(f"needs about {need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available")
+            try:
+                fn = runner(formulation(case.op, name), case.mode)
+                result.seconds[name] = time_calls(fn, inputs, device, policy, compiled=name == "compiled",
+                                                  first_result=lambda r: first.setdefault("r", _first_image(r)))
+            except Exception as exc:
+                if name != "compiled" or is_out_of_memory(exc):
+                    raise
+                result.seconds[name] = NotRun("compile error", f"{type(exc).__name__}: {exc}")
+                log(f"{case.label}: torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            else:
+                result.peak_bytes[name] = peak_memory(fn, inputs[0], device)
+        except _Skipped as exc:
+            result.seconds[name] = result.peak_bytes[name] = NotRun("skipped", str(exc))
+            log(f"{case.label}: {name} skipped: {exc}")
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            reason = NotRun("OOM", f"{type(exc).__name__}: {exc}")
+            result.seconds[name] = reason
+            result.peak_bytes[name] = reason
+            log(f"{case.label}: {name} out of memory ({str(exc).splitlines()[0][:200]})")
+            del exc
+            release_memory(device, collect=True)
+        if "r" in first:
+            if name == "fused":
+                reference = first["r"]
+            elif reference is not None:
+                problem = _compare(name, first["r"], reference, case.dtype)
+                if problem:
+                    result.mismatches.append(problem)
+                    log(f"{case.label}: MISMATCH {problem}")
+        del first
+        release_memory(device)
+        if progress is not None:
+            progress.update(1)
+    del inputs
+    release_memory(device)
+    return result
+
+
+def table(results: List[OpResult], device: torch.device):
+    header = ["op", "pass", "B×K×H×W", "dtype"]
+    header += [f"{n} ms" for n in FORMULATIONS]
+    header += [f"vs {n}" for n in FORMULATIONS[1:]]
+    header += [f"{n} MiB" for n in FORMULATIONS]
+    if device.type == "cuda":
+        header += ["fused GB/s", "% copy BW"]
     rows = []
-    for B, K, H, W in shapes:
-        for mode, wrap, grad in (("fwd", _forward, False), ("fwd+bwd", _forward_backward, True)):
-            inputs = _inputs(B, K, H, W, dtype, device, 3, grad)
-            ms = {name: median_time_ms(wrap(fn), inputs, device, repeats=repeats) for name, fn in FORMULATIONS.items()}
-            rows.append(
-                [f"{B}x{K}x{H}x{W}", str(dtype).replace("torch.", ""), mode]
-                + [f"{ms[n]:.2f}" for n in FORMULATIONS]
-                + [f"{ms['paper'] / ms['fused']:.1f}x", f"{ms['bmm'] / ms['fused']:.1f}x"]
-            )
-            print(" ".join(rows[-1]), flush=True)
-    header = ["B x K x H x W", "dtype", "pass"] + [f"{n} ms" for n in FORMULATIONS] + ["vs paper", "vs bmm"]
-    return markdown_table(header, rows)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/<device>.md")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-    header = machine_header(device)
-    print(header)
-    table = run(CPU_SHAPES, dtype, device, args.repeats)
-    report = f"# soft_color_quantize: fused vs reference formulations\n\n{header}\n\nMedian wall time over {args.repeats} repeats after warm-up, 3 rotated random input buffers.\n\n{table}\n"
-    print("\n" + table)
-    if not args.no_save:
-        path = os.path.join(os.path.dirname(__file__), "results", f"{device_slug(device)}.md")
-        with open(path, "w") as f:
-            f.write(report)
-        print(f"\nwritten to {path}")
-
-
-if __name__ == "__main__":
-    main()
+    for r in results:
+        c = r.case
+        t, m = r.seconds, r.peak_bytes
+        row = [c.op, c.mode, c.shape, c.dtype_name]
+        row += [fmt_ms(t.get(n, NotRun("-"))) for n in FORMULATIONS]
+        row += [fmt_ratio(ratio(t.get(n), t.get("fused"))) for n in FORMULATIONS[1:]]
+        row += [fmt_mib(m.get(n, NotRun("-"))) for n in FORMULATIONS]
+        if device.type == "cuda":
+            row += ["-" if r.bandwidth is None else f"{r.bandwidth / 1e9:.0f}",
+                    "-" if r.bandwidth_fraction is None else f"{100 * r.bandwidth_fraction:.0f}%"]
+        if r.mismatches:
+            row[0] += " (MISMATCH)"
+        rows.append(row)
+    return header, rows
