@@ -276,19 +276,20 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
     for _, model in colorcnns.values():
         model.to(device)
 
-    run = RunDir(args.out_dir or Path("runs") / f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}")
-    run.write_settings(args)
-    options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "command")
-    run.log(f"colorquant evaluate {options}")
-
     test_set, root = _test_set(args)
-    run.log(f"data: {args.dataset} in {root}: {len(test_set)} test images")
     stats = data.DATASET_STATS[args.dataset]
     num_classes = stats.num_classes or len(test_set.classes)
     out_features = classifier(torch.zeros(1, 3, stats.image_size, stats.image_size, device=device)).shape[1]
     if out_features != num_classes:
         raise ValueError(f"--classifier {args.classifier} predicts {out_features} classes; "
                          f"{args.dataset} has {num_classes}")
+
+    # written only now that the arguments, checkpoints and data have been checked
+    run = RunDir(args.out_dir or Path("runs") / f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}")
+    run.write_settings(args)
+    options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "command")
+    run.log(f"colorquant evaluate {options}")
+    run.log(f"data: {args.dataset} in {root}: {len(test_set)} test images")
     normalize = data.normalize(args.dataset)
     mean = torch.tensor(stats.mean, device=device).view(1, 1, 3)
     std = torch.tensor(stats.std, device=device).view(1, 1, 3)

@@ -17,6 +17,18 @@ exactly: model, optimizer, scheduler, epoch, step and the torch/numpy/python RNG
 
 Both trainers take an ``argparse.Namespace`` as built by ``colorquant train-classifier`` / ``colorquant train``
 (:func:`add_common_arguments`, :func:`add_classifier_arguments`, :func:`add_colorcnn_arguments`).
+
+Multi-process training: launched by ``torchrun --nproc-per-node N -m colorquant_ops train ...``, each
+process trains a DistributedDataParallel replica (:mod:`colorquant_ops.distributed`; gloo on CPU, nccl
+on ``cuda:LOCAL_RANK``). ``--batch-size`` is the *global* batch (each process takes 1/N of it, so the
+paper's settings hold for any N; it must divide by N); a DistributedSampler shuffles (seeded with
+``--seed`` and the epoch) and shards the training set; rank r draws its augmentations from
+``--seed + r``; the test set is split between the ranks and the counts summed, so the metrics are
+those of the whole set. Only rank 0 writes the run directory and shows progress bars; the checkpoints
+hold the plain module's weights (loadable in one process); ``last.pt`` holds every rank's RNG states,
+so ``--resume`` (all ranks read ``last.pt``) continues exactly with the same N. ``--sync-bn``
+computes BatchNorm statistics over the global batch. Without torchrun everything runs in one process
+as before.
 """
 
 from __future__ import annotations
@@ -24,20 +36,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import random
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from . import data
+from . import data, distributed
 from .classifiers import build_classifier, load_classifier, save_classifier
 from .losses import ColorCNNLoss
 from .models.colorcnn import ColorCNN, save_colorcnn
@@ -76,9 +89,10 @@ def data_locations(args: argparse.Namespace):
     return root, cache
 
 
-#: Settings a resumed run may change (where the data lives, how it runs, how long).
+#: Settings a resumed run may change (where the data lives, how it runs, how long). A different
+#: number of processes continues the run, though not exactly (see :func:`fit`).
 _RESUME_FREE = frozenset({"epochs", "resume", "progress", "workers", "device", "compile", "out_dir",
-                          "data_root", "cache_dir", "classifier"})
+                          "data_root", "cache_dir", "classifier", "world_size"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,7 +129,8 @@ def add_common_arguments(p: argparse.ArgumentParser, *, epochs: int, lr: float, 
     g.add_argument("--test-subset", type=_positive_int, default=None, help="evaluate on N test images only")
     g.add_argument("--cache-dir", default=None,
                    help="decoded-tensor cache of fixed-size datasets (default: <repo>/.cache/tensors; 'none': off)")
-    g.add_argument("--batch-size", type=_positive_int, default=batch_size, help=f"(default: {batch_size})")
+    g.add_argument("--batch-size", type=_positive_int, default=batch_size,
+                   help=f"global batch: under torchrun each of the N processes takes 1/N of it (default: {batch_size})")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=_positive_int, default=epochs, help=f"(default: {epochs})")
@@ -128,6 +143,8 @@ def add_common_arguments(p: argparse.ArgumentParser, *, epochs: int, lr: float, 
     g.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA; on CPU worthwhile where the CPU has native bf16, e.g. AVX512-BF16 or AMX)")
     g.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     g.add_argument("--compile", action="store_true", help="torch.compile the trained model")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm)")
     g.add_argument("--out-dir", default=None, help="run directory (default: runs/<command>-<timestamp>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last.pt")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
@@ -189,59 +206,71 @@ def _seed_everything(seed: int) -> None:
 
 
 class RunDir:
-    """A run's directory: ``settings.json``, ``log.txt``, ``metrics.jsonl``, ``last.pt``, ``best.pt``, ``final.pt``."""
+    """A run's directory: ``settings.json``, ``log.txt``, ``metrics.jsonl``, ``last.pt``, ``best.pt``, ``final.pt``.
 
-    def __init__(self, path, resume: bool = False) -> None:
+    The directory is created by the first write, so that arguments can be checked before.
+    With ``main=False`` (ranks other than 0 of a multi-process run) nothing is written or printed.
+    """
+
+    def __init__(self, path, resume: bool = False, main: bool = True) -> None:
         self.path = Path(path)
+        self.main = main
         if resume and not self.last.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint to resume from at {self.last}")
         if not resume and self.last.is_file():
             raise ValueError(f"{self.path} holds a run already (last.pt): pass --resume or another --out-dir")
-        self.path.mkdir(parents=True, exist_ok=True)
 
     @property
     def last(self) -> Path:
         return self.path / "last.pt"
 
-    def log(self, message: str) -> None:
-        tqdm.write(message)
-        with open(self.path / "log.txt", "a") as f:
-            f.write(message + "\n")
+    def _append(self, name: str, text: str) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / name, "a") as f:
+            f.write(text)
 
-    def write_settings(self, args: argparse.Namespace) -> None:
-        (self.path / "settings.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+    def log(self, message: str) -> None:
+        if self.main:
+            tqdm.write(message)
+            self._append("log.txt", message + "\n")
+
+    def write_settings(self, args: argparse.Namespace, **extra) -> None:
+        if self.main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            settings = {**vars(args), **extra}
+            (self.path / "settings.json").write_text(json.dumps(settings, indent=2, default=str) + "\n")
 
     def check_resume_settings(self, args: argparse.Namespace) -> None:
-        """``--resume`` continues exactly only with the same settings, except those in :data:`_RESUME_FREE`."""
+        """``--resume`` continues exactly only with the same settings, except those in :data:`_RESUME_FREE`
+        (and options newer than the run that are left off)."""
         path = self.path / "settings.json"
         if not path.is_file():
             return
         old = json.loads(path.read_text())
         new = json.loads(json.dumps(vars(args), default=str))
         changed = [f"--{k.replace('_', '-')} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
-                   if k not in _RESUME_FREE and old.get(k) != new.get(k)]
+                   if k not in _RESUME_FREE and old.get(k) != new.get(k)
+                   and not (k not in old and new.get(k) in (None, False))]
         if changed:
             raise ValueError(f"--resume with other settings than {path}: {', '.join(changed)}")
 
     def append_metrics(self, record: dict) -> None:
-        with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.main:
+            self._append("metrics.jsonl", json.dumps(record) + "\n")
 
     def save_state(self, state: dict) -> None:
-        """Write ``last.pt`` atomically (the RNG states are added here)."""
-        tmp = self.last.with_suffix(".pt.tmp")
-        torch.save({**state, "rng": _rng_state()}, tmp)
-        os.replace(tmp, self.last)
+        """Write ``last.pt`` atomically."""
+        if self.main:
+            tmp = self.last.with_suffix(".pt.tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, self.last)
 
     def load_state(self) -> dict:
-        """Read ``last.pt`` (onto the CPU; ``load_state_dict`` moves it) and restore the RNG states it
-        holds; returns the rest."""
+        """Read ``last.pt`` (onto the CPU; ``load_state_dict`` moves it)."""
         try:
-            state = torch.load(self.last, map_location="cpu", weights_only=True)
+            return torch.load(self.last, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise ValueError(f"cannot read the resume checkpoint {self.last}: {exc}") from exc
-        _set_rng_state(state.pop("rng"))
-        return state
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,28 +279,48 @@ class RunDir:
 
 
 class _Setup:
-    """Device, precision, memory format, data loaders and run directory of one run."""
+    """Processes, device, precision, memory format, data loaders and run directory of one run.
 
-    def __init__(self, args: argparse.Namespace, command: str) -> None:
+    Construction checks the arguments and seeds the RNGs; the run directory is written from
+    :meth:`start` on, once the trainer has built its models and data (which check the rest).
+    """
+
+    def __init__(self, args: argparse.Namespace, command: str, ctx: distributed.DistributedContext,
+                 device: torch.device) -> None:
         if args.resume and args.out_dir is None:
             raise ValueError("--resume needs the --out-dir of the run to continue")
-        self.args = args
-        try:
-            self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        except RuntimeError:
-            raise ValueError(f"--device: expected cpu or cuda, got {args.device!r}") from None
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda: CUDA is not available on this machine")
+        self.args, self.command, self.ctx, self.device = args, command, ctx, device
         self.amp = bool(args.amp)
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.run = RunDir(args.out_dir or Path("runs") / f"{command}-{stamp}", resume=args.resume)
+        self.run = RunDir(args.out_dir or Path("runs") / f"{command}-{stamp}", resume=args.resume,
+                          main=ctx.is_main)
         if args.resume:
             self.run.check_resume_settings(args)
-        self.run.write_settings(args)
+        self._notes: list[str] = []
+        # rank r draws augmentations (and dropout, ColorCNN's palette jitter) from seed + r; the
+        # models start from rank 0's weights whatever each rank draws for them (DDP broadcasts them)
+        _seed_everything(args.seed + ctx.rank)
+
+    def start(self) -> None:
+        """Write ``settings.json`` and the first log lines."""
+        args, ctx = self.args, self.ctx
+        self.run.write_settings(args, world_size=ctx.world_size)
         options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "command")
-        self.run.log(f"colorquant {command} {options}")
-        _seed_everything(args.seed)
+        self.run.log(f"colorquant {self.command} {options}")
+        if ctx.active:
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            self.run.log(f"torchrun: {ctx.world_size} processes ({backend}), {args.batch_size // ctx.world_size} "
+                         f"images of each batch of {args.batch_size} per process")
+        elif args.sync_bn:
+            self.run.log("note: --sync-bn is for multi-process runs (torchrun); one process normalizes over "
+                         "the whole batch anyway")
+        for note in self._notes:
+            self.run.log(note)
+
+    @property
+    def progress(self) -> bool:
+        return self.args.progress and self.ctx.is_main
 
     def autocast(self):
         if not self.amp:
@@ -285,30 +334,87 @@ class _Setup:
     def prepare(self, model: nn.Module) -> nn.Module:
         return model.to(self.device, memory_format=self.memory_format)
 
+    def parallel(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """``(train_net, eval_net)`` for ``model`` (on the device already): under torchrun the
+        training net is a DDP replica (``--sync-bn``: with SyncBatchNorm) and evaluation runs the
+        plain module, which has no collectives, on each rank's shard; ``--compile``d both."""
+        train_net = distributed.wrap_model(model, self.ctx, self.device, sync_bn=self.args.sync_bn)
+        if not self.args.compile:
+            return train_net, model
+        compiled = torch.compile(train_net)
+        return compiled, (compiled if train_net is model else torch.compile(model))
+
     def loaders(self) -> tuple[DataLoader, DataLoader, list]:
-        args = self.args
+        args, ctx = self.args, self.ctx
         root, cache = data_locations(args)
 
         def build(split, subset, transform):
             # the subset order is seeded with 0, not --seed: the same images whatever the run's seed
             return data.build_dataset(args.dataset, root, split, transform, subset=subset, cache_dir=cache)
 
-        train_set = build("train", args.subset, data.train_transform(args.dataset))
-        test_set = build("test", args.test_subset, data.test_transform(args.dataset))
-        self.run.log(f"data: {args.dataset} in {root}: {len(train_set)} train, {len(test_set)} test images")
+        # rank 0 extracts / caches the data once; the others then read it
+        train_set, test_set = distributed.main_first(lambda: (
+            build("train", args.subset, data.train_transform(args.dataset)),
+            build("test", args.test_subset, data.test_transform(args.dataset))), ctx)
+        self._notes.append(f"data: {args.dataset} in {root}: {len(train_set)} train, {len(test_set)} test images")
         pin = self.device.type == "cuda"
+        batch = args.batch_size // ctx.world_size
         # Shuffling draws from a generator seeded per epoch (set_epoch), so a resumed run sees the
-        # same order; augmentation draws from the global RNG, which last.pt saves (workers=0).
+        # same order; augmentation draws from the global RNG, which last.pt saves (workers=0), or in
+        # DataLoader workers from a base seed drawn from the same per-epoch generator (workers>0).
+        # Under torchrun the DistributedSampler shuffles (seeded with --seed and the epoch) and shards.
         self._shuffle = torch.Generator()
-        train = DataLoader(train_set, args.batch_size, shuffle=True, num_workers=args.workers,
-                           pin_memory=pin, drop_last=False, generator=self._shuffle,
+        self._sampler = None
+        if ctx.active:
+            self._sampler = DistributedSampler(train_set, ctx.world_size, ctx.rank, shuffle=True, seed=args.seed)
+        train = DataLoader(train_set, batch, shuffle=self._sampler is None, sampler=self._sampler,
+                           num_workers=args.workers, pin_memory=pin, drop_last=False, generator=self._shuffle,
                            persistent_workers=False)
-        test = DataLoader(test_set, args.batch_size, shuffle=False, num_workers=args.workers, pin_memory=pin,
-                          generator=torch.Generator().manual_seed(0))
+        test = DataLoader(distributed.shard(test_set, ctx), batch, shuffle=False, num_workers=args.workers,
+                          pin_memory=pin, generator=torch.Generator().manual_seed(0))
         return train, test, list(train_set.classes)
 
     def set_epoch(self, epoch: int) -> None:
-        self._shuffle.manual_seed(self.args.seed * 1_000_003 + epoch)
+        # rank r > 0 offsets its seed so its DataLoader workers draw other augmentations than rank 0's
+        self._shuffle.manual_seed(self.args.seed * 1_000_003 + epoch + self.ctx.rank * 2**40)
+        if self._sampler is not None:
+            self._sampler.set_epoch(epoch)
+
+    def rng_states(self) -> dict:
+        """This run's RNG states for ``last.pt`` (a collective under torchrun): ``rng`` (this
+        process's, rank 0's under torchrun), ``rng_ranks`` (every rank's; torchrun only) and
+        ``world_size`` (None without torchrun)."""
+        if not self.ctx.active:
+            return {"rng": _rng_state(), "world_size": None}
+        states = distributed.all_gather_objects(_rng_state(), self.ctx)
+        return {"rng": states[0], "rng_ranks": states, "world_size": self.ctx.world_size}
+
+    def restore_rng(self, state: dict, epoch: int) -> None:
+        """Restore the RNG states ``last.pt`` holds for this process. A run continued with another
+        number of processes (or with / without torchrun) cannot continue exactly: the data order and
+        the random draws differ; each rank is then seeded afresh from --seed, its rank and the epoch."""
+        saved = state.get("world_size")
+        current = self.ctx.world_size if self.ctx.active else None
+        if saved == current:
+            _set_rng_state(state["rng_ranks"][self.ctx.rank] if self.ctx.active else state["rng"])
+            return
+        describe = lambda n: f"{n} processes (torchrun)" if n else "one process without torchrun"  # noqa: E731
+        self.run.log(f"note: the run in {self.run.path} ran as {describe(saved)}, it continues as "
+                     f"{describe(current)}: not exactly as it would have")
+        _seed_everything(self.args.seed + self.ctx.rank + 1_000_003 * epoch)
+
+
+@contextlib.contextmanager
+def _session(args: argparse.Namespace, command: str) -> Iterator[_Setup]:
+    """The run's :class:`_Setup`, inside torchrun's process group when there is one (left at the end,
+    also on error)."""
+    ctx = distributed.context_from_env()
+    device = distributed.resolve_device(args.device, ctx)
+    if args.batch_size % ctx.world_size:  # before joining the process group: no collective waits for it
+        raise ValueError(f"--batch-size {args.batch_size} is the global batch: it must divide by the number "
+                         f"of processes ({ctx.world_size})")
+    with distributed.process_group(ctx, device):
+        yield _Setup(args, command, ctx, device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,21 +435,25 @@ def fit(
 ) -> dict:
     """Train ``model`` for ``args.epochs`` epochs (continuing from ``last.pt`` with ``--resume``).
 
-    ``train_step(images, labels) -> (loss, logits)`` runs the forward pass (under autocast);
-    ``evaluate() -> {"test_acc": ..., ...}`` the evaluation; ``scheduler`` is stepped after every
-    batch (``per_batch``) or every epoch; ``save_model(path, **extra)`` writes the library-format
-    model checkpoint (``best.pt``, ``final.pt``). Returns the last epoch's metrics.
+    ``model`` is the plain module (what ``last.pt`` and ``save_model`` hold, also under torchrun);
+    ``train_step(images, labels) -> (loss, logits)`` runs the forward pass of its training net (under
+    autocast); ``evaluate() -> {"test_acc": ..., ...}`` the evaluation (the same numbers on every
+    rank); ``scheduler`` is stepped after every batch (``per_batch``) or every epoch;
+    ``save_model(path, **extra)`` writes the library-format model checkpoint (``best.pt``,
+    ``final.pt``). Under torchrun the training loss and accuracy are summed over the ranks and only
+    rank 0 writes. Returns the last epoch's metrics.
     """
-    args, run = setup.args, setup.run
+    args, run, ctx = setup.args, setup.run, setup.ctx
     start_epoch, step, best = 0, 0, -1.0
     if args.resume:
-        state = run.load_state()
+        state = run.load_state()  # every rank reads it
+        if args.epochs < state["epoch"]:
+            raise ValueError(f"--epochs {args.epochs}: the run in {run.path} has done {state['epoch']} epochs already")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, step, best = state["epoch"], state["step"], state["best_acc"]
-        if args.epochs < start_epoch:
-            raise ValueError(f"--epochs {args.epochs}: the run in {run.path} has done {start_epoch} epochs already")
+        setup.restore_rng(state, start_epoch)
         run.log(f"resumed from {run.last} at epoch {start_epoch} (step {step})")
     record = {}
     for epoch in range(start_epoch, args.epochs):
@@ -355,7 +465,7 @@ def fit(
         seen = 0
         lr = optimizer.param_groups[0]["lr"]
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", leave=False,
-                   disable=not args.progress, dynamic_ncols=True)
+                   disable=not setup.progress, dynamic_ncols=True)
         for images, labels in bar:
             images, labels = setup.to_device(images, labels)
             with setup.autocast():
@@ -371,14 +481,16 @@ def fit(
             seen += labels.shape[0]
         if not per_batch:
             scheduler.step()
-        if not torch.isfinite(loss_sum):  # checked once an epoch: a check per batch would sync the GPU
-            raise FloatingPointError(f"the training loss of epoch {epoch + 1} is not finite ({loss_sum.item()})")
+        loss_total, correct_total, seen = distributed.all_reduce_sum(
+            [loss_sum.item(), correct.item(), seen], ctx, setup.device)
+        if not math.isfinite(loss_total):  # checked once an epoch: a check per batch would sync the GPU
+            raise FloatingPointError(f"the training loss of epoch {epoch + 1} is not finite ({loss_total})")
         train_seconds = time.perf_counter() - started
         metrics = evaluate()
         record = {
             "epoch": epoch + 1,
-            "train_loss": loss_sum.item() / seen,
-            "train_acc": correct.item() / seen,
+            "train_loss": loss_total / seen,
+            "train_acc": correct_total / seen,
             **metrics,
             "lr": lr,
             "train_seconds": round(train_seconds, 3),
@@ -387,7 +499,9 @@ def fit(
         run.log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         if metrics["test_acc"] > best:
             best = metrics["test_acc"]
-            save_model(run.path / "best.pt", epoch=epoch + 1, test_acc=best)
+            if ctx.is_main:
+                save_model(run.path / "best.pt", epoch=epoch + 1, test_acc=best)
+        rng = setup.rng_states()  # a collective under torchrun: every rank takes part
         run.save_state({
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -395,9 +509,11 @@ def fit(
             "epoch": epoch + 1,
             "step": step,
             "best_acc": best,
+            **rng,
         })
         run.append_metrics(record)
-    save_model(run.path / "final.pt", epoch=args.epochs, test_acc=record.get("test_acc", best))
+    if ctx.is_main:
+        save_model(run.path / "final.pt", epoch=args.epochs, test_acc=record.get("test_acc", best))
     run.log(f"done: best test_acc {best:.4f}; checkpoints in {run.path}")
     return record
 
@@ -405,10 +521,13 @@ def fit(
 @torch.no_grad()
 def _evaluate(setup: _Setup, loader: DataLoader, model: nn.Module, predict) -> dict:
     """Top-1 accuracy of ``predict(images) -> (logits, extra)``; ``extra``: per-image values to average
-    (e.g. colours used), or None."""
+    (e.g. colours used), or None. Under torchrun each rank predicts its shard of the test set (with
+    rank 0's buffers) and the counts are summed."""
     model.eval()
+    distributed.broadcast_buffers(model, setup.ctx)
     correct, seen, extra_sum = 0, 0, 0.0
-    for images, labels in tqdm(loader, desc="test", unit="batch", leave=False, disable=not setup.args.progress,
+    extra = None
+    for images, labels in tqdm(loader, desc="test", unit="batch", leave=False, disable=not setup.progress,
                                dynamic_ncols=True):
         images, labels = setup.to_device(images, labels)
         with setup.autocast():
@@ -417,6 +536,8 @@ def _evaluate(setup: _Setup, loader: DataLoader, model: nn.Module, predict) -> d
         seen += labels.shape[0]
         if extra is not None:
             extra_sum += float(extra.float().sum())
+    if setup.ctx.active:
+        correct, seen, extra_sum = distributed.all_reduce_sum([correct, seen, extra_sum], setup.ctx, setup.device)
     return {"test_acc": correct / seen, **({"test_colors": extra_sum / seen} if extra is not None else {})}
 
 
@@ -431,12 +552,17 @@ def _sgd(args, params) -> torch.optim.SGD:
 
 def train_classifier(args: argparse.Namespace) -> dict:
     """Train a full-colour classifier (see the module docstring); returns the last epoch's metrics."""
-    setup = _Setup(args, "train-classifier")
+    with _session(args, "train-classifier") as setup:
+        return _train_classifier(setup)
+
+
+def _train_classifier(setup: _Setup) -> dict:
+    args = setup.args
     stats = data.DATASET_STATS[args.dataset]
     train_loader, test_loader, classes = setup.loaders()
     num_classes = stats.num_classes or len(classes)
     model = setup.prepare(build_classifier(args.arch, num_classes, stats.image_size))
-    net = torch.compile(model) if args.compile else model
+    net, eval_net = setup.parallel(model)
 
     def train_step(images, labels):
         logits = net(images)
@@ -447,7 +573,8 @@ def train_classifier(args: argparse.Namespace) -> dict:
 
     optimizer = _sgd(args, model.parameters())
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_steps, gamma=0.1)
-    evaluate = lambda: _evaluate(setup, test_loader, model, lambda x: (net(x), None))  # noqa: E731
+    evaluate = lambda: _evaluate(setup, test_loader, model, lambda x: (eval_net(x), None))  # noqa: E731
+    setup.start()
     return fit(setup, model, train_step, evaluate, optimizer, scheduler, False, save_model, train_loader)
 
 
@@ -455,7 +582,12 @@ def train_colorcnn(args: argparse.Namespace) -> dict:
     """Train ColorCNN against the frozen ``--classifier`` (see the module docstring); returns the last
     epoch's metrics (``test_acc``: the classifier's top-1 on the quantized test images, ``test_colors``:
     mean number of colours used per image)."""
-    setup = _Setup(args, "train")
+    with _session(args, "train") as setup:
+        return _train_colorcnn(setup)
+
+
+def _train_colorcnn(setup: _Setup) -> dict:
+    args = setup.args
     classifier = load_classifier(args.classifier).eval().requires_grad_(False)
     stats = data.DATASET_STATS[args.dataset]
     color_norm = args.color_norm if args.color_norm is not None else (4.0 if args.dataset in _CIFAR else 1.0)
@@ -470,7 +602,7 @@ def train_colorcnn(args: argparse.Namespace) -> dict:
         raise ValueError(f"--classifier {args.classifier} predicts {out_features} classes; {args.dataset} has {num_classes}")
     classifier = setup.prepare(classifier)
     model = setup.prepare(model)
-    net = torch.compile(model) if args.compile else model
+    net, eval_net = setup.parallel(model)
 
     def train_step(images, labels):
         out = net(images)
@@ -479,7 +611,7 @@ def train_colorcnn(args: argparse.Namespace) -> dict:
         return loss, logits
 
     def predict(images):
-        out = net(images)
+        out = eval_net(images)
         used = F.one_hot(out.index_map.flatten(1), model.num_colors).amax(1).sum(1)
         return classifier(out.quantized), used
 
@@ -490,4 +622,5 @@ def train_colorcnn(args: argparse.Namespace) -> dict:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
         optimizer, T_0=args.restart_epochs * len(train_loader))
     evaluate = lambda: _evaluate(setup, test_loader, model, predict)  # noqa: E731
+    setup.start()
     return fit(setup, model, train_step, evaluate, optimizer, scheduler, True, save_model, train_loader)

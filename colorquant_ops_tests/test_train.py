@@ -2,8 +2,9 @@
 ``colorquant train``) on a few hundred real CIFAR-10 images (the project's JPEG copy, see test_data.py).
 
 The two straight runs (classifier, ColorCNN) are module fixtures; the resume tests repeat them as
-1 epoch + ``--resume`` 1 more and compare the weights bit for bit. Deterministic mode is on
-(conftest.py, and here around the fixtures too).
+1 epoch + ``--resume`` 1 more and compare the weights bit for bit (also with DataLoader workers).
+``colorquant evaluate`` then runs on the trained checkpoints. Deterministic mode is on (conftest.py,
+and here around the fixtures too). Multi-process runs: test_distributed.py.
 """
 
 import json
@@ -175,6 +176,11 @@ def test_cli_bad_arguments(capsys, tmp_path, cache_dir, classifier_run):
         capsys, "train", *base, "--classifier", garbage, "--out-dir", tmp_path / "c")
     assert "classifier checkpoint not found" in _error(
         capsys, "train", *base, "--classifier", tmp_path / "missing.pt", "--out-dir", tmp_path / "d")
+    assert "--batch-size: expected a positive integer, got 0" in _error(
+        capsys, "train-classifier", *base, "--batch-size", "0")
+    # the arguments and checkpoints are checked before the run directory is written
+    for name in "abcd":
+        assert not (tmp_path / name).exists(), name
     assert "the following arguments are required: --classifier" in _error(capsys, "train", *base)
     assert "no checkpoint to resume from" in _error(
         capsys, "train-classifier", *base, "--out-dir", tmp_path / "e", "--resume")
@@ -189,13 +195,59 @@ def test_cli_missing_dataset(capsys, tmp_path):
     err = _error(capsys, "train-classifier", *COMMON, "--dataset", "cifar100", "--data-root", tmp_path / "nothing",
                  "--cache-dir", tmp_path / "cache", "--out-dir", tmp_path / "run")
     assert "CIFAR-100 not found under data_root=" in err and "To supply it:" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_error_in_a_real_process(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "colorquant_ops", "train", "--classifier", str(tmp_path / "missing.pt"),
          "--out-dir", str(tmp_path / "run"), "--device", "cpu"],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120,
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=600,
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"colorquant: error: classifier checkpoint not found: {tmp_path / 'missing.pt'}"]
+
+
+def test_classifier_loss_goes_down(tmp_path, cache_dir):
+    # AlexNet sits at ln(10) = 2.303 for its first steps at the paper's lr 0.1 and momentum 0.5; on
+    # 16 images with momentum 0.9 it fits them within ten steps (one batch an epoch)
+    out = tmp_path / "run"
+    assert _run("train-classifier", "--subset", "16", "--test-subset", "8", "--batch-size", "16", "--epochs", "10",
+                "--momentum", "0.9", "--device", "cpu", "--no-progress", "--cache-dir", cache_dir,
+                "--out-dir", out) == 0
+    losses = [m["train_loss"] for m in _metrics(out)]
+    assert len(losses) == 10
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < first - 0.03, losses
+
+
+def test_resume_with_workers_is_exact(tmp_path, cache_dir):
+    # With DataLoader workers the augmentations are drawn in the workers, seeded from a base seed the
+    # loader draws from its per-epoch generator: resuming reproduces them.
+    args = ["--subset", "32", "--test-subset", "16", "--batch-size", "16", "--workers", "2", "--device", "cpu",
+            "--no-progress"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    with _Deterministic():
+        assert _run("train-classifier", *args, "--cache-dir", cache_dir, "--out-dir", straight, "--epochs", "2") == 0
+        assert _run("train-classifier", *args, "--cache-dir", cache_dir, "--out-dir", resumed, "--epochs", "1") == 0
+        assert _run("train-classifier", *args, "--cache-dir", cache_dir, "--out-dir", resumed, "--epochs", "2",
+                    "--resume") == 0
+    _assert_same_run(resumed, straight, load_classifier)
+
+
+def test_evaluate_the_trained_checkpoints(tmp_path, cache_dir, classifier_run, colorcnn_run):
+    """The end of the chain: train-classifier -> train -> evaluate, one row per method and K."""
+    out = tmp_path / "eval"
+    assert _run("evaluate", "--classifier", classifier_run / "final.pt", "--colorcnn", colorcnn_run / "final.pt",
+                "--methods", "colorcnn", "median_cut", "--dither", "off", "--num-colors", "2", "4",
+                "--jpeg-qualities", "50", "--test-subset", "16", "--batch-size", "16", "--device", "cpu",
+                "--no-progress", "--cache-dir", cache_dir, "--out-dir", out) == 0
+    rows = {(r["method"], r["num_colors"]): r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert set(rows) == {("full colour", None), ("colorcnn", 2), ("colorcnn", 4), ("median_cut", 2),
+                         ("median_cut", 4), ("jpeg", None)}
+    for key in [("colorcnn", 2), ("median_cut", 2), ("median_cut", 4)]:
+        assert rows[key]["images"] == 16 and 0 <= rows[key]["accuracy"] <= 1
+        assert 1 <= rows[key]["colors"] <= key[1] and rows[key]["bpp"] > 0
+    assert rows[("colorcnn", 4)]["note"].startswith("skipped")  # only a K=2 ColorCNN was trained
+    for name in ("results.csv", "results.md", "accuracy_vs_bits.png", "accuracy_vs_bpp.png"):
+        assert (out / name).is_file(), name
