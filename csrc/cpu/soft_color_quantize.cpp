@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "cpu/allocation.h"
 #include "cpu/tiling.h"
 
 namespace colorquant {
@@ -14,55 +15,85 @@ namespace {
 
 using at::Tensor;
 
-template <typename scalar_t>
+// Both kernels run per (image, chunk) task in two stages: per-chunk colour
+// sums, then per pixel with the image's palette (forward) or adjoint
+// (backward). When an image is a single chunk (P <= kChunkPixels, e.g. CIFAR)
+// a task does both stages for its image, so that the second pass over the
+// image's probs finds them in cache; otherwise the sums of all chunks are
+// complete only after a first parallel pass. Either way each sum is formed in
+// the same order, whatever the number of threads.
+
+template <int kC, typename scalar_t>
 void soft_forward(const Tensor& logits, const Tensor& image, double temperature,
                   double eps, Tensor& quantized, Tensor& palette,
                   Tensor& probs) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t B = logits.size(0), K = logits.size(1), C = image.size(1);
   const int64_t P = logits.size(2) * logits.size(3);
-  const int64_t nc = num_chunks(P), T = tile_pixels(K);
+  const int64_t nc = num_chunks(P), T = tile_pixels(K), J = C + 1;
   const opmath_t temp = static_cast<opmath_t>(temperature);
   const scalar_t* lg = logits.const_data_ptr<scalar_t>();
   const scalar_t* img = image.const_data_ptr<scalar_t>();
   scalar_t* pr = probs.mutable_data_ptr<scalar_t>();
   scalar_t* qt = quantized.mutable_data_ptr<scalar_t>();
+  scalar_t* pal_out = palette.mutable_data_ptr<scalar_t>();
 
-  // Stage 1: probs, and per-chunk sums S[k] = sum_p probs, N[k,c] = sum_p probs*image.
-  std::vector<opmath_t> partial(B * nc * K * (C + 1), opmath_t(0));
-  parallel_for_chunks(B, P, K, [&](int64_t task, int64_t b, int64_t p0, int64_t p1) {
-    std::vector<opmath_t> buf(K * T + 2 * T);
-    opmath_t* acc = partial.data() + task * K * (C + 1);
-    for (int64_t q = p0; q < p1; q += T) {
-      const int64_t n = std::min(T, p1 - q);
-      softmax_tile(lg + b * K * P + q, P, K, n, temp, buf.data(), T, buf.data() + K * T);
-      for (int64_t k = 0; k < K; ++k) {
-        scalar_t* out = pr + (b * K + k) * P + q;
-        const opmath_t* pk = buf.data() + k * T;
-        for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(pk[i]);
+  // Per chunk: S[k] = sum_p probs, N[k,c] = sum_p probs*image.
+  std::vector<opmath_t> partial(B * nc * K * J, opmath_t(0));
+  // The palette unrounded, for the recolouring: quantized is not degraded by
+  // a half/bf16 round trip of the palette.
+  std::vector<opmath_t> pal(B * K * C);
+  auto finish_palette = [&](int64_t b) {
+    weighted_means(partial.data() + b * nc * K * J, nc, K, C,
+                   static_cast<const scalar_t*>(nullptr), static_cast<opmath_t>(eps),
+                   pal.data() + b * K * C);
+    for (int64_t j = b * K * C; j < (b + 1) * K * C; ++j) {
+      pal_out[j] = static_cast<scalar_t>(pal[j]);
+    }
+  };
+  // quantized[c,p] = sum_k probs[k,p] palette[k,c] over a chunk.
+  auto recolour = [&](const Chunk& ch, opmath_t* acc) {
+    for (int64_t q = ch.p0; q < ch.p1; q += T) {
+      mix_tile<kC>(pr + ch.b * K * P + q, P, pal.data() + ch.b * K * C, K, C,
+                   std::min(T, ch.p1 - q), qt + ch.b * C * P + q, P, acc);
+    }
+  };
+  const bool one_chunk = nc == 1;
+
+  // The probs of a tile in opmath, rows padded so that they are not 4 KiB
+  // apart (loads and stores a multiple of 4 KiB apart stall on each other).
+  const int64_t tile_ld = T + kLanes;
+  parallel_for_chunk_ranges(B, P, K, [&](int64_t begin, int64_t end) {
+    std::vector<opmath_t> buf(K * tile_ld + C * T);
+    opmath_t* tile = buf.data();
+    opmath_t* work = tile + K * tile_ld;
+    for (int64_t task = begin; task < end; ++task) {
+      const Chunk ch = chunk_of(task, nc, P);
+      opmath_t* acc = partial.data() + task * K * J;
+      for (int64_t q = ch.p0; q < ch.p1; q += T) {
+        const int64_t n = std::min(T, ch.p1 - q);
+        const Tile next = tile_after(task, q + n, end, nc, P, T);
+        softmax_tile(lg + ch.b * K * P + q, P, K, n, temp, tile, tile_ld,
+                     pr + ch.b * K * P + q, P, lg + next.b * K * P + next.q, next.n);
+        accumulate_weighted_sums<kC>(tile, tile_ld, img + ch.b * C * P + q, P, K, C, n, acc);
       }
-      accumulate_weighted_sums(buf.data(), T, img + b * C * P + q, P, K, C, n, acc);
+      if (one_chunk) {
+        finish_palette(ch.b);
+        recolour(ch, work);
+      }
     }
   });
+  if (one_chunk) return;
 
-  // Stage 2: the palette, chunks added in order.
-  std::vector<opmath_t> pal(B * K * C);
-  finalize_weighted_means(partial.data(), B, nc, K, C, static_cast<const scalar_t*>(nullptr),
-                          static_cast<opmath_t>(eps), pal.data());
-  scalar_t* pal_out = palette.mutable_data_ptr<scalar_t>();
-  for (int64_t i = 0; i < B * K * C; ++i) pal_out[i] = static_cast<scalar_t>(pal[i]);
-
-  // Stage 3: quantized[c,p] = sum_k probs[k,p] palette[k,c].
-  parallel_for_chunks(B, P, K * C, [&](int64_t, int64_t b, int64_t p0, int64_t p1) {
-    std::vector<opmath_t> acc(T);
-    for (int64_t q = p0; q < p1; q += T) {
-      mix_tile(pr + b * K * P + q, P, pal.data() + b * K * C, K, C, std::min(T, p1 - q),
-               qt + b * C * P + q, P, acc.data());
-    }
+  // Several chunks per image (or none: P == 0 still gets its palette).
+  for (int64_t b = 0; b < B; ++b) finish_palette(b);
+  parallel_for_chunk_ranges(B, P, K * C, [&](int64_t begin, int64_t end) {
+    std::vector<opmath_t> acc(C * T);
+    for (int64_t task = begin; task < end; ++task) recolour(chunk_of(task, nc, P), acc.data());
   });
 }
 
-template <typename scalar_t>
+template <int kC, typename scalar_t>
 void soft_backward(const Tensor& grad_quantized, const Tensor& grad_palette,
                    const Tensor& grad_probs, const Tensor& probs,
                    const Tensor& image, const Tensor& palette,
@@ -71,9 +102,10 @@ void soft_backward(const Tensor& grad_quantized, const Tensor& grad_palette,
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t B = probs.size(0), K = probs.size(1), C = image.size(1);
   const int64_t P = probs.size(2) * probs.size(3);
-  const int64_t nc = num_chunks(P), T = tile_pixels(K);
+  const int64_t nc = num_chunks(P), T = tile_pixels(K), J = C + 1;
   const opmath_t temp = static_cast<opmath_t>(temperature);
   const scalar_t* gq = grad_quantized.const_data_ptr<scalar_t>();
+  const scalar_t* gpal = grad_palette.const_data_ptr<scalar_t>();
   const scalar_t* gp = grad_probs.const_data_ptr<scalar_t>();
   const scalar_t* pr = probs.const_data_ptr<scalar_t>();
   const scalar_t* img = image.const_data_ptr<scalar_t>();
@@ -81,29 +113,56 @@ void soft_backward(const Tensor& grad_quantized, const Tensor& grad_palette,
   scalar_t* gl = grad_logits.mutable_data_ptr<scalar_t>();
   scalar_t* gi = grad_image.mutable_data_ptr<scalar_t>();
 
-  // Stage 1: per-chunk S[k] = sum_p probs and M[k,c] = sum_p probs*grad_quantized.
-  std::vector<opmath_t> partial(B * nc * K * (C + 1), opmath_t(0));
-  parallel_for_chunks(B, P, K * C, [&](int64_t task, int64_t b, int64_t p0, int64_t p1) {
-    accumulate_weighted_sums(pr + b * K * P + p0, P, gq + b * C * P + p0, P, K, C, p1 - p0,
-                             partial.data() + task * K * (C + 1));
-  });
-
-  // Stage 2: adjoint of the palette, A[k,c] = (grad_palette + M) / (S + eps).
+  // Per chunk: S[k] = sum_p probs, M[k,c] = sum_p probs*grad_quantized.
+  std::vector<opmath_t> partial(B * nc * K * J, opmath_t(0));
+  // Adjoint of the palette A[k,c] = (grad_palette + M) / (S + eps), and the
+  // palette in opmath.
   std::vector<opmath_t> adj(B * K * C), pal(B * K * C);
-  finalize_weighted_means(partial.data(), B, nc, K, C, grad_palette.const_data_ptr<scalar_t>(),
-                          static_cast<opmath_t>(eps), adj.data());
-  for (int64_t i = 0; i < B * K * C; ++i) pal[i] = static_cast<opmath_t>(pal_in[i]);
+  auto finish_adjoint = [&](int64_t b) {
+    weighted_means(partial.data() + b * nc * K * J, nc, K, C, gpal + b * K * C,
+                   static_cast<opmath_t>(eps), adj.data() + b * K * C);
+    for (int64_t j = b * K * C; j < (b + 1) * K * C; ++j) {
+      pal[j] = static_cast<opmath_t>(pal_in[j]);
+    }
+  };
+  // Per pixel of a chunk: grad_logits (through G[k] = dL/dprobs[k] in total
+  // and the softmax backward) and grad_image[c] = sum_k A[k,c] probs[k].
+  auto pixel_grads = [&](int64_t task, int64_t task_end, opmath_t* work) {
+    const Chunk ch = chunk_of(task, nc, P);
+    const opmath_t* pal_b = pal.data() + ch.b * K * C;
+    const opmath_t* adj_b = adj.data() + ch.b * K * C;
+    for (int64_t q = ch.p0; q < ch.p1; q += T) {
+      const int64_t n = std::min(T, ch.p1 - q);
+      const int64_t kp = ch.b * K * P + q, cp = ch.b * C * P + q;
+      const Tile next = tile_after(task, q + n, task_end, nc, P, T);
+      const int64_t next_kp = next.b * K * P + next.q;
+      soft_backward_tile<kC>(pr + kp, gp + kp, gq + cp, img + cp, P, pal_b, adj_b, K, C, n,
+                             temp, gl + kp, gi + cp, work, pr + next_kp, gp + next_kp, next.n);
+    }
+  };
+  // Scratch of soft_backward_tile.
+  const int64_t scratch = kC > 0 ? K * kLanes : (K + 1) * T;
+  const bool one_chunk = nc == 1;
 
-  // Stage 3, per pixel: G[k] = dL/dprobs[k] in total, then the softmax backward
-  // and grad_image[c] = sum_k A[k,c] probs[k].
-  parallel_for_chunks(B, P, K * C, [&](int64_t, int64_t b, int64_t p0, int64_t p1) {
-    std::vector<opmath_t> G(K * T), dot(T);
-    for (int64_t q = p0; q < p1; q += T) {
-      const int64_t n = std::min(T, p1 - q);
-      const int64_t kp = b * K * P + q, cp = b * C * P + q;
-      soft_backward_tile(pr + kp, gp + kp, gq + cp, img + cp, P, pal.data() + b * K * C,
-                         adj.data() + b * K * C, K, C, n, temp, gl + kp, G.data(), dot.data());
-      mix_tile(pr + kp, P, adj.data() + b * K * C, K, C, n, gi + cp, P, dot.data());
+  parallel_for_chunk_ranges(B, P, K * C, [&](int64_t begin, int64_t end) {
+    std::vector<opmath_t> buf(one_chunk ? scratch : 0);
+    for (int64_t task = begin; task < end; ++task) {
+      const Chunk ch = chunk_of(task, nc, P);
+      accumulate_weighted_sums<kC>(pr + ch.b * K * P + ch.p0, P, gq + ch.b * C * P + ch.p0, P,
+                                   K, C, ch.p1 - ch.p0, partial.data() + task * K * J);
+      if (one_chunk) {
+        finish_adjoint(ch.b);
+        pixel_grads(task, end, buf.data());
+      }
+    }
+  });
+  if (one_chunk) return;
+
+  for (int64_t b = 0; b < B; ++b) finish_adjoint(b);
+  parallel_for_chunk_ranges(B, P, K * C, [&](int64_t begin, int64_t end) {
+    std::vector<opmath_t> buf(scratch);
+    for (int64_t task = begin; task < end; ++task) {
+      pixel_grads(task, end, buf.data());
     }
   });
 }
@@ -117,14 +176,16 @@ std::tuple<Tensor, Tensor, Tensor> soft_color_quantize_cpu(const Tensor& logits_
   const Tensor image = image_in.contiguous();
   const int64_t B = logits.size(0), K = logits.size(1), C = image.size(1);
   const int64_t H = logits.size(2), W = logits.size(3);
-  Tensor quantized = at::empty({B, C, H, W}, image.options());
+  Tensor quantized = empty_output({B, C, H, W}, image.options());
   Tensor palette = at::empty({B, K, C}, image.options());
-  Tensor probs = at::empty({B, K, H, W}, logits.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
-                                  "soft_color_quantize_cpu", [&] {
-                                    soft_forward<scalar_t>(logits, image, temperature, eps,
-                                                           quantized, palette, probs);
-                                  });
+  Tensor probs = empty_output({B, K, H, W}, logits.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "soft_color_quantize_cpu", [&] {
+        dispatch_channels(C, [&](auto kC) {
+          soft_forward<decltype(kC)::value, scalar_t>(logits, image, temperature, eps, quantized, palette,
+                                       probs);
+        });
+      });
   return {quantized, palette, probs};
 }
 
@@ -141,14 +202,15 @@ std::tuple<Tensor, Tensor> soft_color_quantize_backward_cpu(
   const Tensor gq = grad_quantized.to(dtype).contiguous();
   const Tensor gpal = grad_palette.to(dtype).contiguous();
   const Tensor gp = grad_probs.to(dtype).contiguous();
-  Tensor grad_logits = at::empty(probs.sizes(), probs.options());
-  Tensor grad_image = at::empty(image.sizes(), image.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype,
-                                  "soft_color_quantize_backward_cpu", [&] {
-                                    soft_backward<scalar_t>(gq, gpal, gp, probs, image, palette,
-                                                            temperature, eps, grad_logits,
-                                                            grad_image);
-                                  });
+  Tensor grad_logits = empty_output(probs.sizes(), probs.options());
+  Tensor grad_image = empty_output(image.sizes(), image.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, dtype, "soft_color_quantize_backward_cpu", [&] {
+        dispatch_channels(image.size(1), [&](auto kC) {
+          soft_backward<decltype(kC)::value, scalar_t>(gq, gpal, gp, probs, image, palette, temperature, eps,
+                                        grad_logits, grad_image);
+        });
+      });
   return {grad_logits, grad_image};
 }
 

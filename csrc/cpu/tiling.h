@@ -6,10 +6,13 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "common/color_math.h"
 
@@ -21,6 +24,16 @@
 #define CQ_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define CQ_SIMD_CLONES
+#endif
+
+// For helpers (and lambdas) of the tile loops, so that each clone gets its own
+// copy, compiled for its instruction set.
+#if defined(__GNUC__)
+#define CQ_ALWAYS_INLINE inline __attribute__((always_inline))
+#define CQ_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define CQ_ALWAYS_INLINE inline
+#define CQ_LAMBDA_INLINE
 #endif
 
 namespace colorquant {
@@ -43,170 +56,393 @@ inline int64_t num_chunks(int64_t num_pixels) {
 // calling thread: waking the thread pool costs more than it saves.
 constexpr int64_t kMinParallelWork = int64_t{1} << 16;
 
-// Runs f(task, b, p_begin, p_end) for every (image b, chunk) task in parallel;
-// task = b * num_chunks + chunk indexes the per-task partial sums.
-// work_per_pixel (e.g. K or K*C) only sets how many tasks a thread takes at
-// least; results never depend on it.
+// Runs f(task_begin, task_end) over the (image, chunk) tasks in parallel,
+// once per thread, so that f can set up its scratch buffers once rather than
+// per task; task = b * num_chunks + chunk indexes the per-task partial sums
+// and chunk_of(task, ...) gives a task's image and pixels. work_per_pixel
+// (e.g. K or K*C) only sets how many tasks a thread takes at least; results
+// never depend on it.
 template <typename F>
-void parallel_for_chunks(int64_t batch, int64_t num_pixels, int64_t work_per_pixel,
-                         const F& f) {
+void parallel_for_chunk_ranges(int64_t batch, int64_t num_pixels, int64_t work_per_pixel,
+                               const F& f) {
   const int64_t nc = num_chunks(num_pixels);
   const int64_t task_work =
       std::max<int64_t>(1, std::min(num_pixels, kChunkPixels) * work_per_pixel);
   const int64_t grain = std::max<int64_t>(1, kMinParallelWork / task_work);
-  at::parallel_for(0, batch * nc, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / nc;
-      const int64_t p0 = (task % nc) * kChunkPixels;
-      f(task, b, p0, std::min(num_pixels, p0 + kChunkPixels));
+  at::parallel_for(0, batch * nc, grain, f);
+}
+
+struct Chunk {
+  int64_t b, p0, p1;  // image, first pixel, one past the last pixel
+};
+
+inline Chunk chunk_of(int64_t task, int64_t nc, int64_t num_pixels) {
+  const int64_t b = task / nc;
+  const int64_t p0 = (task % nc) * kChunkPixels;
+  return {b, p0, std::min(num_pixels, p0 + kChunkPixels)};
+}
+
+// Runs f(task, b, p_begin, p_end) for every (image b, chunk) task in parallel.
+template <typename F>
+void parallel_for_chunks(int64_t batch, int64_t num_pixels, int64_t work_per_pixel,
+                         const F& f) {
+  const int64_t nc = num_chunks(num_pixels);
+  parallel_for_chunk_ranges(batch, num_pixels, work_per_pixel,
+                            [&](int64_t begin, int64_t end) {
+                              for (int64_t task = begin; task < end; ++task) {
+                                const Chunk ch = chunk_of(task, nc, num_pixels);
+                                f(task, ch.b, ch.p0, ch.p1);
+                              }
+                            });
+}
+
+// The tile of at most tile pixels that a thread works on after the one
+// ending at pixel q_end of task's chunk, given that it runs the tasks up to
+// task_end: the rest of the chunk, else the start of the next task's chunk.
+// Only for prefetching; n == 0 when there is none.
+struct Tile {
+  int64_t b, q, n;  // image, first pixel, number of pixels
+};
+
+inline Tile tile_after(int64_t task, int64_t q_end, int64_t task_end, int64_t nc,
+                       int64_t num_pixels, int64_t tile) {
+  const Chunk ch = chunk_of(task, nc, num_pixels);
+  if (q_end < ch.p1) return {ch.b, q_end, std::min(tile, ch.p1 - q_end)};
+  if (task + 1 < task_end) {
+    const Chunk next = chunk_of(task + 1, nc, num_pixels);
+    return {next.b, next.p0, std::min(tile, next.p1 - next.p0)};
+  }
+  return {0, 0, 0};
+}
+
+// The channel count of the soft kernels as a template argument: kC > 0 fixes
+// it at compile time, so that the channel loops unroll inside the vectorized
+// pixel loops and per-channel sums stay in registers (RGB, the common case);
+// kC == 0 takes it at run time (any C).
+template <typename F>
+void dispatch_channels(int64_t channels, const F& f) {
+  if (channels == 3) {
+    f(std::integral_constant<int, 3>{});
+  } else {
+    f(std::integral_constant<int, 0>{});
+  }
+}
+
+// static_cast<out_t>(x), in a form whose loops vectorize. c10's float ->
+// bfloat16 conversion (round to nearest even, NaN -> 0x7FC0) branches on NaN,
+// which keeps GCC from vectorizing any loop that stores bfloat16; this is the
+// same rounding without the branch, so the bits are those of static_cast.
+template <typename out_t, typename opmath_t>
+CQ_ALWAYS_INLINE out_t round_to(opmath_t x) {
+  if constexpr (std::is_same_v<out_t, c10::BFloat16> && std::is_same_v<opmath_t, float>) {
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    const uint32_t rounded = (bits + ((bits >> 16) & 1) + UINT32_C(0x7FFF)) >> 16;
+    return c10::BFloat16(static_cast<uint16_t>(x != x ? UINT32_C(0x7FC0) : rounded),
+                         c10::BFloat16::from_bits());
+  } else {
+    return static_cast<out_t>(x);
+  }
+}
+
+// Asks for row[0, n) to be brought into L2. The tile loops read the [K, P]
+// tensors K rows at a time, one cache line per row and block of pixels: too
+// many short streams for the hardware prefetchers, so each block prefetches
+// its lines of the next tile.
+template <typename T>
+CQ_ALWAYS_INLINE void prefetch_row(const T* row, int64_t n) {
+#if defined(__GNUC__)
+  constexpr int64_t kPerLine = 64 / sizeof(T);
+  for (int64_t i = 0; i < n; i += kPerLine) __builtin_prefetch(row + i, 0, 2);
+#endif
+}
+
+// The tile loops work on blocks of kLanes pixels, keeping the per-pixel
+// values that run across the loop over colours (maxima, sums, dot products,
+// channel accumulators) in registers: one vector register each with
+// AVX-512, two with AVX2. Pixel sums are kept as kLanes partial sums (pixel
+// i goes to lane i mod kLanes), added up in lane order at the end, so that
+// they vectorize without the compiler reassociating anything: no sum depends
+// on the instruction set.
+constexpr int kLanes = 16;
+
+// f(i0, m) for the blocks [i0, i0 + m) of n pixels: m is kLanes as a
+// compile-time constant (the lane loops vectorize fully) except for a last,
+// partial block.
+template <typename F>
+CQ_ALWAYS_INLINE void for_each_block(int64_t n, const F& f) {
+  int64_t i0 = 0;
+  for (; i0 + kLanes <= n; i0 += kLanes) f(i0, std::integral_constant<int, kLanes>{});
+  if (i0 < n) f(i0, static_cast<int>(n - i0));
+}
+
+// probs[k*ld + i] = softmax_k(temperature * logits[k*stride + i]) for the n
+// pixels of a tile, also stored rounded to scalar_t in out[k*out_ld + i].
+// next: the next tile's logits (n_next pixels, to prefetch).
+template <typename scalar_t, typename opmath_t>
+CQ_SIMD_CLONES void softmax_tile(const scalar_t* logits, int64_t stride, int64_t num_colors,
+                                 int64_t n, opmath_t temperature, opmath_t* probs, int64_t ld,
+                                 scalar_t* out, int64_t out_ld, const scalar_t* next,
+                                 int64_t n_next) {
+  for_each_block(n, [&](int64_t i0, auto m) CQ_LAMBDA_INLINE {
+    const int64_t fetch = std::min<int64_t>(m, n_next - i0);
+    opmath_t max_z[kLanes], inv_sum[kLanes];
+#pragma omp simd
+    for (int l = 0; l < m; ++l) {
+      max_z[l] = temperature * static_cast<opmath_t>(logits[i0 + l]);
+      inv_sum[l] = 0;
+    }
+    if (fetch > 0) prefetch_row(next + i0, fetch);
+    for (int64_t k = 1; k < num_colors; ++k) {
+      const scalar_t* lk = logits + k * stride + i0;
+      if (fetch > 0) prefetch_row(next + k * stride + i0, fetch);
+#pragma omp simd
+      for (int l = 0; l < m; ++l) {
+        const opmath_t z = temperature * static_cast<opmath_t>(lk[l]);
+        max_z[l] = z > max_z[l] ? z : max_z[l];
+      }
+    }
+    for (int64_t k = 0; k < num_colors; ++k) {
+      const scalar_t* lk = logits + k * stride + i0;
+      opmath_t* pk = probs + k * ld + i0;
+#pragma omp simd
+      for (int l = 0; l < m; ++l) {
+        const opmath_t e = shifted_exp(temperature * static_cast<opmath_t>(lk[l]) - max_z[l]);
+        pk[l] = e;
+        inv_sum[l] += e;
+      }
+    }
+#pragma omp simd
+    for (int l = 0; l < m; ++l) inv_sum[l] = opmath_t(1) / inv_sum[l];
+    for (int64_t k = 0; k < num_colors; ++k) {
+      opmath_t* pk = probs + k * ld + i0;
+      scalar_t* ok = out + k * out_ld + i0;
+#pragma omp simd
+      for (int l = 0; l < m; ++l) {
+        const opmath_t p = pk[l] * inv_sum[l];
+        pk[l] = p;
+        ok[l] = round_to<scalar_t>(p);
+      }
     }
   });
 }
 
-// probs[k*ld + i] = softmax_k(temperature * logits[k*stride + i]) for the n
-// pixels of a tile. work holds 2n values.
-template <typename scalar_t, typename opmath_t>
-CQ_SIMD_CLONES void softmax_tile(const scalar_t* logits, int64_t stride, int64_t num_colors,
-                  int64_t n, opmath_t temperature, opmath_t* probs, int64_t ld,
-                  opmath_t* work) {
-  opmath_t* max_z = work;
-  opmath_t* inv_sum = work + n;
-  for (int64_t i = 0; i < n; ++i) {
-    max_z[i] = temperature * static_cast<opmath_t>(logits[i]);
-    inv_sum[i] = 0;
-  }
-  for (int64_t k = 1; k < num_colors; ++k) {
-    const scalar_t* lk = logits + k * stride;
-    for (int64_t i = 0; i < n; ++i) {
-      const opmath_t z = temperature * static_cast<opmath_t>(lk[i]);
-      max_z[i] = z > max_z[i] ? z : max_z[i];
+// s = sum_i w[i], t[c] = sum_i w[i] * y[c*y_ld + i] for c < NC.
+template <int NC, typename w_t, typename y_t, typename opmath_t>
+CQ_ALWAYS_INLINE void weighted_sums_in_lanes(const w_t* w, const y_t* y, int64_t y_ld,
+                                             int64_t n, opmath_t& s, opmath_t* t) {
+  opmath_t s_lanes[kLanes] = {}, t_lanes[NC][kLanes] = {};
+  for_each_block(n, [&](int64_t i0, auto m) CQ_LAMBDA_INLINE {
+#pragma omp simd
+    for (int l = 0; l < m; ++l) {
+      const opmath_t wi = static_cast<opmath_t>(w[i0 + l]);
+      s_lanes[l] += wi;
+      for (int c = 0; c < NC; ++c) {
+        t_lanes[c][l] += wi * static_cast<opmath_t>(y[c * y_ld + i0 + l]);
+      }
     }
-  }
-  for (int64_t k = 0; k < num_colors; ++k) {
-    const scalar_t* lk = logits + k * stride;
-    opmath_t* pk = probs + k * ld;
-    for (int64_t i = 0; i < n; ++i) {
-      const opmath_t e =
-          shifted_exp(temperature * static_cast<opmath_t>(lk[i]) - max_z[i]);
-      pk[i] = e;
-      inv_sum[i] += e;
-    }
-  }
-  for (int64_t i = 0; i < n; ++i) inv_sum[i] = opmath_t(1) / inv_sum[i];
-  for (int64_t k = 0; k < num_colors; ++k) {
-    opmath_t* pk = probs + k * ld;
-    for (int64_t i = 0; i < n; ++i) pk[i] *= inv_sum[i];
+  });
+  s = 0;
+  for (int l = 0; l < kLanes; ++l) s += s_lanes[l];
+  for (int c = 0; c < NC; ++c) {
+    t[c] = 0;
+    for (int l = 0; l < kLanes; ++l) t[c] += t_lanes[c][l];
   }
 }
 
 // acc[k*(C+1)]     += sum_i w[k*w_ld + i]
 // acc[k*(C+1)+1+c] += sum_i w[k*w_ld + i] * y[c*y_ld + i]
 // Forward: w = probs, y = image. Backward: w = probs, y = grad_quantized.
-template <typename w_t, typename y_t, typename opmath_t>
+// kC: see dispatch_channels; with kC == 0 one sweep per channel.
+template <int kC, typename w_t, typename y_t, typename opmath_t>
 CQ_SIMD_CLONES void accumulate_weighted_sums(const w_t* w, int64_t w_ld, const y_t* y,
                               int64_t y_ld, int64_t num_colors,
                               int64_t channels, int64_t n, opmath_t* acc) {
   for (int64_t k = 0; k < num_colors; ++k) {
     const w_t* wk = w + k * w_ld;
     opmath_t* acc_k = acc + k * (channels + 1);
-    opmath_t s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < n; ++i) s += static_cast<opmath_t>(wk[i]);
-    acc_k[0] += s;
-    for (int64_t c = 0; c < channels; ++c) {
-      const y_t* yc = y + c * y_ld;
-      opmath_t t = 0;
-#pragma omp simd reduction(+ : t)
-      for (int64_t i = 0; i < n; ++i) {
-        t += static_cast<opmath_t>(wk[i]) * static_cast<opmath_t>(yc[i]);
+    opmath_t s;
+    if constexpr (kC > 0) {
+      opmath_t t[kC];
+      weighted_sums_in_lanes<kC>(wk, y, y_ld, n, s, t);
+      acc_k[0] += s;
+      for (int c = 0; c < kC; ++c) acc_k[1 + c] += t[c];
+    } else {
+      for (int64_t c = 0; c < channels; ++c) {
+        opmath_t t;
+        weighted_sums_in_lanes<1>(wk, y + c * y_ld, y_ld, n, s, &t);
+        if (c == 0) acc_k[0] += s;
+        acc_k[1 + c] += t;
       }
-      acc_k[1 + c] += t;
     }
   }
 }
 
 // out[c*out_ld + i] = sum_k w[k*w_ld + i] * table[k*C + c] for the n pixels of
-// a tile: quantized from the palette (forward), grad_image from the adjoint
-// (backward). acc holds n values.
-template <typename w_t, typename opmath_t, typename out_t>
+// a tile: quantized from the palette (forward) and, with kC == 0, grad_image
+// from the adjoint (backward). Colours are added in ascending order. kC: see
+// dispatch_channels; with kC == 0 acc holds n values.
+template <int kC, typename w_t, typename opmath_t, typename out_t>
 CQ_SIMD_CLONES void mix_tile(const w_t* w, int64_t w_ld, const opmath_t* table,
                              int64_t num_colors, int64_t channels, int64_t n,
                              out_t* out, int64_t out_ld, opmath_t* acc) {
-  for (int64_t c = 0; c < channels; ++c) {
-    for (int64_t i = 0; i < n; ++i) acc[i] = 0;
-    for (int64_t k = 0; k < num_colors; ++k) {
-      const opmath_t t = table[k * channels + c];
-      const w_t* wk = w + k * w_ld;
-      for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<opmath_t>(wk[i]) * t;
+  if constexpr (kC > 0) {
+    for_each_block(n, [&](int64_t i0, auto m) CQ_LAMBDA_INLINE {
+      opmath_t sum[kC][kLanes] = {};
+      for (int64_t k = 0; k < num_colors; ++k) {
+        const w_t* wk = w + k * w_ld + i0;
+        const opmath_t* t = table + k * kC;
+#pragma omp simd
+        for (int l = 0; l < m; ++l) {
+          const opmath_t wl = static_cast<opmath_t>(wk[l]);
+          for (int c = 0; c < kC; ++c) sum[c][l] += wl * t[c];
+        }
+      }
+      for (int c = 0; c < kC; ++c) {
+#pragma omp simd
+        for (int l = 0; l < m; ++l) out[c * out_ld + i0 + l] = round_to<out_t>(sum[c][l]);
+      }
+    });
+  } else {
+    for (int64_t c = 0; c < channels; ++c) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) acc[i] = 0;
+      for (int64_t k = 0; k < num_colors; ++k) {
+        const opmath_t t = table[k * channels + c];
+        const w_t* wk = w + k * w_ld;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<opmath_t>(wk[i]) * t;
+      }
+      out_t* oc = out + c * out_ld;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) oc[i] = round_to<out_t>(acc[i]);
     }
-    out_t* oc = out + c * out_ld;
-    for (int64_t i = 0; i < n; ++i) oc[i] = static_cast<out_t>(acc[i]);
   }
 }
 
 // Soft backward for the n pixels of a tile (arrays strided by ld over k or c):
 //   G[k] = grad_probs[k] + sum_c prob_grad_term(gq[c], palette[k,c], A[k,c], x[c])
 //   grad_logits[k] = softmax_logit_grad(probs[k], G[k], sum_j probs[j] G[j], temperature)
-// G holds num_colors * n values, dot n values.
-template <typename scalar_t, typename opmath_t>
+//   grad_image[c] = sum_k A[k,c] probs[k]   (colours in ascending order, as mix_tile)
+// kC: see dispatch_channels. work holds kLanes * num_colors values (kC > 0)
+// or (num_colors + 1) * n (kC == 0). next_probs, next_grad_probs: the next
+// tile's (n_next pixels, to prefetch).
+template <int kC, typename scalar_t, typename opmath_t>
 CQ_SIMD_CLONES void soft_backward_tile(
     const scalar_t* probs, const scalar_t* grad_probs, const scalar_t* grad_quantized,
     const scalar_t* image, int64_t ld, const opmath_t* palette, const opmath_t* adjoint,
     int64_t num_colors, int64_t channels, int64_t n, opmath_t temperature,
-    scalar_t* grad_logits, opmath_t* G, opmath_t* dot) {
-  for (int64_t i = 0; i < n; ++i) dot[i] = 0;
-  for (int64_t k = 0; k < num_colors; ++k) {
-    opmath_t* Gk = G + k * n;
-    const scalar_t* gpk = grad_probs + k * ld;
-    for (int64_t i = 0; i < n; ++i) Gk[i] = static_cast<opmath_t>(gpk[i]);
-    for (int64_t c = 0; c < channels; ++c) {
-      const opmath_t pkc = palette[k * channels + c];
-      const opmath_t akc = adjoint[k * channels + c];
-      const scalar_t* gqc = grad_quantized + c * ld;
-      const scalar_t* xc = image + c * ld;
+    scalar_t* grad_logits, scalar_t* grad_image, opmath_t* work, const scalar_t* next_probs,
+    const scalar_t* next_grad_probs, int64_t n_next) {
+  if constexpr (kC > 0) {
+    for_each_block(n, [&](int64_t i0, auto m) CQ_LAMBDA_INLINE {
+      const int64_t fetch = std::min<int64_t>(m, n_next - i0);
+      opmath_t gi[kC][kLanes] = {}, dot[kLanes] = {};
+      const scalar_t* gq = grad_quantized + i0;
+      const scalar_t* x = image + i0;
+      opmath_t* G = work;  // [num_colors][kLanes]
+      for (int64_t k = 0; k < num_colors; ++k) {
+        const scalar_t* gpk = grad_probs + k * ld + i0;
+        const scalar_t* pk = probs + k * ld + i0;
+        opmath_t* Gk = G + k * kLanes;
+        // Copies: G could alias the tables for all the compiler knows.
+        opmath_t pal_k[kC], adj_k[kC];
+        for (int c = 0; c < kC; ++c) {
+          pal_k[c] = palette[k * kC + c];
+          adj_k[c] = adjoint[k * kC + c];
+        }
+        if (fetch > 0) {
+          prefetch_row(next_grad_probs + k * ld + i0, fetch);
+          prefetch_row(next_probs + k * ld + i0, fetch);
+        }
+#pragma omp simd
+        for (int l = 0; l < m; ++l) {
+          opmath_t g = static_cast<opmath_t>(gpk[l]);
+          for (int c = 0; c < kC; ++c) {
+            g += prob_grad_term(static_cast<opmath_t>(gq[c * ld + l]), pal_k[c], adj_k[c],
+                                static_cast<opmath_t>(x[c * ld + l]));
+          }
+          Gk[l] = g;
+          const opmath_t p = static_cast<opmath_t>(pk[l]);
+          dot[l] += p * g;
+          for (int c = 0; c < kC; ++c) gi[c][l] += p * adj_k[c];
+        }
+      }
+      for (int64_t k = 0; k < num_colors; ++k) {
+        const scalar_t* pk = probs + k * ld + i0;
+        scalar_t* out = grad_logits + k * ld + i0;
+#pragma omp simd
+        for (int l = 0; l < m; ++l) {
+          out[l] = round_to<scalar_t>(softmax_logit_grad(static_cast<opmath_t>(pk[l]),
+                                                         G[k * kLanes + l], dot[l], temperature));
+        }
+      }
+      for (int c = 0; c < kC; ++c) {
+#pragma omp simd
+        for (int l = 0; l < m; ++l) grad_image[c * ld + i0 + l] = round_to<scalar_t>(gi[c][l]);
+      }
+    });
+  } else {
+    opmath_t* G = work;  // [num_colors][n]
+    opmath_t* dot = work + num_colors * n;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dot[i] = 0;
+    for (int64_t k = 0; k < num_colors; ++k) {
+      opmath_t* Gk = G + k * n;
+      const scalar_t* gpk = grad_probs + k * ld;
+      const scalar_t* pk = probs + k * ld;
+      if (n_next > 0) {
+        prefetch_row(next_grad_probs + k * ld, n_next);
+        prefetch_row(next_probs + k * ld, n_next);
+      }
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) Gk[i] = static_cast<opmath_t>(gpk[i]);
+      for (int64_t c = 0; c < channels; ++c) {
+        const opmath_t pkc = palette[k * channels + c];
+        const opmath_t akc = adjoint[k * channels + c];
+        const scalar_t* gqc = grad_quantized + c * ld;
+        const scalar_t* xc = image + c * ld;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) {
+          Gk[i] += prob_grad_term(static_cast<opmath_t>(gqc[i]), pkc, akc,
+                                  static_cast<opmath_t>(xc[i]));
+        }
+      }
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) dot[i] += static_cast<opmath_t>(pk[i]) * Gk[i];
+    }
+    for (int64_t k = 0; k < num_colors; ++k) {
+      const opmath_t* Gk = G + k * n;
+      const scalar_t* pk = probs + k * ld;
+      scalar_t* out = grad_logits + k * ld;
+#pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
-        Gk[i] += prob_grad_term(static_cast<opmath_t>(gqc[i]), pkc, akc,
-                                static_cast<opmath_t>(xc[i]));
+        out[i] = round_to<scalar_t>(
+            softmax_logit_grad(static_cast<opmath_t>(pk[i]), Gk[i], dot[i], temperature));
       }
     }
-    const scalar_t* pk = probs + k * ld;
-    for (int64_t i = 0; i < n; ++i) dot[i] += static_cast<opmath_t>(pk[i]) * Gk[i];
-  }
-  for (int64_t k = 0; k < num_colors; ++k) {
-    const opmath_t* Gk = G + k * n;
-    const scalar_t* pk = probs + k * ld;
-    scalar_t* out = grad_logits + k * ld;
-    for (int64_t i = 0; i < n; ++i) {
-      out[i] = static_cast<scalar_t>(
-          softmax_logit_grad(static_cast<opmath_t>(pk[i]), Gk[i], dot[i], temperature));
-    }
+    mix_tile<0>(probs, ld, adjoint, num_colors, channels, n, grad_image, ld, dot);
   }
 }
 
-// Second stage of the soft ops: out[b,k,c] = weighted_mean(extra[b,k,c] +
-// sum_chunks N, sum_chunks S, eps) from partial[b, chunk, k, 0 | 1+c], the
-// chunks added in order. extra is null (forward: the palette) or the palette
-// gradient (backward: the adjoint A).
+// Second stage of the soft ops, for one image:
+// out[k,c] = weighted_mean(extra[k,c] + sum_chunks N, sum_chunks S, eps) from
+// partial[chunk, k, 0 | 1+c] (S | N), the chunks added in order. extra is
+// null (forward: the palette) or the palette gradient (backward: the adjoint A).
 template <typename opmath_t, typename extra_t>
-void finalize_weighted_means(const opmath_t* partial, int64_t batch,
-                             int64_t nc, int64_t num_colors, int64_t channels,
-                             const extra_t* extra, opmath_t eps,
-                             opmath_t* out) {
+void weighted_means(const opmath_t* partial, int64_t nc, int64_t num_colors,
+                    int64_t channels, const extra_t* extra, opmath_t eps, opmath_t* out) {
   const int64_t J = channels + 1;
-  at::parallel_for(0, batch * num_colors, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t bk = begin; bk < end; ++bk) {
-      const int64_t b = bk / num_colors, k = bk % num_colors;
-      const opmath_t* first = partial + (b * nc * num_colors + k) * J;
-      opmath_t weight = 0;
-      for (int64_t t = 0; t < nc; ++t) weight += first[t * num_colors * J];
-      for (int64_t c = 0; c < channels; ++c) {
-        opmath_t sum = extra ? static_cast<opmath_t>(extra[bk * channels + c])
-                             : opmath_t(0);
-        for (int64_t t = 0; t < nc; ++t) sum += first[t * num_colors * J + 1 + c];
-        out[bk * channels + c] = weighted_mean(sum, weight, eps);
-      }
+  for (int64_t k = 0; k < num_colors; ++k) {
+    const opmath_t* first = partial + k * J;
+    opmath_t weight = 0;
+    for (int64_t t = 0; t < nc; ++t) weight += first[t * num_colors * J];
+    for (int64_t c = 0; c < channels; ++c) {
+      opmath_t sum = extra ? static_cast<opmath_t>(extra[k * channels + c]) : opmath_t(0);
+      for (int64_t t = 0; t < nc; ++t) sum += first[t * num_colors * J + 1 + c];
+      out[k * channels + c] = weighted_mean(sum, weight, eps);
     }
-  });
+  }
 }
 
 // Throws IndexError if an index of the tile lies outside [0, num_colors).
