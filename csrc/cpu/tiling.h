@@ -1,7 +1,7 @@
 // Loop structure shared by the CPU kernels: (image, chunk) tasks run in
-// parallel; inside a task, pixels are processed in tiles with the pixel loop
-// innermost so that it vectorizes. The arithmetic itself comes from
-// common/color_math.h.
+// parallel; inside a task, pixels are processed in tiles, and the soft
+// kernels' tiles in blocks of kLanes pixels, with the pixel loop innermost so
+// that it vectorizes. The arithmetic itself comes from common/color_math.h.
 #pragma once
 
 #include <ATen/OpMathType.h>
