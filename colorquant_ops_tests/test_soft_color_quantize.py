@@ -1,6 +1,8 @@
 """soft_color_quantize: forward and backward against the float64 oracle, layouts,
 edge cases, opcheck, torch.compile and determinism."""
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given
@@ -290,6 +292,28 @@ def test_opcheck_backward_op(device):
         grads = upstream_grads(out, generator(9))
         quantized, palette, probs = out
         torch.library.opcheck(BACKWARD_OP, (*grads, probs, image, palette, temperature, eps))
+        # Absent (None) upstream gradients.
+        torch.library.opcheck(BACKWARD_OP, (grads[0], None, None, probs, image, palette, temperature, eps))
+        torch.library.opcheck(BACKWARD_OP, (None, None, grads[2], probs, image, palette, temperature, eps))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("C", [3, 2])
+def test_backward_op_absent_grads_are_zeros(device, dtype, C):
+    """None for an upstream gradient (what autograd passes for an unused output,
+    instead of a materialized zero tensor) gives exactly the result of zeros."""
+    gen = generator(14)
+    logits = randn((2, 5, 6, 7), gen, 2.0, dtype, device)
+    image = rand((2, C, 6, 7), gen, dtype=dtype, device=device)
+    quantized, palette, probs = out = OP(logits, image, 1.3, 1e-8)
+    grads = upstream_grads(out, gen)
+    for absent in itertools.product([False, True], repeat=3):
+        given = [None if a else g for a, g in zip(absent, grads)]
+        zeros = [torch.zeros_like(g) if a else g for a, g in zip(absent, grads)]
+        got = BACKWARD_OP(*given, probs, image, palette, 1.3, 1e-8)
+        want = BACKWARD_OP(*zeros, probs, image, palette, 1.3, 1e-8)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w), f"absent={absent}"
 
 
 def _loss_and_outputs(logits, image, g_q, g_pal, g_probs):

@@ -1,6 +1,9 @@
 // Schemas of the colorquant ops, declared once. Kernels are registered per
 // dispatch key beside their implementations (cpu/, cuda/); autograd and fake
 // (meta) implementations are registered from Python (colorquant_ops/ops).
+// The upstream gradients of soft_color_quantize_backward are optional: None
+// stands for zeros (an unused output), so that autograd need not materialize
+// a zero [B, K, H, W] tensor for grad_probs.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -20,8 +23,8 @@ TORCH_LIBRARY(colorquant, m) {
       "soft_color_quantize(Tensor logits, Tensor image, float temperature=1.0, "
       "float eps=1e-8) -> (Tensor quantized, Tensor palette, Tensor probs)");
   m.def(
-      "soft_color_quantize_backward(Tensor grad_quantized, Tensor grad_palette, "
-      "Tensor grad_probs, Tensor probs, Tensor image, Tensor palette, "
+      "soft_color_quantize_backward(Tensor? grad_quantized, Tensor? grad_palette, "
+      "Tensor? grad_probs, Tensor probs, Tensor image, Tensor palette, "
       "float temperature, float eps) -> (Tensor grad_logits, Tensor grad_image)");
   m.def(
       "hard_color_quantize(Tensor logits, Tensor image) -> "

@@ -136,6 +136,9 @@ def _soft_setup_context(ctx, inputs, output):
     ctx.save_for_backward(probs, image, palette)
     ctx.temperature = temperature
     ctx.eps = eps
+    # The gradient of an unused output arrives as None, not as zeros: the
+    # backward op takes None for zeros, so no [B,K,H,W] zero tensor is made.
+    ctx.set_materialize_grads(False)
 
 
 def _soft_backward(ctx, grad_quantized, grad_palette, grad_probs):
@@ -144,7 +147,8 @@ def _soft_backward(ctx, grad_quantized, grad_palette, grad_probs):
     # backward kernel is not itself differentiable: refuse rather than let second
     # derivatives through this op silently come out as zeros.
     if torch.is_grad_enabled() and any(
-        t.requires_grad for t in (grad_quantized, grad_palette, grad_probs, probs, image, palette)
+        t is not None and t.requires_grad
+        for t in (grad_quantized, grad_palette, grad_probs, probs, image, palette)
     ):
         raise RuntimeError(
             "soft_color_quantize does not support double backward (create_graph=True through it); "

@@ -7,6 +7,7 @@
 #include <torch/types.h>
 
 #include <cmath>
+#include <optional>
 
 namespace colorquant {
 
@@ -150,11 +151,12 @@ inline void check_grad(const at::Tensor& grad, const at::Tensor& like,
 
 // Arguments of soft_color_quantize_backward: the saved forward tensors
 // (probs [B,K,H,W], image [B,C,H,W], palette [B,K,C]) and one gradient per
-// forward output. The kernels index the saved palette as [B,K,C], so a wrong
-// shape must be an error, not an out-of-bounds read.
-inline void check_soft_backward(const at::Tensor& grad_quantized,
-                                const at::Tensor& grad_palette,
-                                const at::Tensor& grad_probs,
+// forward output, each absent (zeros) or of the output's shape. The kernels
+// index the saved palette as [B,K,C], so a wrong shape must be an error, not
+// an out-of-bounds read.
+inline void check_soft_backward(const std::optional<at::Tensor>& grad_quantized,
+                                const std::optional<at::Tensor>& grad_palette,
+                                const std::optional<at::Tensor>& grad_probs,
                                 const at::Tensor& probs,
                                 const at::Tensor& image,
                                 const at::Tensor& palette, double temperature,
@@ -169,9 +171,22 @@ inline void check_soft_backward(const at::Tensor& grad_quantized,
                     "palette must have shape [B, K, C] = [", image.size(0),
                     ", ", probs.size(1), ", ", image.size(1), "], got ",
                     palette.sizes());
-  check_grad(grad_quantized, image, "grad_quantized");
-  check_grad(grad_probs, probs, "grad_probs");
-  check_grad(grad_palette, palette, "grad_palette");
+  if (grad_quantized) check_grad(*grad_quantized, image, "grad_quantized");
+  if (grad_probs) check_grad(*grad_probs, probs, "grad_probs");
+  if (grad_palette) check_grad(*grad_palette, palette, "grad_palette");
+}
+
+// An upstream gradient of soft_color_quantize_backward in the kernels' dtype
+// and layout: given, converted (a no-op when it already is), or absent,
+// materialized as zeros of like's shape when materialize_absent (the small
+// ones: grad_quantized, grad_palette) and left undefined otherwise.
+inline at::Tensor soft_upstream_grad(const std::optional<at::Tensor>& grad,
+                                     const at::Tensor& like,
+                                     at::ScalarType dtype,
+                                     bool materialize_absent) {
+  if (grad) return grad->to(dtype).contiguous();
+  if (materialize_absent) return at::zeros(like.sizes(), like.options().dtype(dtype));
+  return at::Tensor();
 }
 
 }  // namespace colorquant

@@ -106,7 +106,10 @@ void soft_backward(const Tensor& grad_quantized, const Tensor& grad_palette,
   const opmath_t temp = static_cast<opmath_t>(temperature);
   const scalar_t* gq = grad_quantized.const_data_ptr<scalar_t>();
   const scalar_t* gpal = grad_palette.const_data_ptr<scalar_t>();
-  const scalar_t* gp = grad_probs.const_data_ptr<scalar_t>();
+  // grad_probs may be absent (zeros): then every colour reads one zero row.
+  const scalar_t* gp = grad_probs.defined() ? grad_probs.const_data_ptr<scalar_t>() : nullptr;
+  const int64_t gp_ld = gp ? P : 0;
+  const std::vector<scalar_t> zero_row(gp ? 0 : T, scalar_t(0));
   const scalar_t* pr = probs.const_data_ptr<scalar_t>();
   const scalar_t* img = image.const_data_ptr<scalar_t>();
   const scalar_t* pal_in = palette.const_data_ptr<scalar_t>();
@@ -136,8 +139,9 @@ void soft_backward(const Tensor& grad_quantized, const Tensor& grad_palette,
       const int64_t kp = ch.b * K * P + q, cp = ch.b * C * P + q;
       const Tile next = tile_after(task, q + n, task_end, nc, P, T);
       const int64_t next_kp = next.b * K * P + next.q;
-      soft_backward_tile<kC>(pr + kp, gp + kp, gq + cp, img + cp, P, pal_b, adj_b, K, C, n,
-                             temp, gl + kp, gi + cp, work, pr + next_kp, gp + next_kp, next.n);
+      soft_backward_tile<kC>(pr + kp, gp ? gp + kp : zero_row.data(), gp_ld, gq + cp, img + cp,
+                             P, pal_b, adj_b, K, C, n, temp, gl + kp, gi + cp, work,
+                             pr + next_kp, gp ? gp + next_kp : nullptr, next.n);
     }
   };
   // Scratch of soft_backward_tile.
@@ -190,25 +194,26 @@ std::tuple<Tensor, Tensor, Tensor> soft_color_quantize_cpu(const Tensor& logits_
 }
 
 std::tuple<Tensor, Tensor> soft_color_quantize_backward_cpu(
-    const Tensor& grad_quantized, const Tensor& grad_palette, const Tensor& grad_probs,
-    const Tensor& probs_in, const Tensor& image_in, const Tensor& palette_in,
-    double temperature, double eps) {
+    const std::optional<Tensor>& grad_quantized, const std::optional<Tensor>& grad_palette,
+    const std::optional<Tensor>& grad_probs, const Tensor& probs_in, const Tensor& image_in,
+    const Tensor& palette_in, double temperature, double eps) {
   check_soft_backward(grad_quantized, grad_palette, grad_probs, probs_in, image_in, palette_in,
                       temperature, eps);
   const auto dtype = image_in.scalar_type();
   const Tensor probs = probs_in.contiguous();
   const Tensor image = image_in.contiguous();
   const Tensor palette = palette_in.to(dtype).contiguous();
-  const Tensor gq = grad_quantized.to(dtype).contiguous();
-  const Tensor gpal = grad_palette.to(dtype).contiguous();
-  const Tensor gp = grad_probs.to(dtype).contiguous();
+  const Tensor gq = soft_upstream_grad(grad_quantized, image, dtype, true);
+  const Tensor gpal = soft_upstream_grad(grad_palette, palette, dtype, true);
+  const Tensor gp = soft_upstream_grad(grad_probs, probs, dtype, false);
   Tensor grad_logits = empty_output(probs.sizes(), probs.options());
   Tensor grad_image = empty_output(image.sizes(), image.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, dtype, "soft_color_quantize_backward_cpu", [&] {
         dispatch_channels(image.size(1), [&](auto kC) {
-          soft_backward<decltype(kC)::value, scalar_t>(gq, gpal, gp, probs, image, palette, temperature, eps,
-                                        grad_logits, grad_image);
+          soft_backward<decltype(kC)::value, scalar_t>(gq, gpal, gp, probs, image, palette,
+                                                      temperature, eps, grad_logits,
+                                                      grad_image);
         });
       });
   return {grad_logits, grad_image};

@@ -1,7 +1,7 @@
 // Loop structure shared by the CPU kernels: (image, chunk) tasks run in
-// parallel; inside a task, pixels are processed in tiles with the pixel loop
-// innermost so that it vectorizes. The arithmetic itself comes from
-// common/color_math.h.
+// parallel; inside a task, pixels are processed in tiles, and the soft
+// kernels' tiles in blocks of kLanes pixels, with the pixel loop innermost so
+// that it vectorizes. The arithmetic itself comes from common/color_math.h.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -320,7 +320,9 @@ CQ_SIMD_CLONES void mix_tile(const w_t* w, int64_t w_ld, const opmath_t* table,
   }
 }
 
-// Soft backward for the n pixels of a tile (arrays strided by ld over k or c):
+// Soft backward for the n pixels of a tile (arrays strided by ld over k or c,
+// grad_probs by gp_ld: 0 makes every colour read one row of zeros when
+// grad_probs is absent):
 //   G[k] = grad_probs[k] + sum_c prob_grad_term(gq[c], palette[k,c], A[k,c], x[c])
 //   grad_logits[k] = softmax_logit_grad(probs[k], G[k], sum_j probs[j] G[j], temperature)
 //   grad_image[c] = sum_k A[k,c] probs[k]   (colours in ascending order, as mix_tile)
@@ -329,11 +331,11 @@ CQ_SIMD_CLONES void mix_tile(const w_t* w, int64_t w_ld, const opmath_t* table,
 // tile's (n_next pixels, to prefetch).
 template <int kC, typename scalar_t, typename opmath_t>
 CQ_SIMD_CLONES void soft_backward_tile(
-    const scalar_t* probs, const scalar_t* grad_probs, const scalar_t* grad_quantized,
-    const scalar_t* image, int64_t ld, const opmath_t* palette, const opmath_t* adjoint,
-    int64_t num_colors, int64_t channels, int64_t n, opmath_t temperature,
-    scalar_t* grad_logits, scalar_t* grad_image, opmath_t* work, const scalar_t* next_probs,
-    const scalar_t* next_grad_probs, int64_t n_next) {
+    const scalar_t* probs, const scalar_t* grad_probs, int64_t gp_ld,
+    const scalar_t* grad_quantized, const scalar_t* image, int64_t ld, const opmath_t* palette,
+    const opmath_t* adjoint, int64_t num_colors, int64_t channels, int64_t n,
+    opmath_t temperature, scalar_t* grad_logits, scalar_t* grad_image, opmath_t* work,
+    const scalar_t* next_probs, const scalar_t* next_grad_probs, int64_t n_next) {
   if constexpr (kC > 0) {
     for_each_block(n, [&](int64_t i0, auto m) CQ_LAMBDA_INLINE {
       const int64_t fetch = std::min<int64_t>(m, n_next - i0);
@@ -342,7 +344,7 @@ CQ_SIMD_CLONES void soft_backward_tile(
       const scalar_t* x = image + i0;
       opmath_t* G = work;  // [num_colors][kLanes]
       for (int64_t k = 0; k < num_colors; ++k) {
-        const scalar_t* gpk = grad_probs + k * ld + i0;
+        const scalar_t* gpk = grad_probs + k * gp_ld + i0;
         const scalar_t* pk = probs + k * ld + i0;
         opmath_t* Gk = G + k * kLanes;
         // Copies: G could alias the tables for all the compiler knows.
@@ -352,7 +354,7 @@ CQ_SIMD_CLONES void soft_backward_tile(
           adj_k[c] = adjoint[k * kC + c];
         }
         if (fetch > 0) {
-          prefetch_row(next_grad_probs + k * ld + i0, fetch);
+          if (gp_ld > 0) prefetch_row(next_grad_probs + k * gp_ld + i0, fetch);
           prefetch_row(next_probs + k * ld + i0, fetch);
         }
 #pragma omp simd
@@ -389,10 +391,10 @@ CQ_SIMD_CLONES void soft_backward_tile(
     for (int64_t i = 0; i < n; ++i) dot[i] = 0;
     for (int64_t k = 0; k < num_colors; ++k) {
       opmath_t* Gk = G + k * n;
-      const scalar_t* gpk = grad_probs + k * ld;
+      const scalar_t* gpk = grad_probs + k * gp_ld;
       const scalar_t* pk = probs + k * ld;
       if (n_next > 0) {
-        prefetch_row(next_grad_probs + k * ld, n_next);
+        if (gp_ld > 0) prefetch_row(next_grad_probs + k * gp_ld, n_next);
         prefetch_row(next_probs + k * ld, n_next);
       }
 #pragma omp simd

@@ -124,7 +124,8 @@ __global__ void __launch_bounds__(kThreads) soft_backward_kernel(
     const int64_t kp_offset = b * K * P + p;
     const int64_t cp_offset = b * C * P + p;
     const scalar_t* probs_px = probs + kp_offset;
-    const scalar_t* grad_probs_px = grad_probs + kp_offset;
+    // grad_probs is null when absent (zeros).
+    const scalar_t* grad_probs_px = grad_probs ? grad_probs + kp_offset : nullptr;
     const scalar_t* x_px = image + cp_offset;
     const scalar_t* gq_px = grad_quantized + cp_offset;
     const scalar_t* palette_b = palette + b * K * C;
@@ -148,7 +149,7 @@ __global__ void __launch_bounds__(kThreads) soft_backward_kernel(
       const scalar_t* pal_k = palette_b + k * C;
       const acc_t* adj_k = adjoint_b + k * C;
       // Accumulated onto grad_probs in channel order, as on the CPU.
-      acc_t g = static_cast<acc_t>(grad_probs_px[k * P]);
+      acc_t g = grad_probs_px ? static_cast<acc_t>(grad_probs_px[k * P]) : acc_t(0);
 #pragma unroll
       for (int j = 0; j < kChunk; ++j) {
         if (j < C) {
@@ -235,8 +236,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_color_quantize_cuda(
 }
 
 std::tuple<at::Tensor, at::Tensor> soft_color_quantize_backward_cuda(
-    const at::Tensor& grad_quantized_in, const at::Tensor& grad_palette_in,
-    const at::Tensor& grad_probs_in, const at::Tensor& probs_in,
+    const std::optional<at::Tensor>& grad_quantized_in,
+    const std::optional<at::Tensor>& grad_palette_in,
+    const std::optional<at::Tensor>& grad_probs_in, const at::Tensor& probs_in,
     const at::Tensor& image_in, const at::Tensor& palette_in,
     double temperature, double eps) {
   check_soft_backward(grad_quantized_in, grad_palette_in, grad_probs_in,
@@ -249,13 +251,14 @@ std::tuple<at::Tensor, at::Tensor> soft_color_quantize_backward_cuda(
   const c10::cuda::CUDAGuard device_guard(image_in.device());
   const at::ScalarType dtype = image_in.scalar_type();
   // Gradients normally arrive in the dtype of their forward tensor; .to() is
-  // a no-op then and keeps one kernel dtype otherwise.
+  // a no-op then and keeps one kernel dtype otherwise. An absent grad_probs
+  // stays absent (the kernel reads zeros); the small ones become zeros.
   const at::Tensor probs = probs_in.contiguous();
   const at::Tensor image = image_in.contiguous();
   const at::Tensor palette = palette_in.to(dtype).contiguous();
-  const at::Tensor grad_quantized = grad_quantized_in.to(dtype).contiguous();
-  const at::Tensor grad_palette = grad_palette_in.to(dtype).contiguous();
-  const at::Tensor grad_probs = grad_probs_in.to(dtype).contiguous();
+  const at::Tensor grad_quantized = soft_upstream_grad(grad_quantized_in, image, dtype, true);
+  const at::Tensor grad_palette = soft_upstream_grad(grad_palette_in, palette, dtype, true);
+  const at::Tensor grad_probs = soft_upstream_grad(grad_probs_in, probs, dtype, false);
 
   at::Tensor grad_logits = at::empty({B, K, H, W}, probs.options());
   at::Tensor grad_image = at::empty({B, C, H, W}, image.options());
@@ -282,7 +285,7 @@ std::tuple<at::Tensor, at::Tensor> soft_color_quantize_backward_cuda(
                 probs.const_data_ptr<scalar_t>(),
                 image.const_data_ptr<scalar_t>(),
                 grad_quantized.const_data_ptr<scalar_t>(),
-                grad_probs.const_data_ptr<scalar_t>(),
+                grad_probs.defined() ? grad_probs.const_data_ptr<scalar_t>() : nullptr,
                 palette.const_data_ptr<scalar_t>(),
                 adjoint.const_data_ptr<acc_t>(),
                 grad_logits.mutable_data_ptr<scalar_t>(),
