@@ -166,6 +166,8 @@ def add_colorcnn_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature factor (default: 1)")
     p.add_argument("--color-norm", type=float, default=None, help="palette divisor (default: 4 on CIFAR, else 1)")
     p.add_argument("--color-jitter", type=float, default=1.0, help="palette shift std (default: 1)")
+    p.add_argument("--straight-through", action="store_true",
+                   help="train on the argmax image, with the soft image's gradient (not in the paper)")
     p.add_argument("--alpha", type=float, default=1.0, help="colour-usage loss weight (default: 1)")
     p.add_argument("--beta", type=float, default=0.0, help="colour-variance loss weight (default: 0)")
     p.add_argument("--gamma", type=float, default=0.0, help="reconstruction loss weight (default: 0)")
@@ -592,7 +594,8 @@ def _train_colorcnn(setup: _Setup) -> dict:
     stats = data.DATASET_STATS[args.dataset]
     color_norm = args.color_norm if args.color_norm is not None else (4.0 if args.dataset in _CIFAR else 1.0)
     model = ColorCNN(args.num_colors, args.backbone, args.width, temperature=args.temperature,
-                     color_norm=color_norm, color_jitter=args.color_jitter)
+                     color_norm=color_norm, color_jitter=args.color_jitter,
+                     straight_through=args.straight_through)
     criterion = ColorCNNLoss(args.alpha, args.beta, args.gamma)
     train_loader, test_loader, classes = setup.loaders()
     num_classes = stats.num_classes or len(classes)

@@ -201,6 +201,41 @@ def test_no_tricks_is_the_plain_soft_op():
     torch.testing.assert_close(out.palette, soft.palette)
 
 
+def test_straight_through_value_is_hard_gradient_is_soft():
+    """Training-mode forward value: the argmax recolouring (then color_norm and jitter);
+    gradient w.r.t. the parameters and the input: that of the soft recolouring."""
+    x = torch.randn(2, 3, 6, 5)
+    torch.manual_seed(1)
+    st = _model(5, temperature=1.5, color_norm=2.0, color_jitter=0.5, straight_through=True).train()
+    soft_model = _model(5, temperature=1.5, color_norm=2.0, color_jitter=0.5)
+    soft_model.load_state_dict(st.state_dict())
+    with torch.no_grad():
+        hard = hard_color_quantize(st.logits(x), x)  # train-mode logits (batch statistics)
+    torch.manual_seed(7)
+    jitter = torch.randn(()) * 0.5
+
+    grads = []
+    for model in (st, soft_model):
+        model.zero_grad()
+        xg = x.clone().requires_grad_(True)
+        torch.manual_seed(7)
+        out = model(xg)
+        if model is st:
+            torch.testing.assert_close(out.quantized, hard.quantized / 2.0 + jitter)
+            torch.testing.assert_close(out.palette, hard.palette / 2.0 + jitter)
+        # A loss linear in the outputs: the same upstream gradients whatever their values.
+        w_q = torch.linspace(-1, 1, out.quantized.numel()).view_as(out.quantized)
+        w_pal = torch.linspace(2, -1, out.palette.numel()).view_as(out.palette)
+        ((out.quantized * w_q).sum() + (out.palette * w_pal).sum()).backward()
+        grads.append([xg.grad] + [p.grad for p in model.parameters()])
+    assert not torch.allclose(hard.quantized, soft_model(x).quantized)  # the two paths differ in value
+    for g_st, g_soft in zip(*grads):
+        torch.testing.assert_close(g_st, g_soft)
+    assert st.config()["straight_through"] and "straight_through=True" in repr(st)
+    with pytest.raises(TypeError, match="straight_through must be a bool"):
+        ColorCNN(4, width=WIDTH, straight_through=1)
+
+
 def test_output_in_input_value_space():
     # Normalized or not, the quantized colours are convex combinations of input pixels.
     model = _model(4, color_jitter=0.0)

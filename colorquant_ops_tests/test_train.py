@@ -149,6 +149,16 @@ def test_colorcnn_resume_is_exact(tmp_path, cache_dir, classifier_run, colorcnn_
     _assert_same_run(out, colorcnn_run, load_colorcnn)
 
 
+def test_colorcnn_options_reach_the_checkpoint(tmp_path, cache_dir, classifier_run):
+    out = tmp_path / "run"
+    assert _train_colorcnn(out, cache_dir, classifier_run / "final.pt", "--epochs", "1", "--straight-through",
+                           "--color-norm", "1", "--color-jitter", "0", "--temperature", "2") == 0
+    model = load_colorcnn(out / "final.pt")
+    assert model.straight_through and model.color_norm == 1.0 and model.color_jitter == 0.0
+    assert model.temperature == 2.0
+    assert json.loads((out / "settings.json").read_text())["straight_through"] is True
+
+
 def _error(capsys, *argv) -> str:
     """Run the CLI expecting a failure; return its one stderr message."""
     try:

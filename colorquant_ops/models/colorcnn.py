@@ -57,6 +57,13 @@ class ColorCNN(nn.Module):
     colours. In evaluation mode (``model.eval()``) every pixel takes the mean
     colour of its argmax index, with neither trick.
 
+    ``straight_through=True`` (not in the paper) makes training see the
+    evaluation-mode image: the forward value of ``quantized`` and ``palette``
+    is the argmax recolouring (before ``color_norm`` and ``color_jitter``),
+    their gradient that of the soft recolouring. The soft image can carry
+    information in intermediate probabilities that argmax discards; this
+    closes that train/test gap.
+
     The quantized image lives in the input's value space (e.g. a normalized
     tensor in, a normalized tensor out) and has the input's dtype: under
     autocast, the logits are cast to the input's dtype before quantization.
@@ -74,6 +81,9 @@ class ColorCNN(nn.Module):
         color_jitter: training-only standard deviation of the scalar palette
             shift, >= 0 (paper: 1).
         eps: added to each colour's total probability in the soft palette, >= 0.
+        straight_through: training-mode forward value from the argmax
+            recolouring, gradient from the soft one (default: False, the paper's
+            soft recolouring).
 
     Shape:
         - Input: ``[B, C, H, W]``, any ``H, W >= 1``, floating point.
@@ -92,6 +102,7 @@ class ColorCNN(nn.Module):
         color_norm: float = 1.0,
         color_jitter: float = 1.0,
         eps: float = 1e-8,
+        straight_through: bool = False,
     ) -> None:
         super().__init__()
         self.num_colors = _check_int(num_colors, "num_colors", 2, 256)
@@ -103,6 +114,9 @@ class ColorCNN(nn.Module):
         self.color_norm = _check_float(color_norm, "color_norm", positive=True)
         self.color_jitter = _check_float(color_jitter, "color_jitter", positive=False)
         self.eps = _check_float(eps, "eps", positive=False)
+        if not isinstance(straight_through, bool):
+            raise TypeError(f"straight_through must be a bool, got {type(straight_through).__name__}")
+        self.straight_through = straight_through
         self.backbone_name = backbone
 
         self.backbone = _BACKBONES[backbone](in_channels=self.in_channels, width=self.width)
@@ -123,13 +137,15 @@ class ColorCNN(nn.Module):
             color_norm=self.color_norm,
             color_jitter=self.color_jitter,
             eps=self.eps,
+            straight_through=self.straight_through,
         )
 
     def extra_repr(self) -> str:
         return (
             f"num_colors={self.num_colors}, backbone={self.backbone_name!r}, width={self.width}, "
             f"in_channels={self.in_channels}, temperature={self.temperature}, "
-            f"color_norm={self.color_norm}, color_jitter={self.color_jitter}, eps={self.eps}"
+            f"color_norm={self.color_norm}, color_jitter={self.color_jitter}, eps={self.eps}, "
+            f"straight_through={self.straight_through}"
         )
 
     def _check_input(self, x) -> None:
@@ -186,6 +202,11 @@ class ColorCNN(nn.Module):
 
         soft = soft_color_quantize(logits, x, self.temperature, self.eps)
         quantized, palette = soft.quantized, soft.palette
+        if self.straight_through:
+            # Value of the argmax recolouring, gradient of the soft one.
+            hard = hard_color_quantize(logits.detach(), x.detach())
+            quantized = quantized + (hard.quantized - quantized).detach()
+            palette = palette + (hard.palette.to(palette.dtype) - palette).detach()
         # probs sum to 1 over k, so recolouring with palette / color_norm + j is
         # exactly quantized / color_norm + j: no second pass over the pixels.
         if self.color_norm != 1.0:
