@@ -43,7 +43,7 @@ from .quantizers.reference import count_colors
 from .train import RunDir, _positive_int, data_locations
 from .transforms import METHODS, ColorQuantize
 
-__all__ = ["add_evaluate_arguments", "evaluate", "markdown_table", "pivot_tables"]
+__all__ = ["add_evaluate_arguments", "evaluate", "markdown_table", "pivot_tables", "plot_results"]
 
 _DITHERED = ("median_cut", "octree", "kmeans")
 _FIELDS = ("method", "dither", "num_colors", "bits", "accuracy", "colors", "bpp", "images", "note")
@@ -218,7 +218,8 @@ def pivot_tables(records: list[dict]) -> str:
     return "\n\n".join(parts)
 
 
-def _plots(records: list[dict], out: Path) -> list[Path]:
+def plot_results(records: list[dict], out: Path) -> list[Path]:
+    """``out/accuracy_vs_bits.png`` and ``out/accuracy_vs_bpp.png`` (with the JPEG curve) from evaluate's rows."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -359,7 +360,7 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
     (run.path / "results.json").write_text(json.dumps(
         {"dataset": args.dataset, "classifier": str(args.classifier), "images": len(test_set),
          "seconds": round(seconds, 3), "rows": records}, indent=2) + "\n")
-    plots = _plots(records, run.path)
+    plots = plot_results(records, run.path)
     run.log(f"done in {seconds:.1f} s: results.csv, results.json, results.md, "
             f"{', '.join(p.name for p in plots)} in {run.path}")
     return records

@@ -9,7 +9,11 @@ exactly the commands it prints (``--dry-run`` prints them without running anythi
   and skipped;
 * a stage whose run directory holds ``last.pt`` was interrupted and continues with ``--resume``.
 
-So re-running an interrupted ``reproduce`` picks up where it stopped. Presets:
+So re-running an interrupted ``reproduce`` picks up where it stopped. When every stage is done,
+:func:`write_report` gathers the evaluate stages into ``{out}/report``: one method x K table with the
+JPEG and full-colour rows (``results.md``, ``results.json``), the accuracy-vs-bits and
+accuracy-vs-bits-per-pixel plots, and a picture sheet at 1, 2 and 3 bits (what RESULTS.md shows).
+Presets:
 
 * ``cifar10-paper`` -- the seed paper's CIFAR-10 configuration (CIFAR AlexNet 60 epochs; ColorCNN
   U-Net width 64, 60 epochs, cosine restarts every 20; K = 2..64); meant for a GPU;
@@ -24,10 +28,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 from pathlib import Path
 
-__all__ = ["PRESETS", "Preset", "Stage", "add_reproduce_arguments", "reproduce"]
+import torch
+
+__all__ = ["PRESETS", "Preset", "Stage", "add_reproduce_arguments", "reproduce", "write_report"]
 
 _KS = (2, 4, 8, 16, 32, 64)
 
@@ -119,6 +126,51 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+#: The report's picture sheet: the first test image of each of these classes, at these K.
+SHEET_CLASSES = ("airplane", "bird", "deer", "frog", "ship")
+SHEET_KS = (2, 4, 8)
+
+
+def write_report(preset: Preset, out: Path, data_root=None) -> list[Path]:
+    """Gather a finished preset run's evaluate stages into ``out/report`` (see the module docstring);
+    ``data_root`` as the stages' ``--data-root``. Returns the files written."""
+    from . import data
+    from .evaluate import markdown_table, pivot_tables, plot_results
+    from .quantize_files import comparison_sheet
+    from .train import data_locations
+
+    rows, seen = [], set()
+    for stage in preset.stages:
+        if stage.argv[0] != "evaluate":
+            continue
+        for row in json.loads((out / stage.name / "results.json").read_text())["rows"]:
+            key = (row["method"], row["dither"], row["num_colors"], row["note"])
+            if key not in seen:  # e.g. the full-colour row, which every stage measures
+                seen.add(key)
+                rows.append(row)
+    report = out / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    written = [report / "results.md", report / "results.json"]
+    written[0].write_text(pivot_tables(rows) + "\n\n" + markdown_table(
+        [r for r in rows if r["method"] in ("full colour", "jpeg")]) + "\n")
+    written[1].write_text(json.dumps({"preset": preset.name, "rows": rows}, indent=2) + "\n")
+    written += plot_results(rows, report)
+
+    root, cache = data_locations(argparse.Namespace(data_root=data_root, dataset="cifar10", cache_dir=None))
+    test_set = data.build_dataset("cifar10", root, "test", data.test_transform("cifar10", normalize=False),
+                                  cache_dir=cache)
+    targets = test_set.targets
+    picks = [targets.index(test_set.classes.index(name)) for name in SHEET_CLASSES]
+    images = torch.stack([test_set[i][0] for i in picks])
+    names = {stage.name for stage in preset.stages}
+    ks = [k for k in SHEET_KS if f"colorcnn-k{k}" in names]
+    sheet = comparison_sheet((images * 255).round().to(torch.uint8),
+                             {k: out / f"colorcnn-k{k}" / "final.pt" for k in ks}, ks)
+    written.append(report / "sheet-1-2-3-bits.png")
+    sheet.save(written[-1])
+    return written
+
+
 def add_reproduce_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", required=True, choices=sorted(PRESETS), help="which experiment to run")
     p.add_argument("--out-dir", default=None, help="output directory, one run directory per stage "
@@ -171,4 +223,6 @@ def reproduce(args: argparse.Namespace) -> list[dict]:
         run_command(parser.parse_args(step["command"]))
         step["seconds"] = round(time.perf_counter() - started, 1)
         print(f"== {step['stage']} finished in {step['seconds']:.0f} s", flush=True)
+    written = write_report(preset, out, args.data_root)
+    print(f"\nreport: {', '.join(str(p) for p in written)}")
     return plan

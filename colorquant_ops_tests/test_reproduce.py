@@ -1,0 +1,67 @@
+"""``colorquant reproduce``: the smoke preset end to end on real CIFAR-10 images (every stage runs,
+the report gathers the evaluate stages), then a second call that finds everything done, and an
+interrupted stage that resumes."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from colorquant_ops import cli
+from colorquant_ops.presets import PRESETS, SHEET_CLASSES
+from colorquant_ops.quantize_files import COMPARISON_COLUMNS
+
+
+def _reproduce(out, *extra) -> int:
+    return cli.main(["reproduce", "--preset", "smoke", "--out-dir", str(out), "--device", "cpu", "--no-progress",
+                     *extra])
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce") / "smoke"
+    assert _reproduce(out) == 0
+    return out
+
+
+def test_dry_run_runs_nothing(tmp_path, capsys):
+    assert _reproduce(tmp_path / "dry", "--dry-run") == 0
+    printed = capsys.readouterr().out
+    assert not (tmp_path / "dry").exists()
+    stages = PRESETS["smoke"].stages
+    assert printed.count("[  todo] colorquant ") == len(stages)
+    for stage in stages:
+        assert f"--out-dir {tmp_path / 'dry' / stage.name}" in printed
+
+
+def test_every_stage_ran_and_the_report_gathers_them(smoke_run):
+    for stage in PRESETS["smoke"].stages:
+        assert (smoke_run / stage.name / stage.done_marker()).is_file(), stage.name
+    report = smoke_run / "report"
+    rows = json.loads((report / "results.json").read_text())["rows"]
+    cells = {(r["method"], r["dither"], r["num_colors"]) for r in rows}
+    for k in (2, 4):  # the smoke preset's K
+        assert ("colorcnn", "off", k) in cells
+        for method in ("median_cut", "octree", "kmeans"):
+            assert {(method, "off", k), (method, "on", k)} <= cells
+    assert sum(r["method"] == "full colour" for r in rows) == 1  # measured by both stages, reported once
+    assert any(r["method"] == "jpeg" for r in rows)
+    table = (report / "results.md").read_text()
+    assert "| colorcnn |" in table and "| kmeans + dither |" in table and "| full colour |" in table
+    for name in ("accuracy_vs_bits.png", "accuracy_vs_bpp.png"):
+        assert Image.open(report / name).size[0] > 100
+    # Picture sheet: one row per image and K (2 and 4 here), a column per method plus the original.
+    sheet = Image.open(report / "sheet-1-2-3-bits.png")
+    assert sheet.size[0] > sheet.size[1] / (2 * len(SHEET_CLASSES)) * len(COMPARISON_COLUMNS)
+
+
+def test_second_call_skips_done_stages_and_resumes_interrupted_ones(smoke_run, capsys):
+    stage = smoke_run / "colorcnn-k4"
+    (stage / "final.pt").unlink()  # as if stopped after its last checkpoint
+    before = (smoke_run / "colorcnn-k2" / "final.pt").stat().st_mtime_ns
+    assert _reproduce(smoke_run) == 0
+    printed = capsys.readouterr().out
+    assert "[resume] colorquant train" in printed and "--resume" in printed
+    assert printed.count("[  done]") == len(PRESETS["smoke"].stages) - 1
+    assert (stage / "final.pt").is_file()
+    assert (smoke_run / "colorcnn-k2" / "final.pt").stat().st_mtime_ns == before
