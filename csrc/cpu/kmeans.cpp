@@ -18,6 +18,7 @@
 
 #include "common/checks.h"
 #include "common/palette_math.h"
+#include "cpu/tiling.h"
 
 namespace colorquant {
 namespace cpu {
@@ -38,7 +39,53 @@ void parallel_for_kmeans_chunks(int64_t batch, int64_t num_pixels, int64_t grain
   });
 }
 
-template <typename scalar_t>
+// Pixels per block of nearest_colours: its two scratch rows stay in L1.
+constexpr int64_t kAssignBlock = 128;
+
+// out[i] = nearest_colour(pixel i) for the n pixels x[i + c * P] (c < C) of one
+// image, palette [K, C]: the same arithmetic and tie rule, with the colour loop
+// outside and the pixel loop inside, so that the pixels go through the vector
+// lanes (each lane computes one pixel exactly as nearest_colour does).
+template <int kC, typename scalar_t, typename acc_t>
+CQ_SIMD_CLONES void nearest_colours(const scalar_t* x, int64_t P, const acc_t* palette, int64_t K,
+                                    int64_t C, int64_t n, int64_t* out) {
+  const int64_t stride = kC > 0 ? kC : C;
+  acc_t best[kAssignBlock];
+  int32_t best_k[kAssignBlock];  // 32-bit, as wide as the float lanes (K <= 256)
+  for (int64_t i0 = 0; i0 < n; i0 += kAssignBlock) {
+    const int64_t m = std::min(kAssignBlock, n - i0);
+    const scalar_t* xb = x + i0;
+#pragma omp simd
+    for (int64_t i = 0; i < m; ++i) {
+      best[i] = squared_distance<kC, acc_t>(xb + i, P, palette, C);
+      best_k[i] = 0;
+    }
+    for (int64_t k = 1; k < K; ++k) {
+      const acc_t* pk = palette + k * stride;
+#pragma omp simd
+      for (int64_t i = 0; i < m; ++i) {
+        const acc_t d = squared_distance<kC, acc_t>(xb + i, P, pk, C);
+        const bool closer = d < best[i];  // strict: a tie or a NaN keeps the earlier colour
+        best[i] = closer ? d : best[i];
+        best_k[i] = closer ? static_cast<int32_t>(k) : best_k[i];
+      }
+    }
+    std::copy(best_k, best_k + m, out + i0);
+  }
+}
+
+// d[i] = kmeanspp_d2(first, d[i], distance of pixel i to centre) for the n
+// pixels x[i + c * P]: the k-means++ D^2 update, the pixel loop vectorized.
+template <int kC, typename scalar_t, typename acc_t>
+CQ_SIMD_CLONES void update_d2(const scalar_t* x, int64_t P, const acc_t* centre, int64_t C,
+                              int64_t n, bool first, double* d) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    d[i] = kmeanspp_d2(first, d[i], squared_distance<kC, acc_t>(x + i, P, centre, C));
+  }
+}
+
+template <int kC, typename scalar_t>
 void kmeans_forward(const Tensor& image, int64_t K, int64_t iters, int64_t seed,
                     Tensor& index_map, Tensor& palette) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -69,9 +116,7 @@ void kmeans_forward(const Tensor& image, int64_t K, int64_t iters, int64_t seed,
       const scalar_t* x = img + b * C * P;
       const acc_t* centre = centres.data() + (b * K + j - 1) * C;
       double* d = d2.data() + b * P;
-      for (int64_t p = p0; p < p1; ++p) {
-        d[p] = kmeanspp_d2(j == 1, d[p], squared_distance<0, acc_t>(x + p, P, centre, C));
-      }
+      update_d2<kC>(x + p0, P, centre, C, p1 - p0, j == 1, d + p0);
       chunk_sums[task] = ordered_sum(d + p0, p1 - p0);
     });
     pick(j);
@@ -96,9 +141,11 @@ void kmeans_forward(const Tensor& image, int64_t K, int64_t iters, int64_t seed,
       int64_t* cnt = counts.data() + task * K;
       std::fill(sums, sums + K * C, acc_t(0));
       std::fill(cnt, cnt + K, int64_t{0});
+      int64_t nearest[kKMeansChunk];
+      nearest_colours<kC>(x + p0, P, cb, K, C, p1 - p0, nearest);
       bool any = false;
       for (int64_t p = p0; p < p1; ++p) {
-        const int64_t k = nearest_colour<0, acc_t>(x + p, P, cb, K, C);
+        const int64_t k = nearest[p - p0];
         any = any || (it > 0 && idx[b * P + p] != k);
         idx[b * P + p] = k;
         ++cnt[k];
@@ -139,7 +186,7 @@ void kmeans_forward(const Tensor& image, int64_t K, int64_t iters, int64_t seed,
   parallel_for_kmeans_chunks(B, P, 1, [&](int64_t, int64_t b, int64_t p0, int64_t p1) {
     const scalar_t* x = img + b * C * P;
     const acc_t* cb = centres.data() + b * K * C;
-    for (int64_t p = p0; p < p1; ++p) idx[b * P + p] = nearest_colour<0, acc_t>(x + p, P, cb, K, C);
+    nearest_colours<kC>(x + p0, P, cb, K, C, p1 - p0, idx + b * P + p0);
   });
 }
 
@@ -157,8 +204,10 @@ std::tuple<Tensor, Tensor> kmeans_palette_cpu(const Tensor& image_in, int64_t nu
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(),
                                   "kmeans_palette_cpu", [&] {
-                                    kmeans_forward<scalar_t>(image, num_colors, iters, seed,
-                                                             index_map, palette);
+                                    dispatch_channels(C, [&](auto kC) {
+                                      kmeans_forward<decltype(kC)::value, scalar_t>(
+                                          image, num_colors, iters, seed, index_map, palette);
+                                    });
                                   });
   return {index_map, palette};
 }
