@@ -17,7 +17,7 @@ Presets:
 
 * ``cifar10-paper`` -- the seed paper's CIFAR-10 configuration (CIFAR AlexNet 60 epochs; ColorCNN
   U-Net width 64, 60 epochs, cosine restarts every 20; K = 2..64); meant for a GPU;
-* ``cifar10-cpu`` -- what a 2-core CPU can do in about three hours: AlexNet 15 epochs (lr x0.1 at
+* ``cifar10-cpu`` -- what a 2-core CPU can do in three to four hours: AlexNet 15 epochs (lr x0.1 at
   8 and 12); ColorCNN U-Net width 16 in bfloat16 autocast without colour_norm / colour_jitter,
   8 epochs at K = 2, 4 at K = 4, 3 at K = 8, 1 at K = 16..64 (one cosine cycle each);
 * ``smoke`` -- a tiny run of every stage (a few hundred images, one epoch, width 4) to check a setup

@@ -62,7 +62,8 @@ class ColorCNN(nn.Module):
     is the argmax recolouring (before ``color_norm`` and ``color_jitter``),
     their gradient that of the soft recolouring. The soft image can carry
     information in intermediate probabilities that argmax discards; this
-    closes that train/test gap.
+    closes that train/test gap, though with a biased gradient (in the K = 2
+    CIFAR-10 ablation of RESULTS.md it learned more slowly than the soft path).
 
     The quantized image lives in the input's value space (e.g. a normalized
     tensor in, a normalized tensor out) and has the input's dtype: under
