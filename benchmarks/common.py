@@ -144,12 +144,17 @@ class TimingPolicy:
     budget_s: float = 2.0
     #: a first call slower than this is the only warm-up (compiled functions always get two)
     slow_call_s: float = 1.0
+    #: otherwise warm-up calls go on for this long: on Linux the first few dozen calls that
+    #: allocate large fresh outputs can spend most of their time in the kernel's page allocator
+    #: (seen on the CPU benchmark machine), which a steady training loop does not
+    warmup_s: float = 0.0
 
     def describe(self) -> str:
+        warmup = f"warm-up (at least {self.warmup_s:g} s of calls)" if self.warmup_s > 0 else "warm-up"
         if self.budget_s <= 0 or self.min_repeats == self.max_repeats:
-            return f"median of {self.min_repeats}-{self.max_repeats} timed calls after warm-up"
+            return f"median of {self.min_repeats}-{self.max_repeats} timed calls after {warmup}"
         return (
-            f"median of up to {self.max_repeats} timed calls after warm-up "
+            f"median of up to {self.max_repeats} timed calls after {warmup} "
             f"(fewer, at least {self.min_repeats}, where a call takes over "
             f"{self.budget_s / self.max_repeats * 1e3:.0f} ms: about {self.budget_s:g} s per measurement)"
         )
@@ -200,7 +205,12 @@ def time_calls(
     # The first call may have paid for compilation or lazy initialisation: unless it
     # was slow already (huge cases), time one more warm-up call to size the repeats.
     if compiled or last < policy.slow_call_s:
-        last = _timed_call(fn, inputs[1 % len(inputs)], device)
+        warmed, i = 0.0, 1
+        while True:
+            last = _timed_call(fn, inputs[i % len(inputs)], device)
+            warmed, i = warmed + last, i + 1
+            if warmed >= policy.warmup_s:
+                break
     repeats = int(policy.budget_s / max(last, 1e-9))
     repeats = max(policy.min_repeats, min(policy.max_repeats, repeats))
     times = [_timed_call(fn, inputs[(2 + i) % len(inputs)], device) for i in range(repeats)]

@@ -8,6 +8,8 @@ measurements are plausible, and that the targets are judged correctly.
 import os
 import sys
 
+import time
+
 import pytest
 import torch
 
@@ -94,6 +96,21 @@ def test_time_calls_rotates_buffers_and_passes_the_first_result():
     seen, first = [], []
     time_calls(lambda x: seen.append(x) or x, [(0,), (1,), (2,)], CPU, TimingPolicy(4, 4, 0.0), first_result=first.append)
     assert first == [0] and set(seen) == {0, 1, 2}
+
+
+def test_time_calls_warms_up_for_the_policys_time():
+    calls = []
+
+    def fn(x):
+        calls.append(x)
+        time.sleep(0.01)
+
+    time_calls(fn, [(0,), (1,)], CPU, TimingPolicy(2, 2, 0.0, warmup_s=0.1))
+    # first call, at least 0.1 s of warm-up calls (about 10), then the 2 timed ones
+    assert 1 + 8 + 2 <= len(calls) <= 1 + 20 + 2
+    calls.clear()
+    time_calls(fn, [(0,), (1,)], CPU, TimingPolicy(2, 2, 0.0))
+    assert len(calls) == 1 + 1 + 2
 
 
 def test_quantizer_cases_run(monkeypatch):
