@@ -144,13 +144,15 @@ class TimingPolicy:
     budget_s: float = 2.0
     #: a first call slower than this is the only warm-up (compiled functions always get two)
     slow_call_s: float = 1.0
-    #: otherwise warm-up calls go on for this long: on Linux the first few dozen calls that
-    #: allocate large fresh outputs can spend most of their time in the kernel's page allocator
-    #: (seen on the CPU benchmark machine), which a steady training loop does not
+    #: otherwise warm-up calls go on for this long and this many calls: on the CPU benchmark
+    #: machine (a VM) the first few dozen calls of a process that allocate large outputs spend
+    #: most of their time in the kernel's page allocator, which a steady training loop does not
     warmup_s: float = 0.0
+    warmup_calls: int = 1
 
     def describe(self) -> str:
-        warmup = f"warm-up (at least {self.warmup_s:g} s of calls)" if self.warmup_s > 0 else "warm-up"
+        warmup = (f"warm-up (at least {self.warmup_s:g} s and {self.warmup_calls} calls, unless one call takes "
+                  f"over {self.slow_call_s:g} s)" if self.warmup_s > 0 else "warm-up")
         if self.budget_s <= 0 or self.min_repeats == self.max_repeats:
             return f"median of {self.min_repeats}-{self.max_repeats} timed calls after {warmup}"
         return (
@@ -209,7 +211,7 @@ def time_calls(
         while True:
             last = _timed_call(fn, inputs[i % len(inputs)], device)
             warmed, i = warmed + last, i + 1
-            if warmed >= policy.warmup_s:
+            if warmed >= policy.warmup_s and i > policy.warmup_calls:
                 break
     repeats = int(policy.budget_s / max(last, 1e-9))
     repeats = max(policy.min_repeats, min(policy.max_repeats, repeats))

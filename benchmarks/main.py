@@ -37,7 +37,7 @@ SECTIONS = ("ops", "quantizers", "colorcnn")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16}
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
-FULL_POLICY = TimingPolicy(max_repeats=20, min_repeats=3, budget_s=2.0, warmup_s=1.0)
+FULL_POLICY = TimingPolicy(max_repeats=20, min_repeats=3, budget_s=2.0, warmup_s=1.0, warmup_calls=40)
 QUICK_POLICY = TimingPolicy(max_repeats=3, min_repeats=1, budget_s=0.3)
 QUICK_COLORCNN_WIDTH = 16
 

@@ -109,6 +109,9 @@ def test_time_calls_warms_up_for_the_policys_time():
     # first call, at least 0.1 s of warm-up calls (about 10), then the 2 timed ones
     assert 1 + 8 + 2 <= len(calls) <= 1 + 20 + 2
     calls.clear()
+    time_calls(fn, [(0,), (1,)], CPU, TimingPolicy(2, 2, 0.0, warmup_s=0.001, warmup_calls=5))
+    assert len(calls) == 1 + 5 + 2  # at least that many warm-up calls, however fast
+    calls.clear()
     time_calls(fn, [(0,), (1,)], CPU, TimingPolicy(2, 2, 0.0))
     assert len(calls) == 1 + 1 + 2
 
