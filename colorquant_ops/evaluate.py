@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import codecs, data
+from . import codecs, data, distributed
 from .classifiers import load_classifier
 from .models.colorcnn import load_colorcnn
 from .quantizers.reference import count_colors
@@ -107,13 +107,8 @@ def _check_args(args: argparse.Namespace) -> list[bool]:
 
 
 def _device(name) -> torch.device:
-    try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise ValueError(f"--device: expected cpu or cuda, got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available on this machine")
-    return device
+    """``--device`` of a single-process command (default: cuda if available)."""
+    return distributed.resolve_device(name, distributed.SINGLE)
 
 
 def _test_set(args: argparse.Namespace):

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from colorquant_ops import data
 from colorquant_ops.classifiers import load_classifier
 from colorquant_ops.models.colorcnn import load_colorcnn
-from colorquant_ops.ops import soft_color_quantize
+from colorquant_ops.ops import hard_color_quantize, soft_color_quantize
 from colorquant_ops.train import data_locations
 
 
@@ -29,11 +29,12 @@ def soft_vs_hard(colorcnn, classifier, loader) -> dict:
     classifier.eval()
     hard = soft = max_prob = seen = 0
     for images, labels in loader:
-        out = colorcnn(images)
-        hard += int((classifier(out.quantized).argmax(1) == labels).sum())
-        quantized = soft_color_quantize(colorcnn.logits(images), images, colorcnn.temperature, colorcnn.eps).quantized
-        soft += int((classifier(quantized).argmax(1) == labels).sum())
-        max_prob += float(out.probs.amax(1).mean((1, 2)).sum())
+        logits = colorcnn.logits(images)  # once: what eval mode's forward quantizes by argmax
+        hard_image = hard_color_quantize(logits, images).quantized
+        hard += int((classifier(hard_image).argmax(1) == labels).sum())
+        soft_out = soft_color_quantize(logits, images, colorcnn.temperature, colorcnn.eps)
+        soft += int((classifier(soft_out.quantized).argmax(1) == labels).sum())
+        max_prob += float(soft_out.probs.amax(1).mean((1, 2)).sum())
         seen += labels.shape[0]
     return {"hard": hard / seen, "soft": soft / seen, "max_prob": max_prob / seen}
 
