@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 from . import data, distributed
 from .classifiers import build_classifier, load_classifier, save_classifier
 from .losses import ColorCNNLoss
-from .models.colorcnn import ColorCNN, save_colorcnn
+from .models.colorcnn import ColorCNN, load_colorcnn_checkpoint, save_colorcnn
 
 __all__ = [
     "RunDir",
@@ -168,6 +168,9 @@ def add_colorcnn_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--color-jitter", type=float, default=1.0, help="palette shift std (default: 1)")
     p.add_argument("--straight-through", action="store_true",
                    help="train on the argmax image, with the soft image's gradient (not in the paper)")
+    p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start from the weights of this ColorCNN checkpoint (same K, backbone and width), "
+                        "e.g. to fine-tune a run with --straight-through; optimizer and schedule start afresh")
     p.add_argument("--alpha", type=float, default=1.0, help="colour-usage loss weight (default: 1)")
     p.add_argument("--beta", type=float, default=0.0, help="colour-variance loss weight (default: 0)")
     p.add_argument("--gamma", type=float, default=0.0, help="reconstruction loss weight (default: 0)")
@@ -588,6 +591,21 @@ def train_colorcnn(args: argparse.Namespace) -> dict:
         return _train_colorcnn(setup)
 
 
+def _load_initial_weights(model: ColorCNN, path, dataset: str) -> None:
+    """``--init-from``: copy the weights of another run's checkpoint into ``model``. The architecture
+    (K, backbone, width) and the dataset (its normalization) must match; the training options
+    (temperature, palette tricks, straight-through) may differ: that is what fine-tuning changes."""
+    source, extra = load_colorcnn_checkpoint(path)
+    theirs, ours = source.config(), model.config()
+    differ = [f"{k} {theirs[k]} (this run: {ours[k]})" for k in ("num_colors", "backbone", "width", "in_channels")
+              if theirs[k] != ours[k]]
+    if extra.get("dataset", dataset) != dataset:
+        differ.append(f"dataset {extra['dataset']} (this run: {dataset})")
+    if differ:
+        raise ValueError(f"--init-from {path}: the checkpoint does not fit this run: {', '.join(differ)}")
+    model.load_state_dict(source.state_dict())
+
+
 def _train_colorcnn(setup: _Setup) -> dict:
     args = setup.args
     classifier = load_classifier(args.classifier).eval().requires_grad_(False)
@@ -596,6 +614,8 @@ def _train_colorcnn(setup: _Setup) -> dict:
     model = ColorCNN(args.num_colors, args.backbone, args.width, temperature=args.temperature,
                      color_norm=color_norm, color_jitter=args.color_jitter,
                      straight_through=args.straight_through)
+    if args.init_from is not None:
+        _load_initial_weights(model, args.init_from, args.dataset)
     criterion = ColorCNNLoss(args.alpha, args.beta, args.gamma)
     train_loader, test_loader, classes = setup.loaders()
     num_classes = stats.num_classes or len(classes)

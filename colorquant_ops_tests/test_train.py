@@ -159,6 +159,35 @@ def test_colorcnn_options_reach_the_checkpoint(tmp_path, cache_dir, classifier_r
     assert json.loads((out / "settings.json").read_text())["straight_through"] is True
 
 
+def test_colorcnn_init_from_starts_from_the_checkpoint(tmp_path, cache_dir, classifier_run, colorcnn_run):
+    # lr 0: SGD leaves the parameters where --init-from put them (BatchNorm statistics still move)
+    out = tmp_path / "tuned"
+    assert _train_colorcnn(out, cache_dir, classifier_run / "final.pt", "--epochs", "1", "--lr", "0",
+                           "--init-from", colorcnn_run / "final.pt", "--straight-through") == 0
+    source, tuned = load_colorcnn(colorcnn_run / "final.pt"), load_colorcnn(out / "final.pt")
+    assert tuned.straight_through and not source.straight_through
+    params = dict(tuned.named_parameters())
+    for name, value in source.named_parameters():
+        torch.testing.assert_close(params[name], value, rtol=0, atol=0, msg=name)
+    # a run without --init-from starts elsewhere, so the comparison above has teeth
+    fresh = tmp_path / "fresh"
+    assert _train_colorcnn(fresh, cache_dir, classifier_run / "final.pt", "--epochs", "1", "--lr", "0") == 0
+    first = next(iter(source.state_dict()))
+    assert not torch.equal(load_colorcnn(fresh / "final.pt").state_dict()[first], source.state_dict()[first])
+
+
+def test_colorcnn_init_from_rejects_a_checkpoint_that_does_not_fit(capsys, tmp_path, cache_dir, classifier_run,
+                                                                   colorcnn_run):
+    base = ["train", *COMMON, "--cache-dir", cache_dir, "--classifier", classifier_run / "final.pt", "--epochs", "1"]
+    err = _error(capsys, *base, "--num-colors", "4", "--width", "8", "--init-from", colorcnn_run / "final.pt",
+                 "--out-dir", tmp_path / "a")
+    assert "does not fit this run: num_colors 2 (this run: 4), width 4 (this run: 8)" in err
+    assert "is not a ColorCNN checkpoint" in _error(
+        capsys, *base, "--num-colors", "2", "--width", "4", "--init-from", classifier_run / "final.pt",
+        "--out-dir", tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def _error(capsys, *argv) -> str:
     """Run the CLI expecting a failure; return its one stderr message."""
     try:

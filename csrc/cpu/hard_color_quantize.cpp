@@ -15,33 +15,39 @@ namespace {
 
 using at::Tensor;
 
-// out[b,c,p] = palette[b, index[b,p], c]; indices are checked first.
+// out[b,c,p] = palette[b, index[b,p], c]; an index outside [0, K) raises IndexError.
 template <typename scalar_t>
 void render(const int64_t* index, const scalar_t* palette, int64_t B, int64_t K, int64_t C,
             int64_t P, scalar_t* out) {
-  parallel_for_chunks(B, P, C, [&](int64_t, int64_t b, int64_t p0, int64_t p1) {
-    const int64_t* idx = index + b * P;
-    check_indices(idx + p0, p1 - p0, K);
-    const scalar_t* pal = palette + b * K * C;
-    for (int64_t c = 0; c < C; ++c) {
-      scalar_t* oc = out + (b * C + c) * P;
-      for (int64_t p = p0; p < p1; ++p) oc[p] = pal[idx[p] * C + c];
-    }
+  dispatch_channels(C, [&](auto kC) {
+    parallel_for_chunks(B, P, C, [&](int64_t, int64_t b, int64_t p0, int64_t p1) {
+      const int64_t* idx = index + b * P + p0;
+      if (!gather_palette<decltype(kC)::value>(idx, palette + b * K * C, C, K, p1 - p0,
+                                               out + b * C * P + p0, P)) {
+        check_indices(idx, p1 - p0, K);
+      }
+    });
   });
 }
 
 // Per-chunk sums over the pixels of each index, then chunks added in order:
 // sums[b,k,c] = sum_{index[b,p]==k} y[b,c,p], counts[b,k] = #{p : index[b,p]==k}.
+// An index outside [0, K) raises IndexError.
 template <typename scalar_t, typename opmath_t>
 void index_sums(const int64_t* index, const scalar_t* y, int64_t B, int64_t K, int64_t C,
                 int64_t P, std::vector<opmath_t>& sums, std::vector<int64_t>& counts) {
   const int64_t nc = num_chunks(P);
   std::vector<opmath_t> partial(B * nc * K * C, opmath_t(0));
   std::vector<int64_t> partial_counts(B * nc * K, 0);
-  parallel_for_chunks(B, P, C, [&](int64_t task, int64_t b, int64_t p0, int64_t p1) {
-    check_indices(index + b * P + p0, p1 - p0, K);
-    accumulate_index_sums(index + b * P + p0, y + b * C * P + p0, P, C, p1 - p0,
-                          partial.data() + task * K * C, partial_counts.data() + task * K);
+  dispatch_channels(C, [&](auto kC) {
+    parallel_for_chunks(B, P, C, [&](int64_t task, int64_t b, int64_t p0, int64_t p1) {
+      const int64_t* idx = index + b * P + p0;
+      if (!accumulate_index_sums<decltype(kC)::value>(idx, y + b * C * P + p0, P, C, K, p1 - p0,
+                                                      partial.data() + task * K * C,
+                                                      partial_counts.data() + task * K)) {
+        check_indices(idx, p1 - p0, K);
+      }
+    });
   });
   sums.assign(B * K * C, opmath_t(0));
   counts.assign(B * K, 0);
@@ -54,36 +60,54 @@ void index_sums(const int64_t* index, const scalar_t* y, int64_t B, int64_t K, i
   }
 }
 
+// out[i] = argmax_k logits[k*stride + i] (torch.argmax's order: the first
+// maximum, NaN above all) for the n pixels of a tile, the pixel loop innermost
+// with selects instead of branches, so that it vectorizes. next: the next
+// tile's logits (n_next pixels, to prefetch).
+template <typename scalar_t>
+CQ_SIMD_CLONES void argmax_tile(const scalar_t* logits, int64_t stride, int64_t K, int64_t n,
+                                int64_t* out, const scalar_t* next, int64_t n_next) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  for_each_block(n, [&](int64_t i0, auto m) CQ_LAMBDA_INLINE {
+    const int64_t fetch = std::min<int64_t>(m, n_next - i0);
+    opmath_t best[kLanes];
+    int32_t best_k[kLanes];  // 32-bit, as wide as the float lanes
+#pragma omp simd
+    for (int l = 0; l < m; ++l) {
+      best[l] = widen<opmath_t>(logits[i0 + l]);
+      best_k[l] = 0;
+    }
+    if (fetch > 0) prefetch_row(next + i0, fetch);
+    for (int64_t k = 1; k < K; ++k) {
+      const scalar_t* lk = logits + k * stride + i0;
+      if (fetch > 0) prefetch_row(next + k * stride + i0, fetch);
+#pragma omp simd
+      for (int l = 0; l < m; ++l) {
+        const opmath_t v = widen<opmath_t>(lk[l]);
+        const bool take = argmax_prefers(v, best[l]);
+        best[l] = take ? v : best[l];
+        best_k[l] = take ? static_cast<int32_t>(k) : best_k[l];
+      }
+    }
+    for (int l = 0; l < m; ++l) out[i0 + l] = best_k[l];
+  });
+}
+
 template <typename scalar_t>
 void hard_forward(const Tensor& logits, const Tensor& image, Tensor& quantized,
                   Tensor& index_map, Tensor& palette) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t B = logits.size(0), K = logits.size(1), C = image.size(1);
   const int64_t P = logits.size(2) * logits.size(3);
-  const int64_t T = tile_pixels(K);
+  const int64_t T = tile_pixels(K);  // pixels per tile: their K rows of logits stay in L2
   const scalar_t* lg = logits.const_data_ptr<scalar_t>();
   int64_t* idx = index_map.mutable_data_ptr<int64_t>();
 
   parallel_for_chunks(B, P, K, [&](int64_t, int64_t b, int64_t p0, int64_t p1) {
-    std::vector<opmath_t> best(T);
     for (int64_t q = p0; q < p1; q += T) {
-      const int64_t n = std::min(T, p1 - q);
-      int64_t* out = idx + b * P + q;
-      const scalar_t* l0 = lg + b * K * P + q;
-      for (int64_t i = 0; i < n; ++i) {
-        best[i] = static_cast<opmath_t>(l0[i]);
-        out[i] = 0;
-      }
-      for (int64_t k = 1; k < K; ++k) {
-        const scalar_t* lk = l0 + k * P;
-        for (int64_t i = 0; i < n; ++i) {
-          const opmath_t v = static_cast<opmath_t>(lk[i]);
-          if (argmax_prefers(v, best[i])) {
-            best[i] = v;
-            out[i] = k;
-          }
-        }
-      }
+      const scalar_t* tile = lg + b * K * P + q;
+      argmax_tile(tile, P, K, std::min(T, p1 - q), idx + b * P + q, tile + T,
+                  std::max<int64_t>(0, std::min(T, p1 - q - T)));
     }
   });
 

@@ -145,6 +145,21 @@ CQ_ALWAYS_INLINE out_t round_to(opmath_t x) {
   }
 }
 
+// static_cast<opmath_t>(x), in a form whose loops vectorize: bfloat16 -> float
+// is exact (the bits shifted up), written out because GCC does not vectorize
+// c10's conversion operator in every loop.
+template <typename opmath_t, typename in_t>
+CQ_ALWAYS_INLINE opmath_t widen(in_t x) {
+  if constexpr (std::is_same_v<in_t, c10::BFloat16> && std::is_same_v<opmath_t, float>) {
+    const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+  } else {
+    return static_cast<opmath_t>(x);
+  }
+}
+
 // Asks for row[0, n) to be brought into L2. The tile loops read the [K, P]
 // tensors K rows at a time, one cache line per row and block of pixels: too
 // many short streams for the hardware prefetchers, so each block prefetches
@@ -456,20 +471,46 @@ inline void check_indices(const int64_t* index, int64_t n, int64_t num_colors) {
   }
 }
 
-// Sums over the pixels of each colour index (indices already checked):
-// counts[k] += #{i : index[i] == k};  sums[k*C + c] += sum_{index[i]==k} y[c*y_ld + i].
+// Sums over the pixels of each colour index, in one pass over the indices:
+// counts[k] += #{i : index[i] == k};  sums[k*C + c] += sum_{index[i]==k} y[c*y_ld + i]
+// (kC > 0: C fixed at compile time, see dispatch_channels). Each sum runs in
+// pixel order. Returns false if an index lies outside [0, num_colors): it is
+// counted as colour 0, and the caller raises the error (check_indices).
 // Hard op: y = image (palette means). Render backward: y = grad_image.
-template <typename y_t, typename opmath_t>
-void accumulate_index_sums(const int64_t* index, const y_t* y, int64_t y_ld,
-                           int64_t channels, int64_t n, opmath_t* sums,
-                           int64_t* counts) {
-  for (int64_t i = 0; i < n; ++i) ++counts[index[i]];
-  for (int64_t c = 0; c < channels; ++c) {
-    const y_t* yc = y + c * y_ld;
-    for (int64_t i = 0; i < n; ++i) {
-      sums[index[i] * channels + c] += static_cast<opmath_t>(yc[i]);
+template <int kC, typename y_t, typename opmath_t>
+bool accumulate_index_sums(const int64_t* index, const y_t* y, int64_t y_ld, int64_t channels,
+                           int64_t num_colors, int64_t n, opmath_t* sums, int64_t* counts) {
+  const int64_t C = kC > 0 ? kC : channels;
+  bool valid = true;
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t k = index[i];
+    if (k < 0 || k >= num_colors) {
+      valid = false;
+      k = 0;
     }
+    ++counts[k];
+    for (int64_t c = 0; c < C; ++c) sums[k * C + c] += static_cast<opmath_t>(y[c * y_ld + i]);
   }
+  return valid;
+}
+
+// out[c*out_ld + i] = palette[index[i]*C + c] for the n pixels of a chunk, in
+// one pass over the indices. Returns false if an index lies outside
+// [0, num_colors) (its pixel gets colour 0; the caller raises the error).
+template <int kC, typename scalar_t>
+CQ_SIMD_CLONES bool gather_palette(const int64_t* index, const scalar_t* palette, int64_t channels,
+                                   int64_t num_colors, int64_t n, scalar_t* out, int64_t out_ld) {
+  const int64_t C = kC > 0 ? kC : channels;
+  int64_t invalid = 0;
+#pragma omp simd reduction(| : invalid)
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t k = index[i];
+    const bool ok = k >= 0 && k < num_colors;
+    invalid |= !ok;
+    const scalar_t* colour = palette + (ok ? k : 0) * C;
+    for (int64_t c = 0; c < C; ++c) out[c * out_ld + i] = colour[c];
+  }
+  return invalid == 0;
 }
 
 }  // namespace cpu
