@@ -239,7 +239,29 @@ CQ_HD double kmeanspp_d2(bool first, double previous, acc_t d) {
 // number (every pixel already is a centre: fewer distinct colours than K, or
 // K > the number of pixels; or inf / NaN values), the pixel is drawn
 // uniformly instead, which deterministically duplicates a chosen colour.
-CQ_HD int64_t kmeanspp_draw(const double* d2, const double* chunk_sums, int64_t P, double u) {
+//
+// first_above(p0, p1, offset, target): the first p in the chunk [p0, p1) with
+// add_rn(offset, d2 summed in order over [p0, p]) > target (one exists). The
+// sums are non-decreasing in p and add_rn is monotone, so a kernel that keeps
+// some of the chunk's running sums may search them by bisection (the CPU
+// kernel);
+// ScanChunk adds them up as it goes (the CUDA kernel), from `local`, the sum
+// of the chunk's values before p0 (0 from the chunk's start).
+struct ScanChunk {
+  const double* d2;
+  CQ_HD int64_t operator()(int64_t p0, int64_t p1, double offset, double target,
+                           double local = 0.0) const {
+    for (int64_t p = p0; p < p1; ++p) {
+      local = add_rn(local, d2[p]);
+      if (add_rn(offset, local) > target) return p;
+    }
+    return p1 - 1;  // not reached when offset + the sum up to p1 > target
+  }
+};
+
+template <typename FirstAbove>
+CQ_HD int64_t kmeanspp_draw(const double* d2, const double* chunk_sums, int64_t P, double u,
+                            const FirstAbove& first_above) {
   const int64_t nc = kmeans_num_chunks(P);
   const double total = ordered_sum(chunk_sums, nc);
   if (!(total > 0.0 && total <= 1.7976931348623157e308)) return uniform_pixel(u, P);
@@ -249,13 +271,7 @@ CQ_HD int64_t kmeanspp_draw(const double* d2, const double* chunk_sums, int64_t 
     const double next = add_rn(offset, chunk_sums[j]);
     if (next > target) {
       const int64_t p0 = j * kKMeansChunk;
-      const int64_t p1 = p0 + kKMeansChunk < P ? p0 + kKMeansChunk : P;
-      double local = 0.0;
-      for (int64_t p = p0; p < p1; ++p) {
-        local = add_rn(local, d2[p]);
-        if (add_rn(offset, local) > target) return p;
-      }
-      return p1 - 1;  // not reached: offset + the chunk's total == next > target
+      return first_above(p0, p0 + kKMeansChunk < P ? p0 + kKMeansChunk : P, offset, target);
     }
     offset = next;
   }
@@ -264,6 +280,10 @@ CQ_HD int64_t kmeanspp_draw(const double* d2, const double* chunk_sums, int64_t 
     if (d2[p] > 0.0) return p;
   }
   return 0;
+}
+
+CQ_HD int64_t kmeanspp_draw(const double* d2, const double* chunk_sums, int64_t P, double u) {
+  return kmeanspp_draw(d2, chunk_sums, P, u, ScanChunk{d2});
 }
 
 // Lloyd update of one centre coordinate: the mean of its pixels, or the

@@ -13,6 +13,8 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -39,40 +41,174 @@ void parallel_for_kmeans_chunks(int64_t batch, int64_t num_pixels, int64_t grain
   });
 }
 
-// Pixels per block of nearest_colours: its two scratch rows stay in L1.
+// Pixels per block of nearest_colours: its scratch rows stay in L1.
 constexpr int64_t kAssignBlock = 128;
 
-// out[i] = nearest_colour(pixel i) for the n pixels x[i + c * P] (c < C) of one
-// image, palette [K, C]: the same arithmetic and tie rule, with the colour loop
-// outside and the pixel loop inside, so that the pixels go through the vector
-// lanes (each lane computes one pixel exactly as nearest_colour does).
-template <int kC, typename scalar_t, typename acc_t>
-CQ_SIMD_CLONES void nearest_colours(const scalar_t* x, int64_t P, const acc_t* palette, int64_t K,
-                                    int64_t C, int64_t n, int64_t* out) {
+// One colour k of nearest_colours' search, at distance d, for one pixel.
+template <typename acc_t>
+CQ_ALWAYS_INLINE void search_step(acc_t d, int32_t k, acc_t& best, int32_t& best_k, acc_t& second) {
+  const bool closer = d < best;  // strict: a tie or a NaN keeps the earlier colour
+  const acc_t other = closer ? best : d;
+  second = other < second ? other : second;
+  best = closer ? d : best;
+  best_k = closer ? k : best_k;
+}
+
+// For the n pixels xb[i + c * kAssignBlock] (c < C, n <= kAssignBlock) and the
+// palette [K, C]: best_k[i] = nearest_colour(pixel i) -- the same arithmetic and
+// tie rule, with the colour loop outside and the pixel loop inside, so that the
+// pixels go through the vector lanes -- and second[i] = the smallest squared
+// distance to any other colour (+inf if K == 1; NaN distances are ignored).
+// Colours go kColoursPerStep at a time, so that a lane's state is loaded and
+// stored once per step.
+constexpr int kColoursPerStep = 4;
+
+template <int kC, typename acc_t>
+CQ_SIMD_CLONES void nearest_colours(const acc_t* xb, const acc_t* palette, int64_t K, int64_t C,
+                                    int64_t n, int32_t* best_k, acc_t* second) {
   const int64_t stride = kC > 0 ? kC : C;
   acc_t best[kAssignBlock];
-  int32_t best_k[kAssignBlock];  // 32-bit, as wide as the float lanes (K <= 256)
-  for (int64_t i0 = 0; i0 < n; i0 += kAssignBlock) {
-    const int64_t m = std::min(kAssignBlock, n - i0);
-    const scalar_t* xb = x + i0;
 #pragma omp simd
-    for (int64_t i = 0; i < m; ++i) {
-      best[i] = squared_distance<kC, acc_t>(xb + i, P, palette, C);
-      best_k[i] = 0;
-    }
-    for (int64_t k = 1; k < K; ++k) {
-      const acc_t* pk = palette + k * stride;
+  for (int64_t i = 0; i < n; ++i) {
+    best[i] = squared_distance<kC, acc_t>(xb + i, kAssignBlock, palette, C);
+    best_k[i] = 0;
+    second[i] = std::numeric_limits<acc_t>::infinity();
+  }
+  int64_t k = 1;
+  for (; k + kColoursPerStep <= K; k += kColoursPerStep) {
+    const acc_t* pk = palette + k * stride;
 #pragma omp simd
-      for (int64_t i = 0; i < m; ++i) {
-        const acc_t d = squared_distance<kC, acc_t>(xb + i, P, pk, C);
-        const bool closer = d < best[i];  // strict: a tie or a NaN keeps the earlier colour
-        best[i] = closer ? d : best[i];
-        best_k[i] = closer ? static_cast<int32_t>(k) : best_k[i];
+    for (int64_t i = 0; i < n; ++i) {
+      acc_t b = best[i], s = second[i];
+      int32_t bk = best_k[i];
+      for (int j = 0; j < kColoursPerStep; ++j) {
+        search_step(squared_distance<kC, acc_t>(xb + i, kAssignBlock, pk + j * stride, C),
+                    static_cast<int32_t>(k + j), b, bk, s);
       }
+      best[i] = b;
+      second[i] = s;
+      best_k[i] = bk;
     }
-    std::copy(best_k, best_k + m, out + i0);
+  }
+  for (; k < K; ++k) {
+    const acc_t* pk = palette + k * stride;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      search_step(squared_distance<kC, acc_t>(xb + i, kAssignBlock, pk, C),
+                  static_cast<int32_t>(k), best[i], best_k[i], second[i]);
+    }
   }
 }
+
+// ---------------------------------------------------------------------------
+// Pruned assignment (Hamerly's bounds, made exact). Each pixel keeps lb, a
+// lower bound on its true distance (not squared) to every colour but its own.
+// After the colours move by drift[k], lb - max_{k != own} drift[k] is still
+// one (triangle inequality). If the pixel's own squared distance u, as the
+// full search computes it, is below lb^2 by a margin far wider than the
+// rounding error of a computed squared distance (a few 1e-7 relative in
+// float), every other colour's computed distance exceeds u, so the full
+// search would return the pixel's colour again: it is kept without searching.
+// The index map is therefore exactly that of a full search, on every device.
+// Bounds that are not finite (inf / NaN values, overflow) never prune.
+// ---------------------------------------------------------------------------
+
+// lb from the computed squared distance to the second-nearest colour: the
+// true one is at least second * (1 - 1e-6).
+template <typename acc_t>
+double lower_bound_of(acc_t second) {
+  const double s = static_cast<double>(second);
+  return std::isfinite(s) ? std::sqrt(s * (1.0 - 2e-6)) : 0.0;
+}
+
+// lb - drift, rounded down: the subtraction's rounding error is at most
+// 1.2e-16 * lb where the result matters (drift < lb).
+inline double lower_bound_after(double lb, double drift) { return (lb - drift) - 4e-16 * lb; }
+
+template <typename acc_t>
+bool keeps_colour(acc_t u, double lb) {
+  return lb > 1e-15 && static_cast<double>(u) < lb * lb * (1.0 - 1e-5);
+}
+
+// The largest and second-largest drift of an image's colours (NaN counts as
+// +inf), so that each pixel subtracts the largest over the other colours.
+struct DriftMax {
+  double first = 0.0, second = 0.0;
+  int64_t arg = -1;
+  DriftMax(const double* drift, int64_t K) {
+    for (int64_t k = 0; k < K; ++k) {
+      const double d = std::isnan(drift[k]) ? std::numeric_limits<double>::infinity() : drift[k];
+      if (d > first) {
+        second = first;
+        first = d;
+        arg = k;
+      } else if (d > second) {
+        second = d;
+      }
+    }
+  }
+  double other_than(int64_t k) const { return k == arg ? second : first; }
+};
+
+// How far a colour moves, added up coordinate by coordinate in double; an
+// upper bound on the true distance.
+struct Movement {
+  double squared = 0.0;
+  template <typename acc_t>
+  acc_t add(acc_t before, acc_t after) {
+    const double d = static_cast<double>(after) - static_cast<double>(before);
+    squared += d * d;
+    return after;
+  }
+  double distance_up() const { return std::sqrt(squared) * (1.0 + 1e-9); }
+};
+
+// Assigns pixels [p0, p1) of one image (x: its [C, P] pixels; idx, lb: its
+// index map and bounds) to their nearest colour of cb [K, C]. With bounds
+// (idx and lb hold the previous assignment, drift how far the colours moved
+// since), pixels that provably keep their colour are not searched, and the
+// result says whether any pixel changed colour.
+template <int kC, typename scalar_t, typename acc_t>
+bool assign_pixels(const scalar_t* x, int64_t P, const acc_t* cb, int64_t K, int64_t C,
+                   int64_t p0, int64_t p1, const DriftMax* drift, int64_t* idx, double* lb) {
+  const int64_t stride = kC > 0 ? kC : C;
+  int32_t todo[kKMeansChunk];  // pixels to search (p1 - p0 <= kKMeansChunk)
+  int64_t num_todo = 0;
+  if (drift != nullptr) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t a = idx[p];
+      lb[p] = lower_bound_after(lb[p], drift->other_than(a));
+      const acc_t u = squared_distance<kC, acc_t>(x + p, P, cb + a * stride, C);
+      todo[num_todo] = static_cast<int32_t>(p);  // kept or not: no branch to mispredict
+      num_todo += keeps_colour(u, lb[p]) ? 0 : 1;
+    }
+  } else {
+    for (int64_t p = p0; p < p1; ++p) todo[num_todo++] = static_cast<int32_t>(p);
+  }
+  if (num_todo == 0) return false;
+  std::vector<acc_t> xb(kAssignBlock * stride);  // the block's pixels, gathered
+  int32_t best_k[kAssignBlock];
+  acc_t second[kAssignBlock];
+  bool changed = false;
+  for (int64_t i0 = 0; i0 < num_todo; i0 += kAssignBlock) {
+    const int64_t m = std::min(kAssignBlock, num_todo - i0);
+    const int32_t* pixels = todo + i0;
+    for (int64_t c = 0; c < stride; ++c) {
+      for (int64_t i = 0; i < m; ++i) xb[c * kAssignBlock + i] = static_cast<acc_t>(x[c * P + pixels[i]]);
+    }
+    nearest_colours<kC>(xb.data(), cb, K, C, m, best_k, second);
+    for (int64_t i = 0; i < m; ++i) {
+      changed = changed || (drift != nullptr && idx[pixels[i]] != best_k[i]);
+      idx[pixels[i]] = best_k[i];
+      lb[pixels[i]] = lower_bound_of(second[i]);
+    }
+  }
+  return changed;
+}
+
+// ---------------------------------------------------------------------------
+// k-means++ seeding
+// ---------------------------------------------------------------------------
 
 // d[i] = kmeanspp_d2(first, d[i], distance of pixel i to centre) for the n
 // pixels x[i + c * P]: the k-means++ D^2 update, the pixel loop vectorized.
@@ -85,6 +221,128 @@ CQ_SIMD_CLONES void update_d2(const scalar_t* x, int64_t P, const acc_t* centre,
   }
 }
 
+// Images whose running sums are added side by side: each image's sum is a
+// chain of dependent additions in pixel order (which fixes the result), so
+// one image at a time waits on the adder's latency.
+constexpr int64_t kSeedGroup = 8;
+
+// The running sum of d2 is kept at every kCheckpoint-th pixel of a chunk (the
+// draw finds the block by bisection, then adds up at most kCheckpoint values):
+// storing it at every pixel would cost more than adding.
+constexpr int64_t kCheckpoint = 32;
+constexpr int64_t kCheckpointsPerChunk = kKMeansChunk / kCheckpoint;
+
+// For G images with n values d[g][i] each (a chunk): checkpoint[g][q] = the
+// sum of d[g][i] over i < min((q + 1) * kCheckpoint, n), added in order from
+// i = 0; the last one is the chunk's total.
+template <int G>
+void running_sums(const double* const* d, double* const* checkpoint, int64_t n) {
+  double s[G];
+  for (int g = 0; g < G; ++g) s[g] = 0.0;
+  for (int64_t i0 = 0, q = 0; i0 < n; i0 += kCheckpoint, ++q) {
+    const int64_t i1 = std::min(n, i0 + kCheckpoint);
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int g = 0; g < G; ++g) s[g] = add_rn(s[g], d[g][i]);
+    }
+    for (int g = 0; g < G; ++g) checkpoint[g][q] = s[g];
+  }
+}
+
+// kmeanspp_draw's search within a chunk: bisection over the checkpoints, then
+// the running sum from the last checkpoint below the target.
+struct SearchChunk {
+  const double* d2;          // the image's D^2
+  const double* checkpoint;  // the image's checkpoints, kCheckpointsPerChunk per chunk
+  int64_t operator()(int64_t p0, int64_t p1, double offset, double target) const {
+    const double* cp = checkpoint + p0 / kKMeansChunk * kCheckpointsPerChunk;
+    int64_t lo = 0, hi = (p1 - p0 - 1) / kCheckpoint;  // the first block whose end is above
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (add_rn(offset, cp[mid]) > target) {
+        hi = mid;
+      } else {
+        lo = mid + 1;
+      }
+    }
+    const int64_t begin = p0 + lo * kCheckpoint;
+    return ScanChunk{d2}(begin, std::min(p1, begin + kCheckpoint), offset,
+                         target, lo == 0 ? 0.0 : cp[lo - 1]);
+  }
+};
+
+// Centre j of each image b (centres[b, j]) is the pixel of draw j.
+template <int kC, typename scalar_t, typename acc_t>
+void kmeanspp_seed(const scalar_t* img, int64_t B, int64_t C, int64_t P, int64_t K, int64_t seed,
+                   acc_t* centres) {
+  const int64_t nc = kmeans_num_chunks(P);
+  std::vector<double> d2(B * P), checkpoints(B * nc * kCheckpointsPerChunk), chunk_sums(B * nc);
+  auto draw = [&](int64_t b, int64_t j) {
+    const double u = kmeans_uniform(seed, b, j);
+    const int64_t p = j == 0 ? uniform_pixel(u, P)
+                             : kmeanspp_draw(d2.data() + b * P, chunk_sums.data() + b * nc, P,
+                                             u, SearchChunk{d2.data() + b * P,
+                                                            checkpoints.data() + b * nc * kCheckpointsPerChunk});
+    for (int64_t c = 0; c < C; ++c) {
+      centres[(b * K + j) * C + c] = static_cast<acc_t>(img[(b * C + c) * P + p]);
+    }
+  };
+  // D^2 after centre j - 1, its checkpoints and its total over chunk t of
+  // images [b0, b1).
+  auto update_chunk = [&](int64_t b0, int64_t b1, int64_t t, int64_t j) {
+    const int64_t p0 = t * kKMeansChunk, n = std::min(kKMeansChunk, P - p0);
+    for (int64_t b = b0; b < b1; ++b) {
+      update_d2<kC>(img + b * C * P + p0, P, centres + (b * K + j - 1) * C, C, n, j == 1,
+                    d2.data() + b * P + p0);
+    }
+    for (int64_t b = b0; b < b1;) {
+      const double* d[kSeedGroup];
+      double* cp[kSeedGroup];
+      const int64_t g = b1 - b >= kSeedGroup ? kSeedGroup : 1;
+      for (int64_t i = 0; i < g; ++i) {
+        d[i] = d2.data() + (b + i) * P + p0;
+        cp[i] = checkpoints.data() + ((b + i) * nc + t) * kCheckpointsPerChunk;
+      }
+      if (g == kSeedGroup) {
+        running_sums<kSeedGroup>(d, cp, n);
+      } else {
+        running_sums<1>(d, cp, n);
+      }
+      for (int64_t i = 0; i < g; ++i) chunk_sums[(b + i) * nc + t] = cp[i][(n - 1) / kCheckpoint];
+      b += g;
+    }
+  };
+  const int64_t num_groups = (B + kSeedGroup - 1) / kSeedGroup;
+  if (num_groups >= 2 * at::get_num_threads()) {
+    // Enough groups of images to keep every thread busy: each group runs
+    // the whole seeding, with no synchronization between the K steps.
+    at::parallel_for(0, num_groups, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t grp = begin; grp < end; ++grp) {
+        const int64_t b0 = grp * kSeedGroup, b1 = std::min(B, b0 + kSeedGroup);
+        for (int64_t b = b0; b < b1; ++b) draw(b, 0);
+        for (int64_t j = 1; j < K; ++j) {
+          for (int64_t t = 0; t < nc; ++t) update_chunk(b0, b1, t, j);
+          for (int64_t b = b0; b < b1; ++b) draw(b, j);
+        }
+      }
+    });
+  } else {
+    // Few images: step by step, the (image, chunk) tasks of each step in parallel.
+    for (int64_t b = 0; b < B; ++b) draw(b, 0);
+    for (int64_t j = 1; j < K; ++j) {
+      parallel_for_kmeans_chunks(B, P, 1, [&](int64_t, int64_t b, int64_t p0, int64_t) {
+        update_chunk(b, b + 1, p0 / kKMeansChunk, j);
+      });
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) draw(b, j);
+      });
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The op
+// ---------------------------------------------------------------------------
+
 template <int kC, typename scalar_t>
 void kmeans_forward(const Tensor& image, int64_t K, int64_t iters, int64_t seed,
                     Tensor& index_map, Tensor& palette) {
@@ -95,33 +353,27 @@ void kmeans_forward(const Tensor& image, int64_t K, int64_t iters, int64_t seed,
   const scalar_t* img = image.const_data_ptr<scalar_t>();
   int64_t* idx = index_map.mutable_data_ptr<int64_t>();
   std::vector<acc_t> centres(B * K * C);
+  kmeanspp_seed<kC>(img, B, C, P, K, seed, centres.data());
 
-  // --- k-means++ seeding: centre j of image b is the pixel of draw j.
-  std::vector<double> d2(B * P), chunk_sums(B * nc);
-  auto pick = [&](int64_t j) {
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const double u = kmeans_uniform(seed, b, j);
-        const int64_t p = j == 0 ? uniform_pixel(u, P)
-                                 : kmeanspp_draw(d2.data() + b * P, chunk_sums.data() + b * nc, P, u);
-        for (int64_t c = 0; c < C; ++c) {
-          centres[(b * K + j) * C + c] = static_cast<acc_t>(img[(b * C + c) * P + p]);
-        }
-      }
+  // Assignment of every pixel against `centres`: the first in full, later
+  // ones pruned by the bounds, drift[b, k] being how far colour k of image b
+  // moved since the last assignment (reset here). on_chunk(task, b, p0, p1,
+  // changed) runs after each chunk's assignment; images with skip(b) are left
+  // alone.
+  std::vector<double> lb(B * P), drift(B * K, 0.0);
+  bool have_bounds = false;
+  auto assign = [&](const auto& skip, const auto& on_chunk) {
+    parallel_for_kmeans_chunks(B, P, 1, [&](int64_t task, int64_t b, int64_t p0, int64_t p1) {
+      if (skip(b)) return;
+      const DriftMax moved(drift.data() + b * K, K);
+      const bool changed = assign_pixels<kC>(img + b * C * P, P, centres.data() + b * K * C, K, C,
+                                             p0, p1, have_bounds && K > 1 ? &moved : nullptr,
+                                             idx + b * P, lb.data() + b * P);
+      on_chunk(task, b, p0, p1, changed);
     });
+    std::fill(drift.begin(), drift.end(), 0.0);
+    have_bounds = true;
   };
-  pick(0);
-  for (int64_t j = 1; j < K; ++j) {
-    parallel_for_kmeans_chunks(B, P, 8, [&](int64_t task, int64_t b, int64_t p0, int64_t p1) {
-      const scalar_t* x = img + b * C * P;
-      const acc_t* centre = centres.data() + (b * K + j - 1) * C;
-      double* d = d2.data() + b * P;
-      update_d2<kC>(x + p0, P, centre, C, p1 - p0, j == 1, d + p0);
-      chunk_sums[task] = ordered_sum(d + p0, p1 - p0);
-    });
-    pick(j);
-  }
-  d2 = std::vector<double>();
 
   // --- Lloyd iterations. changed[it * B + b]: assignment `it` of image b
   // differs from assignment it - 1. Once an assignment repeats, the centres
@@ -132,29 +384,23 @@ void kmeans_forward(const Tensor& image, int64_t K, int64_t iters, int64_t seed,
   std::vector<char> task_changed(B * nc), changed(B * std::max<int64_t>(iters, 1), 0);
   for (int64_t it = 0; it < iters; ++it) {
     // Assignment (ties to the lowest k) and per-chunk cluster sums.
-    parallel_for_kmeans_chunks(B, P, 1, [&](int64_t task, int64_t b, int64_t p0, int64_t p1) {
-      task_changed[task] = 0;
-      if (it >= 2 && !changed[(it - 1) * B + b]) return;
-      const scalar_t* x = img + b * C * P;
-      const acc_t* cb = centres.data() + b * K * C;
-      acc_t* sums = partial.data() + task * K * C;
-      int64_t* cnt = counts.data() + task * K;
-      std::fill(sums, sums + K * C, acc_t(0));
-      std::fill(cnt, cnt + K, int64_t{0});
-      int64_t nearest[kKMeansChunk];
-      nearest_colours<kC>(x + p0, P, cb, K, C, p1 - p0, nearest);
-      bool any = false;
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t k = nearest[p - p0];
-        any = any || (it > 0 && idx[b * P + p] != k);
-        idx[b * P + p] = k;
-        ++cnt[k];
-        for (int64_t c = 0; c < C; ++c) {
-          sums[k * C + c] = add_rn(sums[k * C + c], static_cast<acc_t>(x[c * P + p]));
-        }
-      }
-      task_changed[task] = any;
-    });
+    std::fill(task_changed.begin(), task_changed.end(), 0);
+    assign([&](int64_t b) { return it >= 2 && !changed[(it - 1) * B + b]; },
+           [&](int64_t task, int64_t b, int64_t p0, int64_t p1, bool changed) {
+             const scalar_t* x = img + b * C * P;
+             acc_t* sums = partial.data() + task * K * C;
+             int64_t* cnt = counts.data() + task * K;
+             std::fill(sums, sums + K * C, acc_t(0));
+             std::fill(cnt, cnt + K, int64_t{0});
+             for (int64_t p = p0; p < p1; ++p) {
+               const int64_t k = idx[b * P + p];
+               ++cnt[k];
+               for (int64_t c = 0; c < C; ++c) {
+                 sums[k * C + c] = add_rn(sums[k * C + c], static_cast<acc_t>(x[c * P + p]));
+               }
+             }
+             task_changed[task] = changed;
+           });
     for (int64_t b = 0; b < B; ++b) {
       char any = 0;
       for (int64_t t = 0; t < nc; ++t) any |= task_changed[b * nc + t];
@@ -167,11 +413,14 @@ void kmeans_forward(const Tensor& image, int64_t K, int64_t iters, int64_t seed,
         if (it >= 1 && !changed[it * B + b]) continue;
         int64_t count = 0;
         for (int64_t t = 0; t < nc; ++t) count += counts[(b * nc + t) * K + k];
+        acc_t* centre = centres.data() + bk * C;
+        Movement move;
         for (int64_t c = 0; c < C; ++c) {
           acc_t sum = acc_t(0);
           for (int64_t t = 0; t < nc; ++t) sum = add_rn(sum, partial[((b * nc + t) * K + k) * C + c]);
-          centres[bk * C + c] = kmeans_centre(sum, count, centres[bk * C + c]);
+          centre[c] = move.add(centre[c], kmeans_centre(sum, count, centre[c]));
         }
+        drift[bk] += move.distance_up();
       }
     });
   }
@@ -179,15 +428,16 @@ void kmeans_forward(const Tensor& image, int64_t K, int64_t iters, int64_t seed,
   // --- The palette as returned (rounded to scalar_t), and the final assignment
   // against exactly those colours.
   scalar_t* pal = palette.mutable_data_ptr<scalar_t>();
-  for (int64_t i = 0; i < B * K * C; ++i) {
-    pal[i] = static_cast<scalar_t>(centres[i]);
-    centres[i] = static_cast<acc_t>(pal[i]);
+  for (int64_t bk = 0; bk < B * K; ++bk) {
+    acc_t* centre = centres.data() + bk * C;
+    Movement move;
+    for (int64_t c = 0; c < C; ++c) {
+      pal[bk * C + c] = static_cast<scalar_t>(centre[c]);
+      centre[c] = move.add(centre[c], static_cast<acc_t>(pal[bk * C + c]));
+    }
+    drift[bk] += move.distance_up();
   }
-  parallel_for_kmeans_chunks(B, P, 1, [&](int64_t, int64_t b, int64_t p0, int64_t p1) {
-    const scalar_t* x = img + b * C * P;
-    const acc_t* cb = centres.data() + b * K * C;
-    nearest_colours<kC>(x + p0, P, cb, K, C, p1 - p0, idx + b * P + p0);
-  });
+  assign([](int64_t) { return false; }, [](int64_t, int64_t, int64_t, int64_t, bool) {});
 }
 
 std::tuple<Tensor, Tensor> kmeans_palette_cpu(const Tensor& image_in, int64_t num_colors,
