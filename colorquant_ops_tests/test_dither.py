@@ -37,7 +37,7 @@ def random_case(B, C, H, W, K, seed, device, dtype=torch.float64, palette_range=
 # --------------------------------------------------------------------------- the loop
 
 
-@pytest.mark.parametrize("K", [1, 2, 16])
+@pytest.mark.parametrize("K", [1, 2, 16, 33])
 @pytest.mark.parametrize("H,W", [(1, 1), (1, 13), (11, 1), (7, 9), (16, 5), (5, 16), (2, 2)])
 def test_matches_loop(device, K, H, W):
     image, palette = random_case(2, 3, H, W, K, seed=1000 * K + 10 * H + W, device=device)
@@ -64,13 +64,32 @@ def test_matches_loop_large(device, H, W):
     assert torch.equal(got.cpu(), floyd_steinberg_batch_reference(image, palette))
 
 
-def test_ties_go_to_lowest_index(device):
-    """A palette with repeated colours: the first copy always wins."""
-    image, palette = random_case(2, 3, 6, 7, 4, seed=5, device=device)
-    palette = torch.cat([palette, palette.flip(1), palette], dim=1)  # K = 12, every colour three times
+@pytest.mark.parametrize("distinct", [4, 16])
+def test_ties_go_to_lowest_index(device, distinct):
+    """A palette with repeated colours: the first copy always wins (K = 12 and
+    K = 48: the CPU kernel searches palettes of 16 colours or more in vector lanes)."""
+    image, palette = random_case(2, 3, 6, 7, distinct, seed=5, device=device)
+    palette = torch.cat([palette, palette.flip(1), palette], dim=1)  # every colour three times
     got = cq.floyd_steinberg_dither(image, palette)
-    assert int(got.max()) < 4
+    assert int(got.max()) < distinct
     assert torch.equal(got.cpu(), floyd_steinberg_batch_reference(image, palette))
+
+
+@pytest.mark.parametrize("K", [6, 40])
+def test_nan_colours(device, K):
+    """A NaN distance never wins against an earlier colour: a NaN colour after
+    the first is never chosen (the result is that of the palette without it),
+    and a NaN first colour wins every pixel (nearest_colour's rule, both searches)."""
+    image, palette = random_case(2, 3, 7, 9, K, seed=K, device=device)
+    nan_rows = [3, K - 1]
+    with_nan = palette.clone()
+    with_nan[:, nan_rows] = float("nan")
+    keep = [k for k in range(K) if k not in nan_rows]
+    got = cq.floyd_steinberg_dither(image, with_nan).cpu()
+    want = torch.tensor(keep)[cq.floyd_steinberg_dither(image, palette[:, keep]).cpu()]
+    assert torch.equal(got, want)
+    with_nan[:, 0] = float("nan")
+    assert not cq.floyd_steinberg_dither(image, with_nan).any()
 
 
 # --------------------------------------------------------------------------- properties

@@ -86,14 +86,16 @@ CQ_HD double div_rn(double a, double b) {
 
 // sum_c (a[c * a_stride] - b[c])^2 in acc_t, channels added in order from 0.
 // kC > 0: the channel count as a compile-time constant (C is then ignored),
-// so that per-thread arrays of the CUDA kernels stay in registers.
+// so that per-thread arrays of the CUDA kernels stay in registers. The sum
+// starts from the first square rather than from 0 + it: the same value (a
+// square is never -0), one addition fewer (a compiler may not drop 0 + x).
 template <int kC, typename acc_t, typename a_t, typename b_t>
 CQ_HD acc_t squared_distance(const a_t* a, int64_t a_stride, const b_t* b, int64_t C) {
   const int64_t n = kC > 0 ? kC : C;
   acc_t s = acc_t(0);
   for (int64_t c = 0; c < n; ++c) {
     const acc_t d = sub_rn(static_cast<acc_t>(a[c * a_stride]), static_cast<acc_t>(b[c]));
-    s = add_rn(s, mul_rn(d, d));
+    s = c == 0 ? mul_rn(d, d) : add_rn(s, mul_rn(d, d));
   }
   return s;
 }
@@ -116,6 +118,14 @@ CQ_HD int64_t nearest_colour(const x_t* x, int64_t x_stride, const acc_t* palett
   }
   return best_k;
 }
+
+// nearest_colour as a function object: floyd_steinberg_pixel's default search.
+template <int kC, typename acc_t>
+struct NearestColour {
+  CQ_HD int64_t operator()(const acc_t* x, const acc_t* palette, int64_t K, int64_t C) const {
+    return nearest_colour<kC, acc_t>(x, 1, palette, K, C);
+  }
+};
 
 // ---------------------------------------------------------------------------
 // Floyd-Steinberg error diffusion.
@@ -145,17 +155,19 @@ constexpr double kFsDownRight = 1.0 / 16.0;  // (x+1, y+1)
 // below_pixel points at channel 0 of pixel (x, y+1) of the image (channel
 // stride pixel_stride; pixel (x+1, y+1) is next to it). value is a scratch
 // array [C]. The weights are exact binary fractions, so e * (7/16) equals
-// e * 7 / 16 of the reference.
-template <int kC, typename acc_t, typename pixel_t>
+// e * 7 / 16 of the reference. nearest(value, palette, K, C) must return
+// nearest_colour's answer (the CPU kernel passes a vectorized search).
+template <int kC, typename acc_t, typename pixel_t, typename Nearest = NearestColour<kC, acc_t>>
 CQ_HD int64_t floyd_steinberg_pixel(const acc_t* partial, acc_t* carry, bool first_column,
                                     acc_t* value, const acc_t* palette, int64_t K, int64_t C,
                                     acc_t* below_left, acc_t* below, acc_t* below_right,
-                                    const pixel_t* below_pixel, int64_t pixel_stride) {
+                                    const pixel_t* below_pixel, int64_t pixel_stride,
+                                    const Nearest& nearest = Nearest()) {
   const int64_t n = kC > 0 ? kC : C;
   for (int64_t c = 0; c < n; ++c) {
     value[c] = first_column ? partial[c] : add_rn(partial[c], carry[c]);
   }
-  const int64_t k = nearest_colour<kC, acc_t>(value, 1, palette, K, n);
+  const int64_t k = nearest(value, palette, K, n);
   const acc_t* colour = palette + k * n;
   for (int64_t c = 0; c < n; ++c) {
     const acc_t e = sub_rn(value[c], colour[c]);

@@ -123,15 +123,16 @@ double lower_bound_of(acc_t second) {
 
 // lb - drift, rounded down: the subtraction's rounding error is at most
 // 1.2e-16 * lb where the result matters (drift < lb).
-inline double lower_bound_after(double lb, double drift) { return (lb - drift) - 4e-16 * lb; }
+CQ_ALWAYS_INLINE double lower_bound_after(double lb, double drift) { return (lb - drift) - 4e-16 * lb; }
 
 template <typename acc_t>
-bool keeps_colour(acc_t u, double lb) {
-  return lb > 1e-15 && static_cast<double>(u) < lb * lb * (1.0 - 1e-5);
+CQ_ALWAYS_INLINE bool keeps_colour(acc_t u, double lb) {
+  return (lb > 1e-15) & (static_cast<double>(u) < lb * lb * (1.0 - 1e-5));  // & vectorizes, && branches
 }
 
 // The largest and second-largest drift of an image's colours (NaN counts as
-// +inf), so that each pixel subtracts the largest over the other colours.
+// +inf), so that each pixel subtracts the largest over the other colours:
+// second if its colour is arg, else first.
 struct DriftMax {
   double first = 0.0, second = 0.0;
   int64_t arg = -1;
@@ -147,7 +148,6 @@ struct DriftMax {
       }
     }
   }
-  double other_than(int64_t k) const { return k == arg ? second : first; }
 };
 
 // How far a colour moves, added up coordinate by coordinate in double; an
@@ -163,6 +163,25 @@ struct Movement {
   double distance_up() const { return std::sqrt(squared) * (1.0 + 1e-9); }
 };
 
+// keep[p - p0] = whether pixel p of [p0, p1) provably keeps its colour idx[p],
+// after lowering its bound lb[p] by the largest drift of the other colours
+// (DriftMax's fields, passed apart so that the loop vectorizes).
+template <int kC, typename scalar_t, typename acc_t>
+CQ_SIMD_CLONES void check_bounds(const scalar_t* __restrict__ x, int64_t P,
+                                 const acc_t* __restrict__ cb, int64_t C, int64_t p0, int64_t p1,
+                                 double first, double second, int64_t arg,
+                                 const int64_t* __restrict__ idx, double* __restrict__ lb,
+                                 uint8_t* __restrict__ keep) {
+  const int64_t stride = kC > 0 ? kC : C;
+#pragma omp simd
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t a = idx[p];
+    const double bound = lower_bound_after(lb[p], a == arg ? second : first);
+    lb[p] = bound;
+    keep[p - p0] = keeps_colour(squared_distance<kC, acc_t>(x + p, P, cb + a * stride, C), bound);
+  }
+}
+
 // Assigns pixels [p0, p1) of one image (x: its [C, P] pixels; idx, lb: its
 // index map and bounds) to their nearest colour of cb [K, C]. With bounds
 // (idx and lb hold the previous assignment, drift how far the colours moved
@@ -175,12 +194,11 @@ bool assign_pixels(const scalar_t* x, int64_t P, const acc_t* cb, int64_t K, int
   int32_t todo[kKMeansChunk];  // pixels to search (p1 - p0 <= kKMeansChunk)
   int64_t num_todo = 0;
   if (drift != nullptr) {
+    uint8_t keep[kKMeansChunk];
+    check_bounds<kC>(x, P, cb, C, p0, p1, drift->first, drift->second, drift->arg, idx, lb, keep);
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t a = idx[p];
-      lb[p] = lower_bound_after(lb[p], drift->other_than(a));
-      const acc_t u = squared_distance<kC, acc_t>(x + p, P, cb + a * stride, C);
       todo[num_todo] = static_cast<int32_t>(p);  // kept or not: no branch to mispredict
-      num_todo += keeps_colour(u, lb[p]) ? 0 : 1;
+      num_todo += keep[p - p0] ? 0 : 1;
     }
   } else {
     for (int64_t p = p0; p < p1; ++p) todo[num_todo++] = static_cast<int32_t>(p);
@@ -204,6 +222,34 @@ bool assign_pixels(const scalar_t* x, int64_t P, const acc_t* cb, int64_t K, int
     }
   }
   return changed;
+}
+
+// sums[k, c] += x[c, p] and counts[k] += 1 for the pixels p of [p0, p1), of
+// colour k = idx[p], in pixel order. A run of pixels of one colour is added
+// up in registers: the same additions in the same order, without waiting on
+// a store for each.
+template <int kC, typename scalar_t, typename acc_t>
+void cluster_sums(const scalar_t* x, int64_t P, int64_t C, const int64_t* idx, int64_t p0,
+                  int64_t p1, acc_t* sums, int64_t* counts) {
+  const int64_t n = kC > 0 ? kC : C;
+  acc_t run[kC > 0 ? kC : 1];
+  for (int64_t p = p0; p < p1;) {
+    const int64_t k = idx[p];
+    int64_t q = p;
+    if constexpr (kC > 0) {
+      for (int64_t c = 0; c < kC; ++c) run[c] = sums[k * kC + c];
+      for (; q < p1 && idx[q] == k; ++q) {
+        for (int64_t c = 0; c < kC; ++c) run[c] = add_rn(run[c], static_cast<acc_t>(x[c * P + q]));
+      }
+      for (int64_t c = 0; c < kC; ++c) sums[k * kC + c] = run[c];
+    } else {
+      for (; q < p1 && idx[q] == k; ++q) {
+        for (int64_t c = 0; c < n; ++c) sums[k * n + c] = add_rn(sums[k * n + c], static_cast<acc_t>(x[c * P + q]));
+      }
+    }
+    counts[k] += q - p;
+    p = q;
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -392,13 +438,7 @@ void kmeans_forward(const Tensor& image, int64_t K, int64_t iters, int64_t seed,
              int64_t* cnt = counts.data() + task * K;
              std::fill(sums, sums + K * C, acc_t(0));
              std::fill(cnt, cnt + K, int64_t{0});
-             for (int64_t p = p0; p < p1; ++p) {
-               const int64_t k = idx[b * P + p];
-               ++cnt[k];
-               for (int64_t c = 0; c < C; ++c) {
-                 sums[k * C + c] = add_rn(sums[k * C + c], static_cast<acc_t>(x[c * P + p]));
-               }
-             }
+             cluster_sums<kC>(x, P, C, idx + b * P, p0, p1, sums, cnt);
              task_changed[task] = changed;
            });
     for (int64_t b = 0; b < B; ++b) {
