@@ -110,11 +110,15 @@ CQ_SIMD_CLONES void nearest_colours(const acc_t* xb, const acc_t* palette, int64
 // float), every other colour's computed distance exceeds u, so the full
 // search would return the pixel's colour again: it is kept without searching.
 // The index map is therefore exactly that of a full search, on every device.
-// Bounds that are not finite (inf / NaN values, overflow) never prune.
+// Hamerly's second bound needs no history: half the distance from the
+// pixel's colour to the nearest other colour (if the pixel is nearer than
+// that to its colour, no other colour can be nearer). Bounds that are not
+// finite (inf / NaN values, overflow) never prune, nor do tiny ones (below
+// 1e-15, where rounding errors stop being relative).
 // ---------------------------------------------------------------------------
 
 // lb from the computed squared distance to the second-nearest colour: the
-// true one is at least second * (1 - 1e-6).
+// true one is at least second * (1 - 1e-6) (float: 5 roundings of 2^-24).
 template <typename acc_t>
 double lower_bound_of(acc_t second) {
   const double s = static_cast<double>(second);
@@ -163,13 +167,33 @@ struct Movement {
   double distance_up() const { return std::sqrt(squared) * (1.0 + 1e-9); }
 };
 
-// keep[p - p0] = whether pixel p of [p0, p1) provably keeps its colour idx[p],
-// after lowering its bound lb[p] by the largest drift of the other colours
-// (DriftMax's fields, passed apart so that the loop vectorizes).
+// half_gap[k] = a lower bound on half the true distance from colour k of cb
+// [K, C] to the nearest other colour (0 if a colour is not finite).
+template <int kC, typename acc_t>
+CQ_SIMD_CLONES void half_gaps(const acc_t* cb, int64_t K, int64_t C, double* half_gap) {
+  const int64_t n = kC > 0 ? kC : C;
+  bool finite = true;
+  for (int64_t i = 0; i < K * n; ++i) finite = finite && std::isfinite(static_cast<double>(cb[i]));
+  for (int64_t k = 0; k < K; ++k) {
+    acc_t nearest = std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(min : nearest)
+    for (int64_t j = 0; j < K; ++j) {
+      const acc_t s = squared_distance<kC, acc_t>(cb + j * n, 1, cb + k * n, C);
+      nearest = (j != k) & (s < nearest) ? s : nearest;
+    }
+    half_gap[k] = finite ? 0.5 * lower_bound_of(nearest) : 0.0;
+  }
+}
+
+// keep[p - p0] = whether pixel p of [p0, p1) provably keeps its colour idx[p]:
+// by its bound lb[p], lowered here by the largest drift of the other colours
+// (DriftMax's fields, passed apart so that the loop vectorizes), or by the
+// half gap of its colour.
 template <int kC, typename scalar_t, typename acc_t>
 CQ_SIMD_CLONES void check_bounds(const scalar_t* __restrict__ x, int64_t P,
                                  const acc_t* __restrict__ cb, int64_t C, int64_t p0, int64_t p1,
                                  double first, double second, int64_t arg,
+                                 const double* __restrict__ half_gap,
                                  const int64_t* __restrict__ idx, double* __restrict__ lb,
                                  uint8_t* __restrict__ keep) {
   const int64_t stride = kC > 0 ? kC : C;
@@ -178,7 +202,9 @@ CQ_SIMD_CLONES void check_bounds(const scalar_t* __restrict__ x, int64_t P,
     const int64_t a = idx[p];
     const double bound = lower_bound_after(lb[p], a == arg ? second : first);
     lb[p] = bound;
-    keep[p - p0] = keeps_colour(squared_distance<kC, acc_t>(x + p, P, cb + a * stride, C), bound);
+    const double gap = half_gap[a];
+    keep[p - p0] = keeps_colour(squared_distance<kC, acc_t>(x + p, P, cb + a * stride, C),
+                                gap > bound ? gap : bound);
   }
 }
 
@@ -195,7 +221,10 @@ bool assign_pixels(const scalar_t* x, int64_t P, const acc_t* cb, int64_t K, int
   int64_t num_todo = 0;
   if (drift != nullptr) {
     uint8_t keep[kKMeansChunk];
-    check_bounds<kC>(x, P, cb, C, p0, p1, drift->first, drift->second, drift->arg, idx, lb, keep);
+    std::vector<double> half_gap(K);
+    half_gaps<kC>(cb, K, C, half_gap.data());
+    check_bounds<kC>(x, P, cb, C, p0, p1, drift->first, drift->second, drift->arg,
+                     half_gap.data(), idx, lb, keep);
     for (int64_t p = p0; p < p1; ++p) {
       todo[num_todo] = static_cast<int32_t>(p);  // kept or not: no branch to mispredict
       num_todo += keep[p - p0] ? 0 : 1;
