@@ -45,32 +45,36 @@ void parallel_for_kmeans_chunks(int64_t batch, int64_t num_pixels, int64_t grain
 constexpr int64_t kAssignBlock = 128;
 
 // One colour k of nearest_colours' search, at distance d, for one pixel.
-template <typename acc_t>
+template <bool kSecond, typename acc_t>
 CQ_ALWAYS_INLINE void search_step(acc_t d, int32_t k, acc_t& best, int32_t& best_k, acc_t& second) {
   const bool closer = d < best;  // strict: a tie or a NaN keeps the earlier colour
-  const acc_t other = closer ? best : d;
-  second = other < second ? other : second;
+  if constexpr (kSecond) {
+    const acc_t other = closer ? best : d;
+    second = other < second ? other : second;
+  }
   best = closer ? d : best;
   best_k = closer ? k : best_k;
 }
 
-// For the n pixels xb[i + c * kAssignBlock] (c < C, n <= kAssignBlock) and the
+// For the n pixels xb[i + c * x_stride] (c < C, n <= kAssignBlock) and the
 // palette [K, C]: best_k[i] = nearest_colour(pixel i) -- the same arithmetic and
 // tie rule, with the colour loop outside and the pixel loop inside, so that the
-// pixels go through the vector lanes -- and second[i] = the smallest squared
-// distance to any other colour (+inf if K == 1; NaN distances are ignored).
+// pixels go through the vector lanes -- and, if kSecond, second[i] = the
+// smallest squared distance to any other colour (+inf if K == 1; NaN
+// distances are ignored).
 // Colours go kColoursPerStep at a time, so that a lane's state is loaded and
 // stored once per step.
 constexpr int kColoursPerStep = 4;
 
-template <int kC, typename acc_t>
-CQ_SIMD_CLONES void nearest_colours(const acc_t* xb, const acc_t* palette, int64_t K, int64_t C,
-                                    int64_t n, int32_t* best_k, acc_t* second) {
+template <int kC, bool kSecond, typename x_t, typename acc_t>
+CQ_SIMD_CLONES void nearest_colours(const x_t* xb, int64_t x_stride, const acc_t* palette, int64_t K,
+                                    int64_t C, int64_t n, int32_t* best_k, acc_t* second) {
   const int64_t stride = kC > 0 ? kC : C;
-  acc_t best[kAssignBlock];
+  acc_t best[kAssignBlock], unused[kSecond ? 1 : kAssignBlock];
+  if constexpr (!kSecond) second = unused;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    best[i] = squared_distance<kC, acc_t>(xb + i, kAssignBlock, palette, C);
+    best[i] = squared_distance<kC, acc_t>(xb + i, x_stride, palette, C);
     best_k[i] = 0;
     second[i] = std::numeric_limits<acc_t>::infinity();
   }
@@ -82,7 +86,7 @@ CQ_SIMD_CLONES void nearest_colours(const acc_t* xb, const acc_t* palette, int64
       acc_t b = best[i], s = second[i];
       int32_t bk = best_k[i];
       for (int j = 0; j < kColoursPerStep; ++j) {
-        search_step(squared_distance<kC, acc_t>(xb + i, kAssignBlock, pk + j * stride, C),
+        search_step<kSecond>(squared_distance<kC, acc_t>(xb + i, x_stride, pk + j * stride, C),
                     static_cast<int32_t>(k + j), b, bk, s);
       }
       best[i] = b;
@@ -94,7 +98,7 @@ CQ_SIMD_CLONES void nearest_colours(const acc_t* xb, const acc_t* palette, int64
     const acc_t* pk = palette + k * stride;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      search_step(squared_distance<kC, acc_t>(xb + i, kAssignBlock, pk, C),
+      search_step<kSecond>(squared_distance<kC, acc_t>(xb + i, x_stride, pk, C),
                   static_cast<int32_t>(k), best[i], best_k[i], second[i]);
     }
   }
@@ -208,18 +212,44 @@ CQ_SIMD_CLONES void check_bounds(const scalar_t* __restrict__ x, int64_t P,
   }
 }
 
+// Below this many colours a full search costs about as little as the checks.
+constexpr int64_t kMinPruneColours = 16;
+
 // Assigns pixels [p0, p1) of one image (x: its [C, P] pixels; idx, lb: its
 // index map and bounds) to their nearest colour of cb [K, C]. With bounds
 // (idx and lb hold the previous assignment, drift how far the colours moved
-// since), pixels that provably keep their colour are not searched, and the
-// result says whether any pixel changed colour.
+// since), pixels that provably keep their colour are not searched. The result
+// says whether any pixel changed colour (if idx held an assignment: again).
+// lb may be null when no bounds are kept (then drift is null).
 template <int kC, typename scalar_t, typename acc_t>
 bool assign_pixels(const scalar_t* x, int64_t P, const acc_t* cb, int64_t K, int64_t C,
-                   int64_t p0, int64_t p1, const DriftMax* drift, int64_t* idx, double* lb) {
+                   int64_t p0, int64_t p1, bool again, const DriftMax* drift, int64_t* idx,
+                   double* lb) {
   const int64_t stride = kC > 0 ? kC : C;
+  int32_t best_k[kAssignBlock];
+  acc_t second[kAssignBlock];
+  if (drift == nullptr) {  // every pixel, read in place
+    bool changed = false;
+    for (int64_t i0 = p0; i0 < p1; i0 += kAssignBlock) {
+      const int64_t m = std::min(kAssignBlock, p1 - i0);
+      if (lb != nullptr) {
+        nearest_colours<kC, true>(x + i0, P, cb, K, C, m, best_k, second);
+      } else {
+        nearest_colours<kC, false>(x + i0, P, cb, K, C, m, best_k, second);
+      }
+      for (int64_t i = 0; i < m; ++i) {
+        changed = changed || (again && idx[i0 + i] != best_k[i]);
+        idx[i0 + i] = best_k[i];
+      }
+      if (lb != nullptr) {
+        for (int64_t i = 0; i < m; ++i) lb[i0 + i] = lower_bound_of(second[i]);
+      }
+    }
+    return changed;
+  }
   int32_t todo[kKMeansChunk];  // pixels to search (p1 - p0 <= kKMeansChunk)
   int64_t num_todo = 0;
-  if (drift != nullptr) {
+  {
     uint8_t keep[kKMeansChunk];
     std::vector<double> half_gap(K);
     half_gaps<kC>(cb, K, C, half_gap.data());
@@ -229,13 +259,9 @@ bool assign_pixels(const scalar_t* x, int64_t P, const acc_t* cb, int64_t K, int
       todo[num_todo] = static_cast<int32_t>(p);  // kept or not: no branch to mispredict
       num_todo += keep[p - p0] ? 0 : 1;
     }
-  } else {
-    for (int64_t p = p0; p < p1; ++p) todo[num_todo++] = static_cast<int32_t>(p);
   }
   if (num_todo == 0) return false;
   std::vector<acc_t> xb(kAssignBlock * stride);  // the block's pixels, gathered
-  int32_t best_k[kAssignBlock];
-  acc_t second[kAssignBlock];
   bool changed = false;
   for (int64_t i0 = 0; i0 < num_todo; i0 += kAssignBlock) {
     const int64_t m = std::min(kAssignBlock, num_todo - i0);
@@ -243,9 +269,9 @@ bool assign_pixels(const scalar_t* x, int64_t P, const acc_t* cb, int64_t K, int
     for (int64_t c = 0; c < stride; ++c) {
       for (int64_t i = 0; i < m; ++i) xb[c * kAssignBlock + i] = static_cast<acc_t>(x[c * P + pixels[i]]);
     }
-    nearest_colours<kC>(xb.data(), cb, K, C, m, best_k, second);
+    nearest_colours<kC, true>(xb.data(), kAssignBlock, cb, K, C, m, best_k, second);
     for (int64_t i = 0; i < m; ++i) {
-      changed = changed || (drift != nullptr && idx[pixels[i]] != best_k[i]);
+      changed = changed || idx[pixels[i]] != best_k[i];
       idx[pixels[i]] = best_k[i];
       lb[pixels[i]] = lower_bound_of(second[i]);
     }
@@ -254,30 +280,17 @@ bool assign_pixels(const scalar_t* x, int64_t P, const acc_t* cb, int64_t K, int
 }
 
 // sums[k, c] += x[c, p] and counts[k] += 1 for the pixels p of [p0, p1), of
-// colour k = idx[p], in pixel order. A run of pixels of one colour is added
-// up in registers: the same additions in the same order, without waiting on
-// a store for each.
+// colour k = idx[p], in pixel order (the order fixes the result). Adding up
+// runs of one colour in registers instead was slower at K = 8 (the branch at
+// each run's end) and faster only at K = 2.
 template <int kC, typename scalar_t, typename acc_t>
 void cluster_sums(const scalar_t* x, int64_t P, int64_t C, const int64_t* idx, int64_t p0,
                   int64_t p1, acc_t* sums, int64_t* counts) {
   const int64_t n = kC > 0 ? kC : C;
-  acc_t run[kC > 0 ? kC : 1];
-  for (int64_t p = p0; p < p1;) {
+  for (int64_t p = p0; p < p1; ++p) {
     const int64_t k = idx[p];
-    int64_t q = p;
-    if constexpr (kC > 0) {
-      for (int64_t c = 0; c < kC; ++c) run[c] = sums[k * kC + c];
-      for (; q < p1 && idx[q] == k; ++q) {
-        for (int64_t c = 0; c < kC; ++c) run[c] = add_rn(run[c], static_cast<acc_t>(x[c * P + q]));
-      }
-      for (int64_t c = 0; c < kC; ++c) sums[k * kC + c] = run[c];
-    } else {
-      for (; q < p1 && idx[q] == k; ++q) {
-        for (int64_t c = 0; c < n; ++c) sums[k * n + c] = add_rn(sums[k * n + c], static_cast<acc_t>(x[c * P + q]));
-      }
-    }
-    counts[k] += q - p;
-    p = q;
+    ++counts[k];
+    for (int64_t c = 0; c < n; ++c) sums[k * n + c] = add_rn(sums[k * n + c], static_cast<acc_t>(x[c * P + p]));
   }
 }
 
@@ -435,15 +448,17 @@ void kmeans_forward(const Tensor& image, int64_t K, int64_t iters, int64_t seed,
   // moved since the last assignment (reset here). on_chunk(task, b, p0, p1,
   // changed) runs after each chunk's assignment; images with skip(b) are left
   // alone.
-  std::vector<double> lb(B * P), drift(B * K, 0.0);
+  const bool prune = K >= kMinPruneColours;
+  std::vector<double> lb(prune ? B * P : 0), drift(B * K, 0.0);
   bool have_bounds = false;
   auto assign = [&](const auto& skip, const auto& on_chunk) {
     parallel_for_kmeans_chunks(B, P, 1, [&](int64_t task, int64_t b, int64_t p0, int64_t p1) {
       if (skip(b)) return;
       const DriftMax moved(drift.data() + b * K, K);
       const bool changed = assign_pixels<kC>(img + b * C * P, P, centres.data() + b * K * C, K, C,
-                                             p0, p1, have_bounds && K > 1 ? &moved : nullptr,
-                                             idx + b * P, lb.data() + b * P);
+                                             p0, p1, have_bounds,
+                                             have_bounds && prune ? &moved : nullptr, idx + b * P,
+                                             prune ? lb.data() + b * P : nullptr);
       on_chunk(task, b, p0, p1, changed);
     });
     std::fill(drift.begin(), drift.end(), 0.0);
