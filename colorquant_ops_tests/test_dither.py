@@ -67,7 +67,7 @@ def test_matches_loop_large(device, H, W):
 @pytest.mark.parametrize("distinct", [4, 16])
 def test_ties_go_to_lowest_index(device, distinct):
     """A palette with repeated colours: the first copy always wins (K = 12 and
-    K = 48: the CPU kernel searches palettes of 16 colours or more in vector lanes)."""
+    K = 48: the CPU kernel searches palettes of 16 colours or more with vector instructions)."""
     image, palette = random_case(2, 3, 6, 7, distinct, seed=5, device=device)
     palette = torch.cat([palette, palette.flip(1), palette], dim=1)  # every colour three times
     got = cq.floyd_steinberg_dither(image, palette)

@@ -2,7 +2,8 @@
 // fixed palette per image, pixels in raster order (the per-pixel step is
 // floyd_steinberg_pixel in common/palette_math.h). Images run in parallel;
 // within an image the scan is sequential, with two rows of partial values
-// (pixel + errors received) in opmath: the current row and the next.
+// (pixel + errors received) in opmath: the current row and the next. The
+// nearest-colour search of palettes of 16 colours or more is vectorized.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -29,13 +30,15 @@ using at::Tensor;
 // colours and never lets a NaN win; a NaN distance to colour 0 wins
 // everything, as in nearest_colour. (Keeping a running minimum per lane
 // instead makes GCC store it with masked stores, which stall the loads that
-// follow.) palette_t is the palette by channel, [C][padded], padded with NaN
-// colours; distances is scratch [padded].
+// follow.) palette_t is the palette by channel, [C][padded_colours(K)],
+// padded with NaN colours (their NaN distances never count); distances is
+// scratch [padded_colours(K)].
+inline int64_t padded_colours(int64_t K) { return (K + 15) / 16 * 16; }
+
 template <int kC, typename acc_t>
-struct LaneSearch {
-  static constexpr int64_t kLanes = 16;
+struct VectorSearch {
   const acc_t* palette_t;
-  int64_t padded;  // K rounded up to kLanes
+  int64_t padded;
   acc_t* distances;
 
   CQ_ALWAYS_INLINE int64_t operator()(const acc_t* value, const acc_t*, int64_t, int64_t C) const {
@@ -59,13 +62,13 @@ struct LaneSearch {
   }
 };
 
-// The palettes from which LaneSearch is used: below, its fixed cost of
-// combining the lanes outweighs what it saves.
-constexpr int64_t kLaneSearchMinColours = 16;
+// The palettes from which VectorSearch is used: below, the fixed cost of its
+// three passes outweighs what it saves.
+constexpr int64_t kVectorSearchMinColours = 16;
 
 // Error diffusion of one image x [C, P] onto its palette pal [K, C] (opmath);
 // rows: two scratch rows of W * C partial values; pal_t: scratch for
-// LaneSearch, (C + 1) * K rounded up to 16.
+// VectorSearch, (C + 1) * padded_colours(K).
 template <int kC, typename scalar_t, typename acc_t>
 CQ_SIMD_CLONES void dither_image(const scalar_t* x, int64_t C, int64_t H, int64_t W,
                                  const acc_t* pal, int64_t K, acc_t* row_a, acc_t* row_b,
@@ -76,10 +79,9 @@ CQ_SIMD_CLONES void dither_image(const scalar_t* x, int64_t C, int64_t H, int64_
   std::vector<acc_t> scratch(kC > 0 ? 0 : 2 * C);  // carry and value, C unknown at compile time
   acc_t* carry_p = kC > 0 ? carry : scratch.data();
   acc_t* value_p = kC > 0 ? value : scratch.data() + C;
-  const bool lanes = K >= kLaneSearchMinColours;
-  const int64_t padded = (K + LaneSearch<kC, acc_t>::kLanes - 1) / LaneSearch<kC, acc_t>::kLanes *
-                         LaneSearch<kC, acc_t>::kLanes;
-  if (lanes) {
+  const bool vector_search = K >= kVectorSearchMinColours;
+  const int64_t padded = padded_colours(K);
+  if (vector_search) {
     for (int64_t c = 0; c < n; ++c) {
       for (int64_t k = 0; k < padded; ++k) {
         pal_t[c * padded + k] = k < K ? pal[k * n + c] : std::numeric_limits<acc_t>::quiet_NaN();
@@ -106,8 +108,8 @@ CQ_SIMD_CLONES void dither_image(const scalar_t* x, int64_t C, int64_t H, int64_
       std::swap(cur, next);
     }
   };
-  if (lanes) {
-    scan(LaneSearch<kC, acc_t>{pal_t, padded, pal_t + n * padded});
+  if (vector_search) {
+    scan(VectorSearch<kC, acc_t>{pal_t, padded, pal_t + n * padded});
   } else {
     scan(NearestColour<kC, acc_t>{});
   }
@@ -121,7 +123,7 @@ void dither_forward(const Tensor& image, const Tensor& palette, Tensor& index_ma
   const scalar_t* img = image.const_data_ptr<scalar_t>();
   const scalar_t* pal_in = palette.const_data_ptr<scalar_t>();
   int64_t* idx = index_map.mutable_data_ptr<int64_t>();
-  const int64_t padded = (K + 15) / 16 * 16;
+  const int64_t padded = padded_colours(K);
 
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> pal(K * C), pal_t(padded * (C + 1)), row_a(W * C), row_b(W * C);
