@@ -41,7 +41,7 @@ void parallel_for_kmeans_chunks(int64_t batch, int64_t num_pixels, int64_t grain
   });
 }
 
-// Pixels per block of nearest_colours: its scratch rows stay in L1.
+// Pixels per block of nearest_colours: its scratch row stays in L1.
 constexpr int64_t kAssignBlock = 128;
 
 // One colour k of nearest_colours' search, at distance d, for one pixel.
@@ -56,8 +56,8 @@ CQ_ALWAYS_INLINE void search_step(acc_t d, int32_t k, acc_t& best, int32_t& best
   best_k = closer ? k : best_k;
 }
 
-// For the n pixels xb[i + c * x_stride] (c < C, n <= kAssignBlock) and the
-// palette [K, C]: best_k[i] = nearest_colour(pixel i) -- the same arithmetic and
+// For the pixels x[i + c * x_stride] (i < num_pixels, c < C), in blocks of
+// kAssignBlock, and the palette [K, C]: best_k[i] = nearest_colour(pixel i) -- the same arithmetic and
 // tie rule, with the colour loop outside and the pixel loop inside, so that the
 // pixels go through the vector lanes -- and, if kSecond, second[i] = the
 // smallest squared distance to any other colour (+inf if K == 1; NaN
@@ -67,39 +67,45 @@ CQ_ALWAYS_INLINE void search_step(acc_t d, int32_t k, acc_t& best, int32_t& best
 constexpr int kColoursPerStep = 4;
 
 template <int kC, bool kSecond, typename x_t, typename acc_t>
-CQ_SIMD_CLONES void nearest_colours(const x_t* xb, int64_t x_stride, const acc_t* palette, int64_t K,
-                                    int64_t C, int64_t n, int32_t* best_k, acc_t* second) {
+CQ_SIMD_CLONES void nearest_colours(const x_t* x, int64_t x_stride, const acc_t* palette, int64_t K,
+                                    int64_t C, int64_t num_pixels, int32_t* best_k_out,
+                                    acc_t* second_out) {
   const int64_t stride = kC > 0 ? kC : C;
   acc_t best[kAssignBlock], unused[kSecond ? 1 : kAssignBlock];
-  if constexpr (!kSecond) second = unused;
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    best[i] = squared_distance<kC, acc_t>(xb + i, x_stride, palette, C);
-    best_k[i] = 0;
-    second[i] = std::numeric_limits<acc_t>::infinity();
-  }
-  int64_t k = 1;
-  for (; k + kColoursPerStep <= K; k += kColoursPerStep) {
-    const acc_t* pk = palette + k * stride;
+  for (int64_t i0 = 0; i0 < num_pixels; i0 += kAssignBlock) {
+    const int64_t n = std::min(kAssignBlock, num_pixels - i0);
+    const x_t* xb = x + i0;
+    int32_t* best_k = best_k_out + i0;
+    acc_t* second = kSecond ? second_out + i0 : unused;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      acc_t b = best[i], s = second[i];
-      int32_t bk = best_k[i];
-      for (int j = 0; j < kColoursPerStep; ++j) {
-        search_step<kSecond>(squared_distance<kC, acc_t>(xb + i, x_stride, pk + j * stride, C),
-                    static_cast<int32_t>(k + j), b, bk, s);
-      }
-      best[i] = b;
-      second[i] = s;
-      best_k[i] = bk;
+      best[i] = squared_distance<kC, acc_t>(xb + i, x_stride, palette, C);
+      best_k[i] = 0;
+      second[i] = std::numeric_limits<acc_t>::infinity();
     }
-  }
-  for (; k < K; ++k) {
-    const acc_t* pk = palette + k * stride;
+    int64_t k = 1;
+    for (; k + kColoursPerStep <= K; k += kColoursPerStep) {
+      const acc_t* pk = palette + k * stride;
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      search_step<kSecond>(squared_distance<kC, acc_t>(xb + i, x_stride, pk, C),
-                  static_cast<int32_t>(k), best[i], best_k[i], second[i]);
+      for (int64_t i = 0; i < n; ++i) {
+        acc_t b = best[i], s = second[i];
+        int32_t bk = best_k[i];
+        for (int j = 0; j < kColoursPerStep; ++j) {
+          search_step<kSecond>(squared_distance<kC, acc_t>(xb + i, x_stride, pk + j * stride, C),
+                               static_cast<int32_t>(k + j), b, bk, s);
+        }
+        best[i] = b;
+        second[i] = s;
+        best_k[i] = bk;
+      }
+    }
+    for (; k < K; ++k) {
+      const acc_t* pk = palette + k * stride;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        search_step<kSecond>(squared_distance<kC, acc_t>(xb + i, x_stride, pk, C),
+                             static_cast<int32_t>(k), best[i], best_k[i], second[i]);
+      }
     }
   }
 }
@@ -212,6 +218,18 @@ CQ_SIMD_CLONES void check_bounds(const scalar_t* __restrict__ x, int64_t P,
   }
 }
 
+// idx[i] = k[i] for i < n; returns how many changed.
+CQ_SIMD_CLONES int64_t store_colours(const int32_t* __restrict__ k, int64_t n,
+                                     int64_t* __restrict__ idx) {
+  int64_t changed = 0;
+#pragma omp simd reduction(+ : changed)
+  for (int64_t i = 0; i < n; ++i) {
+    changed += idx[i] != k[i];
+    idx[i] = k[i];
+  }
+  return changed;
+}
+
 // Below this many colours a full search costs about as little as the checks.
 constexpr int64_t kMinPruneColours = 16;
 
@@ -226,26 +244,17 @@ bool assign_pixels(const scalar_t* x, int64_t P, const acc_t* cb, int64_t K, int
                    int64_t p0, int64_t p1, bool again, const DriftMax* drift, int64_t* idx,
                    double* lb) {
   const int64_t stride = kC > 0 ? kC : C;
-  int32_t best_k[kAssignBlock];
-  acc_t second[kAssignBlock];
+  int32_t best_k[kKMeansChunk];  // p1 - p0 <= kKMeansChunk
+  acc_t second[kKMeansChunk];
+  const int64_t n = p1 - p0;
   if (drift == nullptr) {  // every pixel, read in place
-    bool changed = false;
-    for (int64_t i0 = p0; i0 < p1; i0 += kAssignBlock) {
-      const int64_t m = std::min(kAssignBlock, p1 - i0);
-      if (lb != nullptr) {
-        nearest_colours<kC, true>(x + i0, P, cb, K, C, m, best_k, second);
-      } else {
-        nearest_colours<kC, false>(x + i0, P, cb, K, C, m, best_k, second);
-      }
-      for (int64_t i = 0; i < m; ++i) {
-        changed = changed || (again && idx[i0 + i] != best_k[i]);
-        idx[i0 + i] = best_k[i];
-      }
-      if (lb != nullptr) {
-        for (int64_t i = 0; i < m; ++i) lb[i0 + i] = lower_bound_of(second[i]);
-      }
+    if (lb != nullptr) {
+      nearest_colours<kC, true>(x + p0, P, cb, K, C, n, best_k, second);
+      for (int64_t i = 0; i < n; ++i) lb[p0 + i] = lower_bound_of(second[i]);
+    } else {
+      nearest_colours<kC, false>(x + p0, P, cb, K, C, n, best_k, second);
     }
-    return changed;
+    return store_colours(best_k, n, idx + p0) > 0 && again;
   }
   int32_t todo[kKMeansChunk];  // pixels to search (p1 - p0 <= kKMeansChunk)
   int64_t num_todo = 0;
@@ -261,20 +270,16 @@ bool assign_pixels(const scalar_t* x, int64_t P, const acc_t* cb, int64_t K, int
     }
   }
   if (num_todo == 0) return false;
-  std::vector<acc_t> xb(kAssignBlock * stride);  // the block's pixels, gathered
+  std::vector<acc_t> xb(num_todo * stride);  // the pixels to search, gathered
+  for (int64_t c = 0; c < stride; ++c) {
+    for (int64_t i = 0; i < num_todo; ++i) xb[c * num_todo + i] = static_cast<acc_t>(x[c * P + todo[i]]);
+  }
+  nearest_colours<kC, true>(xb.data(), num_todo, cb, K, C, num_todo, best_k, second);
   bool changed = false;
-  for (int64_t i0 = 0; i0 < num_todo; i0 += kAssignBlock) {
-    const int64_t m = std::min(kAssignBlock, num_todo - i0);
-    const int32_t* pixels = todo + i0;
-    for (int64_t c = 0; c < stride; ++c) {
-      for (int64_t i = 0; i < m; ++i) xb[c * kAssignBlock + i] = static_cast<acc_t>(x[c * P + pixels[i]]);
-    }
-    nearest_colours<kC, true>(xb.data(), kAssignBlock, cb, K, C, m, best_k, second);
-    for (int64_t i = 0; i < m; ++i) {
-      changed = changed || idx[pixels[i]] != best_k[i];
-      idx[pixels[i]] = best_k[i];
-      lb[pixels[i]] = lower_bound_of(second[i]);
-    }
+  for (int64_t i = 0; i < num_todo; ++i) {
+    changed = changed || idx[todo[i]] != best_k[i];
+    idx[todo[i]] = best_k[i];
+    lb[todo[i]] = lower_bound_of(second[i]);
   }
   return changed;
 }
