@@ -256,9 +256,8 @@ CQ_HD double kmeanspp_d2(bool first, double previous, acc_t d) {
 // add_rn(offset, d2 summed in order over [p0, p]) > target (one exists). The
 // sums are non-decreasing in p and add_rn is monotone, so a kernel that keeps
 // some of the chunk's running sums may search them by bisection (the CPU
-// kernel);
-// ScanChunk adds them up as it goes (the CUDA kernel), from `local`, the sum
-// of the chunk's values before p0 (0 from the chunk's start).
+// kernel). ScanChunk adds them up as it goes (the CUDA kernel), from `local`,
+// the sum of the chunk's values before p0 (0 from the chunk's start).
 struct ScanChunk {
   const double* d2;
   CQ_HD int64_t operator()(int64_t p0, int64_t p1, double offset, double target,

@@ -150,6 +150,7 @@ CQ_ALWAYS_INLINE bool keeps_colour(acc_t u, double lb) {
 struct DriftMax {
   double first = 0.0, second = 0.0;
   int64_t arg = -1;
+  DriftMax() = default;
   DriftMax(const double* drift, int64_t K) {
     for (int64_t k = 0; k < K; ++k) {
       const double d = std::isnan(drift[k]) ? std::numeric_limits<double>::infinity() : drift[k];
@@ -236,13 +237,14 @@ constexpr int64_t kMinPruneColours = 16;
 // Assigns pixels [p0, p1) of one image (x: its [C, P] pixels; idx, lb: its
 // index map and bounds) to their nearest colour of cb [K, C]. With bounds
 // (idx and lb hold the previous assignment, drift how far the colours moved
-// since), pixels that provably keep their colour are not searched. The result
-// says whether any pixel changed colour (if idx held an assignment: again).
-// lb may be null when no bounds are kept (then drift is null).
+// since, half_gap the image's half_gaps), pixels that provably keep their
+// colour are not searched. The result says whether any pixel changed colour
+// (if idx held an assignment: again). lb may be null when no bounds are kept
+// (then drift is null).
 template <int kC, typename scalar_t, typename acc_t>
 bool assign_pixels(const scalar_t* x, int64_t P, const acc_t* cb, int64_t K, int64_t C,
-                   int64_t p0, int64_t p1, bool again, const DriftMax* drift, int64_t* idx,
-                   double* lb) {
+                   int64_t p0, int64_t p1, bool again, const DriftMax* drift,
+                   const double* half_gap, int64_t* idx, double* lb) {
   const int64_t stride = kC > 0 ? kC : C;
   int32_t best_k[kKMeansChunk];  // p1 - p0 <= kKMeansChunk
   acc_t second[kKMeansChunk];
@@ -260,10 +262,8 @@ bool assign_pixels(const scalar_t* x, int64_t P, const acc_t* cb, int64_t K, int
   int64_t num_todo = 0;
   {
     uint8_t keep[kKMeansChunk];
-    std::vector<double> half_gap(K);
-    half_gaps<kC>(cb, K, C, half_gap.data());
-    check_bounds<kC>(x, P, cb, C, p0, p1, drift->first, drift->second, drift->arg,
-                     half_gap.data(), idx, lb, keep);
+    check_bounds<kC>(x, P, cb, C, p0, p1, drift->first, drift->second, drift->arg, half_gap, idx,
+                     lb, keep);
     for (int64_t p = p0; p < p1; ++p) {
       todo[num_todo] = static_cast<int32_t>(p);  // kept or not: no branch to mispredict
       num_todo += keep[p - p0] ? 0 : 1;
@@ -454,16 +454,26 @@ void kmeans_forward(const Tensor& image, int64_t K, int64_t iters, int64_t seed,
   // changed) runs after each chunk's assignment; images with skip(b) are left
   // alone.
   const bool prune = K >= kMinPruneColours;
-  std::vector<double> lb(prune ? B * P : 0), drift(B * K, 0.0);
+  std::vector<double> lb(prune ? B * P : 0), drift(B * K, 0.0), half_gap(prune ? B * K : 0);
+  std::vector<DriftMax> moved(prune ? B : 0);
   bool have_bounds = false;
   auto assign = [&](const auto& skip, const auto& on_chunk) {
+    const bool use_bounds = have_bounds && prune;
+    if (use_bounds) {  // once per image, for all of its chunks
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          if (skip(b)) continue;
+          moved[b] = DriftMax(drift.data() + b * K, K);
+          half_gaps<kC>(centres.data() + b * K * C, K, C, half_gap.data() + b * K);
+        }
+      });
+    }
     parallel_for_kmeans_chunks(B, P, 1, [&](int64_t task, int64_t b, int64_t p0, int64_t p1) {
       if (skip(b)) return;
-      const DriftMax moved(drift.data() + b * K, K);
-      const bool changed = assign_pixels<kC>(img + b * C * P, P, centres.data() + b * K * C, K, C,
-                                             p0, p1, have_bounds,
-                                             have_bounds && prune ? &moved : nullptr, idx + b * P,
-                                             prune ? lb.data() + b * P : nullptr);
+      const bool changed = assign_pixels<kC>(
+          img + b * C * P, P, centres.data() + b * K * C, K, C, p0, p1, have_bounds,
+          use_bounds ? &moved[b] : nullptr, use_bounds ? half_gap.data() + b * K : nullptr,
+          idx + b * P, prune ? lb.data() + b * P : nullptr);
       on_chunk(task, b, p0, p1, changed);
     });
     std::fill(drift.begin(), drift.end(), 0.0);
