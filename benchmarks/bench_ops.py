@@ -26,7 +26,7 @@ from .common import (
     rotated_buffer_count,
     time_calls,
 )
-from .formulations import FORMULATIONS, formulation
+from .formulations import FORMULATIONS, OPS, formulation
 
 #: size name -> (B, H, W, Ks)
 SIZES = {
@@ -100,13 +100,13 @@ class OpResult:
         return self.bandwidth / self.copy_bandwidth
 
 
-def plan(sizes, dtypes) -> List[OpCase]:
+def plan(sizes, dtypes, ops=OPS) -> List[OpCase]:
     cases = []
     for size in sizes:
         B, H, W, Ks = SIZES[size]
         for K in Ks:
             for dtype in dtypes:
-                cases += [OpCase(op, mode, B, K, H, W, dtype) for op, mode in OP_PASSES]
+                cases += [OpCase(op, mode, B, K, H, W, dtype) for op, mode in OP_PASSES if op in ops]
     return cases
 
 

@@ -59,6 +59,8 @@ def parse_args(argv=None):
                    help="cpu or cuda (default: cuda where available)")
     p.add_argument("--only", type=_csv(SECTIONS), default=list(SECTIONS),
                    help=f"comma-separated sections to run (default: {','.join(SECTIONS)})")
+    p.add_argument("--ops", type=_csv(bench_ops.OPS), default=list(bench_ops.OPS),
+                   help=f"ops of the op benchmark (default: {','.join(bench_ops.OPS)})")
     p.add_argument("--dtypes", type=_csv(tuple(DTYPES)), default=["float32", "bfloat16"],
                    help="dtypes of the op benchmark (default: float32,bfloat16); the quantizers and "
                         "ColorCNN run in float32")
@@ -233,7 +235,7 @@ def run(args) -> tuple:
     """Runs the selected sections; returns ``(report markdown, number of formulation mismatches)``."""
     device, policy = args.device, args.policy
     colorcnn_sizes = [s for s in args.sizes if device.type == "cuda" or s == "cifar"]
-    op_cases = bench_ops.plan(args.sizes, args.dtypes) if "ops" in args.only else []
+    op_cases = bench_ops.plan(args.sizes, args.dtypes, args.ops) if "ops" in args.only else []
     q_cases = bench_quantizers.plan(args.sizes, device) if "quantizers" in args.only else []
     c_cases = bench_colorcnn.plan(colorcnn_sizes, args.colorcnn_width) if "colorcnn" in args.only else []
     total = len(op_cases) * len(bench_ops.FORMULATIONS) + len(q_cases) + \

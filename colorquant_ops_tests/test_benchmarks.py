@@ -199,7 +199,17 @@ def test_main_end_to_end(tmp_path, monkeypatch):
     assert report.count("| soft | fwd+bwd | 2x3x16x16 | float32 |") == 1
 
 
+def test_ops_filter():
+    args = main.parse_args(["--ops", "render,hard", "--sizes", "cifar", "--dtypes", "float32"])
+    cases = bench_ops.plan(args.sizes, args.dtypes, args.ops)
+    assert {(c.op, c.mode) for c in cases} == {("hard", "fwd"), ("render", "fwd")}
+    assert sorted(c.K for c in cases if c.op == "render") == [2, 8, 64]
+    assert len(bench_ops.plan(args.sizes, args.dtypes)) == 4 * 3  # every op by default
+
+
 def test_bad_arguments_are_rejected():
+    with pytest.raises(SystemExit):
+        main.parse_args(["--ops", "render,nonsense"])
     with pytest.raises(SystemExit):
         main.parse_args(["--only", "ops,nonsense"])
     with pytest.raises(SystemExit):

@@ -69,6 +69,30 @@ def test_matches_reference(device, dtype, case):
     check_render_backward(got, index_map, palette, grad)
 
 
+_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+         torch.bfloat16: torch.int16}
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("K", [1, 2, 16, 17, 32, 33, 64, 65])
+def test_copies_palette_bits(device, dtype, K):
+    """The gather moves bits: NaN payloads, -0, infinities and subnormals come
+    out unchanged, at the palette sizes where the CPU's lookup changes (one
+    or two halves of a register table up to 64 colours, memory above) and at
+    image sizes around its 16-pixel steps."""
+    gen = generator(33)
+    bits = _BITS[dtype]
+    info = torch.iinfo(bits)
+    for pixels in (1, 15, 16, 17, 47):
+        index_map = random_index_map((3, 1, pixels), K, gen, device)
+        raw = torch.randint(info.min, info.max, (3, K, 3), generator=gen, dtype=torch.int64).to(bits)
+        raw[:, 0, 0] = torch.tensor(-0.0, dtype=dtype).view(bits)  # and random NaN payloads, above
+        palette = raw.view(dtype).to(device)
+        out = cq.render_index_map(index_map, palette)
+        want = reference.render_index_map(index_map.cpu(), raw)  # the same gather on integers
+        assert torch.equal(out.cpu().view(bits), want)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS_3D)
 def test_gradcheck(device, layout):
     gen = generator(30)
@@ -79,15 +103,18 @@ def test_gradcheck(device, layout):
     assert torch.autograd.gradcheck(lambda p: cq.render_index_map(index_map, p), (palette,), atol=1e-10, rtol=1e-8)
 
 
-@pytest.mark.parametrize("bad", [-1, 6, 2**40, -(2**62)])
-@pytest.mark.parametrize("where", ["first", "last"])
-def test_out_of_range_index(device, bad, where):
+@pytest.mark.parametrize("bad", [-1, "K", 2**40, -(2**62)])
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+@pytest.mark.parametrize("K", [6, 40])
+def test_out_of_range_index(device, bad, where, K):
     """Indices outside [0, K) raise IndexError (never read out of bounds), also
-    in the second image of the batch and through a non-contiguous index map."""
+    in the second image of the batch and through a non-contiguous index map.
+    On the CPU, the first and middle pixels go through the 16-pixel AVX-512
+    steps (one or two palette halves: K = 6, 40), the last through the tail."""
     gen = generator(31)
-    index_map = random_index_map((2, 5, 7), 6, gen, device)
-    index_map[(0, 0, 0) if where == "first" else (1, 4, 6)] = bad
-    palette = randn((2, 6, 3), gen, device=device)
+    index_map = random_index_map((2, 5, 7), K, gen, device)
+    index_map[{"first": (0, 0, 0), "middle": (1, 2, 3), "last": (1, 4, 6)}[where]] = K if bad == "K" else bad
+    palette = randn((2, K, 3), gen, device=device)
     for idx in (index_map, with_layout(index_map, "reversed")):
         with pytest.raises(IndexError, match=r"index"):
             cq.render_index_map(idx, palette)
