@@ -22,20 +22,8 @@ void render(const int64_t* index, const scalar_t* palette, int64_t B, int64_t K,
   dispatch_channels(C, [&](auto kC) {
     parallel_for_chunks(B, P, C, [&](int64_t, int64_t b, int64_t p0, int64_t p1) {
       const int64_t* idx = index + b * P + p0;
-      const scalar_t* colours = palette + b * K * C;
-      scalar_t* dst = out + b * C * P + p0;
-      int64_t done = 0;  // pixels rendered by the AVX-512 lookup
-      bool invalid = false;
-#ifdef CQ_HAVE_AVX512_LOOKUP
-      if constexpr (sizeof(scalar_t) <= 4) {
-        if (K <= kMaxRegisterColours && cpu_has_avx512f()) {
-          done = gather_small_palette_avx512(idx, colours, C, K, p1 - p0, dst, P, &invalid);
-        }
-      }
-#endif
-      if (!gather_palette<decltype(kC)::value>(idx + done, colours, C, K, p1 - p0 - done,
-                                               dst + done, P) ||
-          invalid) {
+      if (!gather_palette<decltype(kC)::value>(idx, palette + b * K * C, C, K, p1 - p0,
+                                               out + b * C * P + p0, P)) {
         check_indices(idx, p1 - p0, K);
       }
     });

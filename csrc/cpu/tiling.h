@@ -512,24 +512,22 @@ inline bool cpu_has_avx512f() {
 // cost more than scalar loads on Zen 4 (measured: 2x slower at K = 256).
 constexpr int64_t kMaxRegisterColours = 64;
 
-// The 16 lanes of entry (< 32 * kBlocks) looked up in row[0 .. 32 * kBlocks):
-// one vpermt2d (which reads 5 index bits) per block of 32 entries, then the
-// blocks' results merged by the higher index bits, as a tree.
+// The 16 lanes of entry (< 32 * kBlocks, kBlocks = 1 or 2) looked up in
+// row[0 .. 32 * kBlocks): one vpermt2d (which reads 5 index bits) per block of
+// 32 entries, the two blocks' results merged by index bit 5.
 template <int kBlocks>
 __attribute__((target("avx512f"), always_inline)) inline __m512i lookup_row(const uint32_t* row,
                                                                            __m512i entry) {
-  __m512i v[kBlocks];
-  for (int j = 0; j < kBlocks; ++j) {
-    v[j] = _mm512_permutex2var_epi32(_mm512_loadu_si512(row + 32 * j), entry,
-                                     _mm512_loadu_si512(row + 32 * j + 16));
+  static_assert(kBlocks == 1 || kBlocks == 2, "32 or 64 entries");
+  const __m512i low = _mm512_permutex2var_epi32(_mm512_loadu_si512(row), entry,
+                                                _mm512_loadu_si512(row + 16));
+  if constexpr (kBlocks == 1) {
+    return low;
+  } else {
+    const __m512i high = _mm512_permutex2var_epi32(_mm512_loadu_si512(row + 32), entry,
+                                                   _mm512_loadu_si512(row + 48));
+    return _mm512_mask_blend_epi32(_mm512_test_epi32_mask(entry, _mm512_set1_epi32(32)), low, high);
   }
-  for (int width = 1; width < kBlocks; width *= 2) {
-    const __mmask16 upper = _mm512_test_epi32_mask(entry, _mm512_set1_epi32(32 * width));
-    for (int j = 0; j + width < kBlocks; j += 2 * width) {
-      v[j] = _mm512_mask_blend_epi32(upper, v[j], v[j + width]);
-    }
-  }
-  return v[0];
 }
 
 // gather_palette's first n - n % 16 pixels, 16 per step, for palettes of at
@@ -583,34 +581,44 @@ __attribute__((target("avx512f"))) int64_t gather_palette_avx512_blocks(
   return i;
 }
 
-// gather_palette_avx512_blocks with the fewest blocks that hold num_colors
-// (<= kMaxRegisterColours) colours.
+// gather_palette_avx512_blocks with the fewest blocks that hold the palette,
+// where it applies (16- or 32-bit entries, at most kMaxRegisterColours
+// colours, n >= 16, a CPU with AVX-512); else renders nothing and returns 0.
 template <typename scalar_t>
 int64_t gather_small_palette_avx512(const int64_t* index, const scalar_t* palette,
                                     int64_t channels, int64_t num_colors, int64_t n,
                                     scalar_t* out, int64_t out_ld, bool* invalid) {
-  static_assert(sizeof(scalar_t) == 2 || sizeof(scalar_t) == 4, "16- or 32-bit palette entries");
-  if (n < 16) return 0;
-  const auto run = [&](auto blocks) {
-    return gather_palette_avx512_blocks<decltype(blocks)::value>(index, palette, channels,
-                                                                 num_colors, n, out, out_ld, invalid);
-  };
-  static_assert(kMaxRegisterColours == 64, "blocks of 32 colours dispatched below");
-  if (num_colors <= 32) return run(std::integral_constant<int, 1>{});
-  return run(std::integral_constant<int, 2>{});
+  if constexpr (sizeof(scalar_t) != 2 && sizeof(scalar_t) != 4) {
+    return 0;
+  } else {
+    if (n < 16 || num_colors > kMaxRegisterColours || !cpu_has_avx512f()) return 0;
+    static_assert(kMaxRegisterColours == 64, "one or two blocks of 32 colours");
+    if (num_colors <= 32) {
+      return gather_palette_avx512_blocks<1>(index, palette, channels, num_colors, n, out, out_ld,
+                                             invalid);
+    }
+    return gather_palette_avx512_blocks<2>(index, palette, channels, num_colors, n, out, out_ld,
+                                           invalid);
+  }
 }
 #endif
 
 // out[c*out_ld + i] = palette[index[i]*C + c] for the n pixels of a chunk, in
-// one pass over the indices. Returns false if an index lies outside
+// one pass over the indices (through gather_small_palette_avx512 where it
+// applies, the rest here). Returns false if an index lies outside
 // [0, num_colors) (its pixel gets colour 0; the caller raises the error).
 template <int kC, typename scalar_t>
 CQ_SIMD_CLONES bool gather_palette(const int64_t* index, const scalar_t* palette, int64_t channels,
                                    int64_t num_colors, int64_t n, scalar_t* out, int64_t out_ld) {
   const int64_t C = kC > 0 ? kC : channels;
-  int64_t invalid = 0;
+  bool invalid_lookup = false;
+  int64_t done = 0;  // pixels rendered by the AVX-512 lookup
+#ifdef CQ_HAVE_AVX512_LOOKUP
+  done = gather_small_palette_avx512(index, palette, C, num_colors, n, out, out_ld, &invalid_lookup);
+#endif
+  int64_t invalid = invalid_lookup;
 #pragma omp simd reduction(| : invalid)
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = done; i < n; ++i) {
     const int64_t k = index[i];
     const bool ok = k >= 0 && k < num_colors;
     invalid |= !ok;
