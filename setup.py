@@ -52,9 +52,10 @@ def extension():
 
 
 setup(
-    packages=find_packages(include=["colorquant_ops", "colorquant_ops.*"]),
-    # the demo's bundled weights and CIFAR-10 test sample (colorquant_ops/demo.py)
-    package_data={"colorquant_ops": ["assets/weights/*.pt", "assets/cifar10-sample/test/*/*.jpg"]},
+    # colorquant_ops.assets (no __init__.py: data only) is listed so that setuptools ships it as package data
+    packages=find_packages(include=["colorquant_ops", "colorquant_ops.*"]) + ["colorquant_ops.assets"],
+    # the bundled weights (colorquant_ops.models.pretrained) and the demo's CIFAR-10 test sample
+    package_data={"colorquant_ops.assets": ["weights/*.pt", "cifar10-sample/test/*/*.jpg"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

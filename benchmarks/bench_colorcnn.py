@@ -19,7 +19,7 @@ from typing import List
 
 import torch
 
-from colorquant_ops.classifiers import build_classifier
+from colorquant_ops.models.classifiers import build_classifier
 from colorquant_ops.losses import ColorCNNLoss
 from colorquant_ops.models import ColorCNN
 from colorquant_ops.models import colorcnn as colorcnn_module

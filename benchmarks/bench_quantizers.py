@@ -12,7 +12,7 @@
   onto a given k-means palette, on a few images only: the slowest reference.
 
 Images: real CIFAR-10 test images (the project's JPEG copy, see
-:mod:`colorquant_ops.data`), batches of 128 at 32x32 and of 32 resized to
+:mod:`colorquant_ops.experiment.data`), batches of 128 at 32x32 and of 32 resized to
 224x224 (bicubic): there is no larger real-image dataset in this project.
 """
 
@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from colorquant_ops import data
+from colorquant_ops.experiment import data
 from colorquant_ops.ops import floyd_steinberg_dither, kmeans_palette
 from colorquant_ops.quantizers import pil_quantize
 from colorquant_ops.quantizers.reference import floyd_steinberg_batch_reference
@@ -37,7 +37,7 @@ BATCH = {"cifar": 128, "imagenet": 32}
 PYTHON_DITHER_IMAGES = {"cifar": 4, "imagenet": 1}
 #: batches rotated between calls (distinct real images)
 N_BATCHES = 3
-#: class-balanced test subset the images come from (cached as a tensor by colorquant_ops.data)
+#: class-balanced test subset the images come from (cached as a tensor by colorquant_ops.experiment.data)
 SUBSET = 500
 
 PIL_METHODS = (("median_cut", "PIL median cut"), ("octree", "PIL octree"), ("kmeans", "PIL k-means"))
@@ -92,12 +92,11 @@ def plan(sizes, device: torch.device) -> List[QuantizerCase]:
 def load_images(sizes, data_root=None) -> Dict[str, List[torch.Tensor]]:
     """``N_BATCHES`` distinct uint8 batches per size from the CIFAR-10 test set.
 
-    Raises :class:`colorquant_ops.data.DatasetNotFoundError` (saying where it
+    Raises :class:`colorquant_ops.experiment.data.DatasetNotFoundError` (saying where it
     looked and how to supply the data) when CIFAR-10 is not there.
     """
-    from colorquant_ops.train import data_locations
 
-    root, cache = data_locations(argparse.Namespace(data_root=data_root, dataset="cifar10", cache_dir=None))
+    root, cache = data.data_locations(argparse.Namespace(data_root=data_root, dataset="cifar10", cache_dir=None))
     dataset = data.build_dataset("cifar10", root, "test", subset=SUBSET, cache_dir=cache)
     images = dataset.images  # uint8 [SUBSET, 3, 32, 32], class-balanced order
     batches = {}

@@ -281,7 +281,7 @@ def run(args) -> tuple:
             notes.append("- PyTorch defaults: TF32 off for float32 matrix products")
 
     if q_cases:
-        from colorquant_ops.data import DatasetNotFoundError
+        from colorquant_ops.experiment.data import DatasetNotFoundError
 
         try:
             batches = bench_quantizers.load_images(sorted({c.size for c in q_cases}), args.data_root)

@@ -1,10 +1,17 @@
 """colorquant_ops: learned colour quantization (ColorCNN) with fused C++/CUDA torch ops.
 
-* :mod:`colorquant_ops.ops` -- the fused ops (``torch.ops.colorquant``);
-* :class:`ColorCNN` -- the seed paper's network (:mod:`colorquant_ops.models`);
+The library, what other people's training code imports:
+
+* :mod:`colorquant_ops.ops` -- the fused ops (``torch.ops.colorquant``) and their plain-PyTorch reference;
+* :class:`ColorCNN` -- the seed paper's network, and the classifiers that judge it (:mod:`colorquant_ops.models`);
 * :class:`colorquant_ops.transforms.ColorQuantize` -- a torchvision v2 transform;
 * :mod:`colorquant_ops.quantizers` -- the traditional baselines;
-* :mod:`colorquant_ops.codecs` -- palette PNG / JPEG size accounting.
+* :mod:`colorquant_ops.codecs` -- palette PNG / JPEG size accounting;
+* :mod:`colorquant_ops.losses` -- ColorCNN's training objective;
+* :mod:`colorquant_ops.normalization` -- the input normalization each dataset's networks expect.
+
+The experiment and the ``colorquant`` command live apart, in :mod:`colorquant_ops.experiment`,
+which the library never imports.
 """
 
 from . import ops

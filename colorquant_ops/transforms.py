@@ -8,17 +8,19 @@
 
     pipeline = v2.Compose([v2.RandomCrop(32, padding=4), ColorQuantize(4, "median_cut"), v2.ToImage(),
                            v2.ToDtype(torch.float32, scale=True)])
+    bundled = ColorQuantize(2, "colorcnn", model="cifar10-k2")      # bundled weights, by name
     model = nn.Sequential(ColorQuantize(2, "colorcnn", model=colorcnn), classifier)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, NamedTuple, Optional
 
 import PIL.Image
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import Transform
 from torchvision.transforms.v2 import functional as TF
@@ -27,12 +29,14 @@ from torchvision.transforms.v2._utils import is_pure_tensor
 from . import ops
 from ._validation import check_int as _check_int
 from .models import ColorCNN, load_colorcnn
+from .models.pretrained import PRETRAINED_COLORCNN
 from .quantizers import pil_quantize
 
 __all__ = ["METHODS", "ColorQuantize", "QuantizeResult"]
 
 #: Methods of :class:`ColorQuantize`.
 METHODS = ("median_cut", "octree", "kmeans", "colorcnn")
+_PIL_METHODS = ("median_cut", "octree")
 
 
 class QuantizeResult(NamedTuple):
@@ -40,14 +44,26 @@ class QuantizeResult(NamedTuple):
 
     quantized: Tensor  #: ``[B,C,H,W]``, dtype of the input
     index_map: Optional[Tensor]  #: ``[B,H,W]`` int64 (``None`` for ColorCNN's soft training path)
-    palette: Tensor  #: ``[B,K,C]``; uint8 for uint8 input, else the input's float dtype
+    palette: Tensor  #: ``[B,K,C']``; uint8 for uint8 input, else the input's float dtype (RGBA: ``C' = 3``)
+
+
+@contextlib.contextmanager
+def _running_in_mode(model: torch.nn.Module, training: bool):
+    """Run ``model`` in ``training`` mode inside the block; every submodule's flag is restored after."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 class ColorQuantize(Transform):
     """Quantize images to at most ``num_colors`` colours.
 
     Args:
-        num_colors: number of colours K, in ``[2, 256]``.
+        num_colors: number of colours K, in ``[1, 256]`` (``"colorcnn"``: the model's K).
         method: ``"median_cut"``, ``"octree"`` (PIL, the seed paper's baselines),
             ``"kmeans"`` (this library's batched k-means op: k-means++ seeding
             and ``kmeans_iters`` Lloyd iterations) or ``"colorcnn"`` (a learned
@@ -56,25 +72,49 @@ class ColorQuantize(Transform):
             error diffusion (this library's batched op) instead of using the
             method's own index map.
         model: for ``method="colorcnn"``, a :class:`~colorquant_ops.ColorCNN`
-            with ``num_colors`` colours or the path of a checkpoint written by
-            :func:`~colorquant_ops.models.save_colorcnn`.
+            with ``num_colors`` colours, the name of a bundled network
+            (:data:`colorquant_ops.models.PRETRAINED_COLORCNN`, e.g.
+            ``"cifar10-k2"``; names take precedence over files) or the path of
+            a checkpoint written by :func:`~colorquant_ops.models.save_colorcnn`.
         kmeans_iters: Lloyd iterations of ``method="kmeans"``.
         seed: seed of the k-means++ seeding (results are deterministic given it).
 
-    Inputs: PIL images (RGB), ``tv_tensors.Image`` or plain tensors ``[..., C, H, W]``,
-    uint8 or floating point (PIL methods, k-means and dithering expect values in
-    ``[0, 1]`` for floats). The output has the input's type, dtype and shape;
-    other inputs of a sample (labels, boxes, masks) pass through unchanged.
+    Inputs: PIL images, ``tv_tensors.Image``, ``tv_tensors.Video`` (every frame is
+    quantized on its own) or plain tensors ``[..., C, H, W]``, uint8 or floating
+    point. The output has the input's type, dtype and shape; other inputs of a
+    sample (labels, boxes, masks) pass through unchanged.
+
+    * Value range: float images are in ``[0, 1]`` (uint8 in ``[0, 255]``).
+      Median cut and octree (PIL, 8-bit) raise a ``ValueError`` for float values
+      outside ``[0, 1]`` (e.g. after ``v2.Normalize``: quantize before
+      normalizing); k-means and dithering work exactly on any finite range. A
+      ColorCNN with an ``input_normalization`` (every bundled or ``colorquant
+      train`` network) takes ``[0, 1]`` images and normalizes them for its
+      backbone itself; its palette is the mean of the input pixels, so the
+      output stays in ``[0, 1]``.
+    * Channels: RGB. Grayscale (1 channel, PIL mode ``"L"``) is quantized to K
+      gray levels; RGBA (4 channels, PIL ``"RGBA"``) quantizes the RGB channels
+      and passes alpha through unchanged (the palette then holds RGB). k-means
+      and dithering also take any other number of channels as they are, and a
+      ColorCNN its own ``in_channels``.
+    * dtypes: the output (and palette) has the input's dtype; ColorCNN runs in
+      its own parameters' dtype and on their device.
 
     Modes: the transform starts in eval mode, where every method outputs at most
-    K colours per image (ColorCNN runs its argmax path on the model's device). In
-    training mode (e.g. ``nn.Sequential(ColorQuantize(..., model=m), classifier).train()``)
-    the ``"colorcnn"`` method runs ColorCNN's soft, differentiable recolouring on
-    float tensors, so gradients reach the model's parameters; the other methods
-    do not depend on the mode.
+    K colours per image. In training mode (e.g.
+    ``nn.Sequential(ColorQuantize(..., model=m), classifier).train()``) the
+    ``"colorcnn"`` method runs ColorCNN's soft, differentiable recolouring on
+    float tensors, so gradients reach the model's parameters (uint8 and PIL
+    input, which carry no gradient, always take the argmax path). The
+    *transform's* mode decides, whatever the model's own: each call runs the
+    model in that mode (soft path and batch statistics in training, argmax and
+    running statistics in eval) and restores the model's own mode flags
+    afterwards; ``ColorQuantize.train()`` / ``.eval()`` do not change them
+    either, so a model shared with a training loop is never switched behind its
+    owner's back. The other methods do not depend on the mode.
     """
 
-    _transformed_types = (PIL.Image.Image, tv_tensors.Image, is_pure_tensor)
+    _transformed_types = (PIL.Image.Image, tv_tensors.Image, tv_tensors.Video, is_pure_tensor)
 
     def __init__(
         self,
@@ -86,7 +126,7 @@ class ColorQuantize(Transform):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.num_colors = _check_int(num_colors, "num_colors", 2, 256)
+        self.num_colors = _check_int(num_colors, "num_colors", 1, 256)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.method = method
@@ -96,20 +136,39 @@ class ColorQuantize(Transform):
         self.model: Optional[ColorCNN] = None
         if method == "colorcnn":
             if model is None:
-                raise ValueError('method="colorcnn" needs model=: a ColorCNN or the path of a ColorCNN checkpoint')
-            if isinstance(model, (str, os.PathLike)):
+                raise ValueError('method="colorcnn" needs model=: a ColorCNN, a bundled name '
+                                 f"({', '.join(sorted(PRETRAINED_COLORCNN))}) or a checkpoint path")
+            if isinstance(model, str) and model in PRETRAINED_COLORCNN:
+                model = ColorCNN.from_pretrained(model)
+            elif isinstance(model, (str, os.PathLike)):
                 model = load_colorcnn(model)
             if not isinstance(model, ColorCNN):
-                raise TypeError(f"model must be a ColorCNN or a checkpoint path, got {type(model).__name__}")
+                raise TypeError(f"model must be a ColorCNN, a bundled name or a checkpoint path, "
+                                f"got {type(model).__name__}")
             if model.num_colors != self.num_colors:
                 raise ValueError(f"model quantizes to {model.num_colors} colours but num_colors={self.num_colors}")
             self.model = model
         elif model is not None:
             raise ValueError(f"model= is only used by method='colorcnn', not {method!r}")
-        self.train(False)
+        self.training = False  # the transform's own flag only: the model's mode is its owner's
+
+    def train(self, mode: bool = True) -> "ColorQuantize":
+        """Set the transform's mode (soft vs argmax ColorCNN path); the model's own flags are left alone."""
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        self.training = mode
+        return self
 
     def extra_repr(self) -> str:
-        return f"num_colors={self.num_colors}, method={self.method!r}, dither={self.dither}"
+        text = (f"num_colors={self.num_colors}, method={self.method!r}, dither={self.dither}, "
+                f"kmeans_iters={self.kmeans_iters}, seed={self.seed}")
+        if self.model is not None:
+            m = self.model
+            text += f", model=ColorCNN(num_colors={m.num_colors}, backbone={m.backbone_name!r}, width={m.width})"
+        return text
+
+    def __repr__(self) -> str:  # one line: the model is summarized, not printed layer by layer
+        return f"{type(self).__name__}({self.extra_repr()})"
 
     # --- batched core -----------------------------------------------------------------
 
@@ -117,24 +176,49 @@ class ColorQuantize(Transform):
         """Quantize a batch ``[B,C,H,W]`` (uint8 or float); also returns the index map and palette.
 
         ``render_index_map(index_map, palette)`` reproduces ``quantized`` (after a
-        float conversion for uint8), so the pair can be stored, e.g. as a palette PNG.
+        float conversion for uint8; for RGBA, its RGB channels), so the pair can be
+        stored, e.g. as a palette PNG.
         """
         if not isinstance(images, Tensor):
             raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
         if images.dim() != 4:
             raise ValueError(f"images must be 4-D [B, C, H, W], got shape {tuple(images.shape)}")
-        is_uint8 = images.dtype == torch.uint8
-        if not (is_uint8 or images.is_floating_point()):
+        if not (images.dtype == torch.uint8 or images.is_floating_point()):
             raise TypeError(f"images must be uint8 or floating point, got {images.dtype}")
+        channels = images.shape[1]
+        native = self._native_channels(channels)
+        if channels == 4 and not native:  # RGBA: quantize RGB, alpha passes through
+            result = self._quantize(images[:, :3])
+            return result._replace(quantized=torch.cat([result.quantized, images[:, 3:]], dim=1))
+        if channels == 1 and not native:  # grayscale through an RGB quantizer: gray in, gray levels out
+            result = self._quantize(images.expand(-1, 3, -1, -1))
+            return QuantizeResult(result.quantized[:, :1], result.index_map, result.palette[..., :1])
+        if not native and channels != 3:
+            raise ValueError(f"{self.method} quantizes RGB, grayscale (1 channel) or RGBA (4 channels) images, "
+                             f"got {channels} channels")
+        return self._quantize(images)
+
+    def _native_channels(self, channels: int) -> bool:
+        """Whether the method takes ``channels`` channels as they are (else: RGB with gray/alpha handling)."""
+        if self.method == "colorcnn":
+            return channels == self.model.in_channels
+        if self.method == "kmeans":
+            return channels != 4  # RGBA keeps its alpha out of the clustering
+        return channels == 3
+
+    def _quantize(self, images: Tensor) -> QuantizeResult:
+        is_uint8 = images.dtype == torch.uint8
         x = images.float() / 255 if is_uint8 else images
+        if self.method in _PIL_METHODS and not is_uint8:
+            self._check_unit_range(x)
 
         if self.method == "colorcnn" and self.training and not is_uint8:
-            out = self._run_model(x)  # soft, differentiable path
+            out = self._run_model(x, soft=True)  # soft, differentiable path
             return QuantizeResult(out.quantized, None, out.palette)
 
         if self.method == "colorcnn":
             with torch.no_grad():
-                out = self._run_model(x)
+                out = self._run_model(x, soft=False)
             index_map, palette = out.index_map, out.palette
         elif self.method == "kmeans":
             index_map, palette = ops.kmeans_palette(x, self.num_colors, self.kmeans_iters, self.seed)
@@ -151,26 +235,36 @@ class ColorQuantize(Transform):
             return QuantizeResult(quantized.to(torch.uint8), index_map, palette.to(torch.uint8))
         return QuantizeResult(quantized, index_map, palette)
 
-    def _run_model(self, x: Tensor):
-        device = next(self.model.parameters()).device
-        out = self.model(x.to(device))
-        if device == x.device:
-            return out
-        return type(out)(*(t.to(x.device) if t is not None else None for t in out))
+    def _check_unit_range(self, x: Tensor) -> None:
+        if x.numel() == 0:
+            return
+        low, high = torch.aminmax(x.detach())
+        low, high = float(low), float(high)
+        if not (0.0 <= low and high <= 1.0):  # also False for NaN
+            raise ValueError(
+                f"{self.method} quantizes 8-bit colours and needs float images in [0, 1], got values in "
+                f"[{low:.4g}, {high:.4g}]: quantize before v2.Normalize (or use method='kmeans', exact on any range)"
+            )
+
+    def _run_model(self, x: Tensor, soft: bool):
+        """ColorCNN on ``x`` in its own device and dtype, in the transform's mode; outputs like ``x``."""
+        param = next(self.model.parameters())
+        with _running_in_mode(self.model, soft):
+            out = self.model(x.to(device=param.device, dtype=param.dtype))
+        return type(out)(*(t.to(device=x.device, dtype=x.dtype if t.is_floating_point() else t.dtype)
+                           if t is not None else None for t in out))
 
     # --- torchvision v2 plumbing --------------------------------------------------------
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if isinstance(inpt, PIL.Image.Image):
-            if inpt.mode != "RGB":
-                raise ValueError(
-                    f"ColorQuantize needs RGB PIL images, got mode {inpt.mode!r}; convert with image.convert('RGB')"
-                )
+            if inpt.mode not in ("RGB", "L", "RGBA"):
+                raise ValueError(f"ColorQuantize needs RGB, L (gray) or RGBA PIL images, got mode {inpt.mode!r}; "
+                                 "convert with image.convert('RGB')")
             out = self.quantize(TF.pil_to_tensor(inpt)[None]).quantized[0]
-            return TF.to_pil_image(out)
+            return TF.to_pil_image(out, mode=inpt.mode)
         if inpt.dim() < 3:
             raise ValueError(f"ColorQuantize needs images [..., C, H, W], got shape {tuple(inpt.shape)}")
         batch = inpt.reshape(-1, *inpt.shape[-3:])
         out = self.quantize(batch.as_subclass(Tensor)).quantized.reshape(inpt.shape)
-        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.Image) else out
-
+        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, (tv_tensors.Image, tv_tensors.Video)) else out

@@ -1,4 +1,4 @@
-"""Tests of colorquant_ops.classifiers: the CIFAR-sized AlexNet / VGG16-bn /
+"""Tests of colorquant_ops.models.classifiers: the CIFAR-sized AlexNet / VGG16-bn /
 ResNet18 of the paper's code, torchvision models by name (never with
 pretrained weights), and the checkpoint helpers. CPU only, small inputs."""
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from colorquant_ops.classifiers import (
+from colorquant_ops.models.classifiers import (
     CLASSIFIER_ARCHS,
     CifarAlexNet,
     CifarVGG,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from colorquant_ops import cli
-from colorquant_ops.classifiers import build_classifier, save_classifier
+from colorquant_ops.experiment import cli
+from colorquant_ops.models.classifiers import build_classifier, save_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 

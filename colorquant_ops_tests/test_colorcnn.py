@@ -344,3 +344,81 @@ def test_grayscale_input():
     x = torch.randn(2, 1, 5, 5)
     _check_train(model, x, 3)
     _check_eval(model, x, 3)
+
+
+# --- input normalization, checkpoints, export -----------------------------------------------
+
+NORM = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+
+
+def test_input_normalization_eval_sees_normalized_recolours_input():
+    plain = _model(4, color_jitter=0.0).eval()
+    normalizing = _model(4, color_jitter=0.0, input_normalization=NORM).eval()
+    normalizing.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 3, 9, 7, dtype=torch.float64)
+    plain, normalizing = plain.double(), normalizing.double()
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1) for v in NORM)
+    out = normalizing(x)
+    logits = plain.logits((x - mean) / std)
+    expected = hard_color_quantize(logits, x)  # palette: the mean of the input pixels
+    assert torch.equal(out.index_map, expected.index_map)
+    torch.testing.assert_close(out.palette, expected.palette, rtol=0, atol=1e-12)
+    # the same as the plain network on the normalized image, mapped back
+    legacy = plain(((x - mean) / std))
+    torch.testing.assert_close(out.quantized, legacy.quantized * std + mean, rtol=0, atol=1e-12)
+
+
+def test_input_normalization_training_tricks_act_in_the_normalized_space():
+    plain = _model(2, color_norm=4.0, color_jitter=1.0).double().train()
+    normalizing = _model(2, color_norm=4.0, color_jitter=1.0, input_normalization=NORM).double().train()
+    normalizing.load_state_dict(plain.state_dict())
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1) for v in NORM)
+    torch.manual_seed(5)
+    legacy = plain((x - mean) / std)
+    torch.manual_seed(5)
+    out = normalizing(x)
+    # equal but for the soft palette's eps (sum p x / (sum p + eps) is not shift-equivariant: ~mean * eps / S)
+    torch.testing.assert_close(out.quantized, legacy.quantized * std + mean, rtol=0, atol=1e-9)
+    torch.testing.assert_close(out.palette, legacy.palette * std.view(1, 1, 3) + mean.view(1, 1, 3), rtol=0,
+                               atol=1e-9)
+    torch.testing.assert_close(out.probs, legacy.probs, rtol=0, atol=1e-12)
+
+
+def test_input_normalization_in_checkpoints(tmp_path):
+    from colorquant_ops.models import load_colorcnn, save_colorcnn
+
+    model = _model(2)
+    save_colorcnn(model, tmp_path / "plain.pt")
+    assert load_colorcnn(tmp_path / "plain.pt").input_normalization is None
+    save_colorcnn(model, tmp_path / "trained.pt", input_normalization=NORM, dataset="cifar10")
+    assert load_colorcnn(tmp_path / "trained.pt").input_normalization == NORM
+    # written before ColorCNN recorded it: the dataset the checkpoint names decides
+    ckpt = torch.load(tmp_path / "plain.pt", weights_only=True)
+    del ckpt["config"]["input_normalization"]
+    torch.save({**ckpt, "dataset": "cifar10"}, tmp_path / "old.pt")
+    assert load_colorcnn(tmp_path / "old.pt").input_normalization == NORM
+    assert "input_normalization" in repr(_model(2, input_normalization=NORM))
+
+
+@pytest.mark.parametrize("value, error, match", [
+    ((0.5, 0.5), TypeError, "input_normalization must be None or \\(mean, std\\)"),
+    (((0.5,) * 2, (0.5,) * 2), ValueError, "needs 3 means and stds"),
+    (((0.5,) * 3, (0.0,) * 3), ValueError, "stds finite and > 0"),
+    (((float("nan"),) * 3, (1.0,) * 3), ValueError, "means must be finite"),
+])
+def test_bad_input_normalization(value, error, match):
+    with pytest.raises(error, match=match):
+        _model(2, input_normalization=value)
+
+
+def test_export_save_load_round_trip(tmp_path):
+    model = _model(2, input_normalization=NORM).eval()
+    x = torch.rand(2, 3, 8, 8)
+    program = torch.export.export(model, (x,))
+    torch.export.save(program, tmp_path / "colorcnn.pt2")
+    loaded = torch.export.load(tmp_path / "colorcnn.pt2").module()
+    out, expected = loaded(x), model(x)
+    assert isinstance(out, ColorCNNOutput)
+    for a, b in zip(out, expected):
+        torch.testing.assert_close(a, b)

@@ -1,4 +1,4 @@
-"""Dataset layer (colorquant_ops.data): the JPEG copy of CIFAR-10, build_dataset, transforms, tensor cache.
+"""Dataset layer (colorquant_ops.experiment.data): the JPEG copy of CIFAR-10, build_dataset, transforms, tensor cache.
 
 The CIFAR-10 tests use ../shared/data/cifar10-jpeg.tar.gz extracted by extract_cifar10_jpeg (once per
 checkout into the git-ignored .cache/, see ``cifar_root``; the extraction logic itself is also tested
@@ -24,14 +24,14 @@ import torchvision.datasets.utils
 from torchvision import tv_tensors
 from torchvision.transforms.functional import pil_to_tensor
 
-from colorquant_ops import data
-from colorquant_ops.data import CIFAR10_CLASSES, DatasetNotFoundError
+from colorquant_ops.experiment import data
+from colorquant_ops.experiment.data import CIFAR10_CLASSES, DatasetNotFoundError
 
 ARCHIVE = data.find_shared_cifar10_archive()
 needs_archive = pytest.mark.skipif(
     ARCHIVE is None,
     reason="CIFAR-10 JPEG archive ../shared/data/cifar10-jpeg.tar.gz not found (looked at "
-    + ", ".join(str(p) for p in data._shared_archive_candidates())
+    + ", ".join(str(p) for p in data.archives.shared_archive_candidates())
     + ")",
 )
 
@@ -110,7 +110,7 @@ def test_file_counts(cifar_root, cifar_train, cifar_test):
 @needs_archive
 def test_extraction_is_idempotent(cifar_root, monkeypatch):
     # with the marker present, nothing is re-extracted and the archive is not even needed
-    monkeypatch.setattr(data, "_untar", _refuse)
+    monkeypatch.setattr(data.archives, "_untar", _refuse)
     start = time.perf_counter()
     assert data.extract_cifar10_jpeg(cifar_root.parent / "no-such-archive.tar.gz", cifar_root) == cifar_root
     assert time.perf_counter() - start < 1.0
@@ -131,20 +131,20 @@ def _fake_archive(tmp_path, classes=CIFAR10_CLASSES) -> Path:
 
 def test_extraction_logic_on_a_small_archive(tmp_path, monkeypatch):
     archive = _fake_archive(tmp_path)
-    monkeypatch.setattr(data, "CIFAR10_JPEG_SHA256", hashlib.sha256(archive.read_bytes()).hexdigest())
+    monkeypatch.setattr(data.archives, "CIFAR10_JPEG_SHA256", hashlib.sha256(archive.read_bytes()).hexdigest())
     dest = tmp_path / "cache" / "cifar10-jpeg"
     assert data.extract_cifar10_jpeg(archive, dest) == dest
-    assert (dest / ".extracted").read_text().strip() == data.CIFAR10_JPEG_SHA256
+    assert (dest / ".extracted").read_text().strip() == data.archives.CIFAR10_JPEG_SHA256
     assert len(list(dest.glob("*/*/*.jpg"))) == 20
     assert [p.name for p in dest.parent.iterdir()] == ["cifar10-jpeg"]  # no partial directory left
     assert data.build_dataset("cifar10", dest, "test")[3][1] == 3
 
-    monkeypatch.setattr(data, "_untar", _refuse)  # marker present: nothing re-extracted, archive not needed
+    monkeypatch.setattr(data.archives, "_untar", _refuse)  # marker present: nothing re-extracted, archive not needed
     assert data.extract_cifar10_jpeg(tmp_path / "gone.tar.gz", dest) == dest
     monkeypatch.undo()
 
     # an interrupted extraction (no marker) is completed in place
-    monkeypatch.setattr(data, "CIFAR10_JPEG_SHA256", hashlib.sha256(archive.read_bytes()).hexdigest())
+    monkeypatch.setattr(data.archives, "CIFAR10_JPEG_SHA256", hashlib.sha256(archive.read_bytes()).hexdigest())
     (dest / ".extracted").unlink()
     (dest / "test" / "cat" / "0000.jpg").unlink()
     data.extract_cifar10_jpeg(archive, dest)
@@ -160,14 +160,14 @@ def test_extraction_checks_sha256_and_layout(tmp_path, monkeypatch):
     with pytest.raises(DatasetNotFoundError, match="does not exist"):
         data.extract_cifar10_jpeg(tmp_path / "missing.tar.gz", tmp_path / "out")
     wrong = _fake_archive(tmp_path, classes=CIFAR10_CLASSES[:9])
-    monkeypatch.setattr(data, "CIFAR10_JPEG_SHA256", hashlib.sha256(wrong.read_bytes()).hexdigest())
+    monkeypatch.setattr(data.archives, "CIFAR10_JPEG_SHA256", hashlib.sha256(wrong.read_bytes()).hexdigest())
     with pytest.raises(RuntimeError, match="class folders"):
         data.extract_cifar10_jpeg(wrong, tmp_path / "cache" / "out")
     assert list((tmp_path / "cache").iterdir()) == []  # the partial extraction is removed
 
 
 def test_find_shared_archive(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_REPO_ROOT", tmp_path / "elsewhere" / "repo")
+    monkeypatch.setattr(data.archives, "REPO_ROOT", tmp_path / "elsewhere" / "repo")
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path / "work")
     assert data.find_shared_cifar10_archive() is None
@@ -414,7 +414,7 @@ def test_tensor_cache_round_trip(cifar_root, tmp_path, monkeypatch):
         assert cached[i][1] == label
 
     # second load: read from the file, no JPEG decoding at all
-    monkeypatch.setattr(data, "_pil_rgb", _refuse)
+    monkeypatch.setattr(data.datasets, "_pil_rgb", _refuse)
     again = data.build_dataset(
         "cifar10", cifar_root, "test", transform=data.train_transform("cifar10"), subset=300, seed=5, cache_dir=tmp_path
     )

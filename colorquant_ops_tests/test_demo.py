@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from colorquant_ops import cli, demo
-from colorquant_ops.classifiers import load_classifier
+from colorquant_ops.experiment import cli, demo
+from colorquant_ops.models.classifiers import load_classifier
 from colorquant_ops.models.colorcnn import load_colorcnn
 
 

@@ -1,4 +1,4 @@
-"""Multi-process training (``colorquant_ops.distributed`` and the training engine under torchrun), on
+"""Multi-process training (``colorquant_ops.experiment.distributed`` and the training engine under torchrun), on
 the CPU with gloo and two processes.
 
 * DDP's averaged gradient equals the one-process gradient of the same global batch: the CIFAR
@@ -22,9 +22,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from colorquant_ops import cli, data, distributed
-from colorquant_ops.classifiers import build_classifier, load_classifier, save_classifier
-from colorquant_ops.distributed import CPUSyncBatchNorm, DistributedContext
+from colorquant_ops.experiment import cli, data, distributed
+from colorquant_ops.models.classifiers import build_classifier, load_classifier, save_classifier
+from colorquant_ops.experiment.distributed import CPUSyncBatchNorm, DistributedContext
 from colorquant_ops.losses import ColorCNNLoss
 from colorquant_ops.models.colorcnn import ColorCNN, load_colorcnn
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from colorquant_ops import cli, data
-from colorquant_ops.classifiers import build_classifier, save_classifier
+from colorquant_ops.experiment import cli, data
+from colorquant_ops.models.classifiers import build_classifier, save_classifier
 from colorquant_ops.models.colorcnn import ColorCNN, save_colorcnn
 
 ARCHIVE = data.find_shared_cifar10_archive()
@@ -141,7 +141,8 @@ class _ColourJudge(torch.nn.Module):
 
 
 def test_accuracies_match_a_direct_computation(checkpoints, tmp_path, monkeypatch):
-    from colorquant_ops import codecs, evaluate
+    from colorquant_ops import codecs
+    from colorquant_ops.experiment import evaluate
     from colorquant_ops.models.colorcnn import load_colorcnn
     from colorquant_ops.transforms import ColorQuantize
 

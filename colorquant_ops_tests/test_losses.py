@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from colorquant_ops.classifiers import CifarAlexNet
+from colorquant_ops.models.classifiers import CifarAlexNet
 from colorquant_ops.losses import ColorCNNLoss, color_usage_loss, color_variance_loss, soft_palette
 from colorquant_ops.models import ColorCNN
 

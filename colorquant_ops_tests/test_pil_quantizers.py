@@ -130,8 +130,8 @@ def test_empty_batch():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"num_colors": 1}, ValueError, r"num_colors must be in \[2, 256\]"),
-        ({"num_colors": 257}, ValueError, r"num_colors must be in \[2, 256\]"),
+        ({"num_colors": 0}, ValueError, r"num_colors must be in \[1, 256\]"),
+        ({"num_colors": 257}, ValueError, r"num_colors must be in \[1, 256\]"),
         ({"num_colors": 4.0}, TypeError, "num_colors must be an int"),
         ({"method": "popularity"}, ValueError, "method must be one of"),
         ({"images": torch.zeros(1, 2, 8, 8)}, ValueError, "3 channels"),
@@ -149,7 +149,7 @@ def test_bad_input(kwargs, error, match):
 
 
 def test_bad_input_pil_image_helper():
-    with pytest.raises(ValueError, match=r"num_colors must be in \[2, 256\]"):
+    with pytest.raises(ValueError, match=r"num_colors must be in \[1, 256\]"):
         pil_quantize_image(Image.new("RGB", (4, 4)), 300)
     with pytest.raises(TypeError, match="PIL.Image.Image"):
         pil_quantize_image(torch.zeros(3, 4, 4), 4)

@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from colorquant_ops import cli, codecs, data
+from colorquant_ops import codecs
+from colorquant_ops.experiment import cli, data
 from colorquant_ops.models.colorcnn import ColorCNN, load_colorcnn, save_colorcnn
 from colorquant_ops.quantizers.reference import psnr
-from colorquant_ops.sheets import fit_to_cell, labelled_sheet
+from colorquant_ops.experiment.sheets import fit_to_cell, labelled_sheet
 from colorquant_ops.transforms import ColorQuantize
 
 from .helpers import generated_images
@@ -209,14 +210,20 @@ def test_colorcnn(images, colorcnn_checkpoints, tmp_path, capsys):
         ["ramp-colorcnn-k2.png", "ramp-colorcnn-k4.png"]
         + [f"ramp-median_cut{d}-k{k}.png" for k in (2, 4) for d in ("", "-dither")])
     stats = data.DATASET_STATS["cifar10"]
-    mean, std = torch.tensor(stats.mean), torch.tensor(stats.std)
     sheet_rows = []
     for path, picture in zip(paths[:2], pictures):
         sheet_row = [picture]
         for k, name in ((2, "k2.pt"), (4, "k4-no-dataset.pt")):
-            quantizer = ColorQuantize(k, "colorcnn", model=load_colorcnn(colorcnn_checkpoints / name))
-            result = quantizer.quantize(data.normalize("cifar10")(picture[None].float() / 255))
-            palette = (torch.addcmul(mean, result.palette[0], std).clamp(0, 1) * 255).round().to(torch.uint8)
+            model = load_colorcnn(colorcnn_checkpoints / name).eval()
+            if k == 4:  # records no dataset: --dataset cifar10 supplies the normalization
+                assert model.input_normalization is None
+                model.input_normalization = (stats.mean, stats.std)
+            assert model.input_normalization == (stats.mean, stats.std)
+            result = ColorQuantize(k, "colorcnn", model=model).quantize(picture[None])
+            # the network saw the normalized image; the palette is the mean of the image's own pixels
+            normed = data.normalize("cifar10")(picture[None].float() / 255)
+            assert torch.equal(result.index_map, model.head(model.backbone(normed)).argmax(1))
+            palette = result.palette[0]
             expected = palette[result.index_map[0]].permute(2, 0, 1)
             index_map = _check_png(out / f"{path.stem}-colorcnn-k{k}.png", k, expected)
             assert torch.equal(index_map, result.index_map[0])
@@ -280,7 +287,7 @@ def _bad_files(root: Path) -> dict:
     (["{image}", "--method", "colorcnn", "--colorcnn", "{bad_ckpt}"], "{bad_ckpt} is not a ColorCNN checkpoint"),
     (["{image}", "--method", "colorcnn", "--colorcnn", "{missing}"], "ColorCNN checkpoint not found: {missing}"),
     (["{image}", "--method", "colorcnn", "--colorcnn", "{ckpt_k4}"],
-     "does not record the dataset whose normalization it expects; pass --dataset"),
+     "does not record the normalization it expects; pass --dataset"),
     (["{image}", "--method", "colorcnn", "--colorcnn", "{ckpt_k2}", "--dataset", "stl10"],
      "was trained on cifar10 images, not --dataset stl10"),
     (["{image}", "--num-colors", "4", "--dither", "sometimes"], "--dither: expected on, off or both"),

@@ -7,9 +7,9 @@ import json
 import pytest
 from PIL import Image
 
-from colorquant_ops import cli
-from colorquant_ops.presets import PRESETS, SHEET_CLASSES
-from colorquant_ops.quantize_files import COMPARISON_COLUMNS
+from colorquant_ops.experiment import cli
+from colorquant_ops.experiment.presets import PRESETS, SHEET_CLASSES
+from colorquant_ops.experiment.quantize_files import COMPARISON_COLUMNS
 
 
 def _reproduce(out, *extra) -> int:

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from colorquant_ops import cli, data
-from colorquant_ops.classifiers import load_classifier
+from colorquant_ops.experiment import cli, data
+from colorquant_ops.models.classifiers import load_classifier
 from colorquant_ops.models.colorcnn import ColorCNN, load_colorcnn
 
 ARCHIVE = data.find_shared_cifar10_archive()

@@ -8,16 +8,20 @@ evaluation assigns every pixel its argmax colour, the mean of its pixels
 (:func:`~colorquant_ops.ops.hard_color_quantize`).
 """
 
-from typing import NamedTuple, Optional, Tuple
+import math
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from .._checkpoint import read_checkpoint
 from .._validation import check_float as _check_float
 from .._validation import check_int as _check_int
+from ..normalization import DATASET_NORMALIZATION
 from ..ops import hard_color_quantize, soft_color_quantize
 from .backbones import DnCNN, UNet
+from .pretrained import pretrained_path
 
 __all__ = ["ColorCNN", "ColorCNNOutput", "load_colorcnn", "load_colorcnn_checkpoint", "save_colorcnn"]
 
@@ -44,6 +48,26 @@ class ColorCNNOutput(NamedTuple):
     index_map: Optional[Tensor]
 
 
+# torch.export needs a serialized name for every namedtuple an exported program returns.
+pytree._register_namedtuple(ColorCNNOutput, serialized_type_name="colorquant_ops.models.colorcnn.ColorCNNOutput")
+
+
+def _check_normalization(value, channels: int):
+    """``None`` or ``(mean, std)``: two sequences of ``channels`` finite floats, std > 0."""
+    if value is None:
+        return None
+    try:
+        mean, std = value
+        mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    except (TypeError, ValueError):
+        raise TypeError(f"input_normalization must be None or (mean, std) sequences, got {value!r}") from None
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"input_normalization needs {channels} means and stds (in_channels), got {value!r}")
+    if not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
+        raise ValueError(f"input_normalization: means must be finite and stds finite and > 0, got {value!r}")
+    return mean, std
+
+
 class ColorCNN(nn.Module):
     """ColorCNN colour quantizer from `Learning to Structure an Image with Few Colors
     <https://arxiv.org/abs/2003.07848>`_.
@@ -65,9 +89,16 @@ class ColorCNN(nn.Module):
     closes that train/test gap, though with a biased gradient (in the K = 2
     CIFAR-10 ablation of RESULTS.md it learned more slowly than the soft path).
 
-    The quantized image lives in the input's value space (e.g. a normalized
-    tensor in, a normalized tensor out) and has the input's dtype: under
-    autocast, the logits are cast to the input's dtype before quantization.
+    The quantized image lives in the input's value space and has the input's
+    dtype: under autocast, the logits are cast to the input's dtype before
+    quantization. ``input_normalization=(mean, std)`` says the network was
+    trained on ``(x - mean) / std``: it then takes images in ``[0, 1]``, the
+    backbone sees them normalized, and the image is recoloured from the input
+    pixels (the palette is the mean of the *input* pixels of each colour), so
+    the output stays in ``[0, 1]``; the training-time palette tricks act in the
+    normalized space, as in training (``colorquant train`` records its
+    dataset's normalization in the checkpoints it writes). Without it
+    (``None``) the network sees the input as it is.
 
     Args:
         num_colors: number of colours K, in ``[2, 256]``.
@@ -85,6 +116,8 @@ class ColorCNN(nn.Module):
         straight_through: training-mode forward value from the argmax
             recolouring, gradient from the soft one (default: False, the paper's
             soft recolouring).
+        input_normalization: ``None`` or ``(mean, std)``, ``in_channels``
+            values each: the normalization the backbone expects (see above).
 
     Shape:
         - Input: ``[B, C, H, W]``, any ``H, W >= 1``, floating point.
@@ -104,6 +137,7 @@ class ColorCNN(nn.Module):
         color_jitter: float = 1.0,
         eps: float = 1e-8,
         straight_through: bool = False,
+        input_normalization: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
     ) -> None:
         super().__init__()
         self.num_colors = _check_int(num_colors, "num_colors", 2, 256)
@@ -118,6 +152,7 @@ class ColorCNN(nn.Module):
         if not isinstance(straight_through, bool):
             raise TypeError(f"straight_through must be a bool, got {type(straight_through).__name__}")
         self.straight_through = straight_through
+        self.input_normalization = _check_normalization(input_normalization, self.in_channels)
         self.backbone_name = backbone
 
         self.backbone = _BACKBONES[backbone](in_channels=self.in_channels, width=self.width)
@@ -139,7 +174,14 @@ class ColorCNN(nn.Module):
             color_jitter=self.color_jitter,
             eps=self.eps,
             straight_through=self.straight_through,
+            input_normalization=self.input_normalization,
         )
+
+    @classmethod
+    def from_pretrained(cls, name: str, map_location="cpu") -> "ColorCNN":
+        """A bundled pretrained network by name (:data:`colorquant_ops.models.PRETRAINED_COLORCNN`,
+        e.g. ``"cifar10-k2"``), in eval mode, with the input normalization it was trained with."""
+        return load_colorcnn(pretrained_path(name, "colorcnn"), map_location).eval()
 
     def extra_repr(self) -> str:
         return (
@@ -147,7 +189,16 @@ class ColorCNN(nn.Module):
             f"in_channels={self.in_channels}, temperature={self.temperature}, "
             f"color_norm={self.color_norm}, color_jitter={self.color_jitter}, eps={self.eps}, "
             f"straight_through={self.straight_through}"
+            + (f", input_normalization={self.input_normalization}" if self.input_normalization else "")
         )
+
+    def _normalization(self, x: Tensor):
+        """``(mean, std)`` as ``[1, C, 1, 1]`` tensors like ``x``, or None."""
+        if self.input_normalization is None:
+            return None
+        mean, std = self.input_normalization
+        return (torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1),
+                torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1))
 
     def _check_input(self, x) -> None:
         # Checked here because the first convolution's errors would not name the cause.
@@ -169,14 +220,15 @@ class ColorCNN(nn.Module):
         """Raw colour scores, before the temperature and the softmax.
 
         Args:
-            x: ``[B, C, H, W]`` image.
+            x: ``[B, C, H, W]`` image (in ``[0, 1]`` with ``input_normalization``).
 
         Returns:
             ``[B, K, H, W]`` logits, in the dtype the head computes in (e.g.
             bfloat16 under CPU autocast).
         """
         self._check_input(x)
-        return self.head(self.backbone(x))
+        norm = self._normalization(x)
+        return self.head(self.backbone(x if norm is None else (x - norm[0]) / norm[1]))
 
     def forward(self, x: Tensor) -> ColorCNNOutput:
         """Quantize ``x`` to ``num_colors`` colours.
@@ -210,21 +262,44 @@ class ColorCNN(nn.Module):
             palette = palette + (hard.palette.to(palette.dtype) - palette).detach()
         # probs sum to 1 over k, so recolouring with palette / color_norm + j is
         # exactly quantized / color_norm + j: no second pass over the pixels.
+        # With an input normalization the tricks act in the normalized space the
+        # network was trained in: mean + ((v - mean) / std / color_norm + j) * std.
+        norm = self._normalization(x)
         if self.color_norm != 1.0:
-            quantized = quantized / self.color_norm
-            palette = palette / self.color_norm
+            if norm is None:
+                quantized = quantized / self.color_norm
+                palette = palette / self.color_norm
+            else:
+                mean, channel_mean = norm[0], norm[0].view(1, 1, -1)
+                quantized = mean + (quantized - mean) / self.color_norm
+                palette = channel_mean + (palette - channel_mean) / self.color_norm
         if self.color_jitter != 0.0:
             # One scalar per call, drawn in float32 whatever the dtype so that a
             # seed gives the same shift in every precision.
             jitter = torch.randn((), device=x.device) * self.color_jitter
-            quantized = quantized + jitter
-            palette = palette + jitter
+            if norm is None:
+                quantized = quantized + jitter
+                palette = palette + jitter
+            else:
+                quantized = quantized + jitter * norm[1]
+                palette = palette + jitter * norm[1].view(1, 1, -1)
         return ColorCNNOutput(quantized, soft.probs, palette, None)
 
 
-def save_colorcnn(model: ColorCNN, path, **extra) -> None:
-    """Write ``model`` (its config and weights, plus any ``extra`` entries) to ``path``."""
-    torch.save({"format": CHECKPOINT_FORMAT, "config": model.config(), "state_dict": model.state_dict(), **extra}, path)
+_KEEP = object()
+
+
+def save_colorcnn(model: ColorCNN, path, *, input_normalization=_KEEP, **extra) -> None:
+    """Write ``model`` (its config and weights, plus any ``extra`` entries) to ``path``.
+
+    ``input_normalization``: record this ``(mean, std)`` in the checkpoint's config instead of the
+    model's own, e.g. for a network trained on normalized images (``colorquant train``), so that the
+    loaded model takes images in ``[0, 1]``.
+    """
+    config = model.config()
+    if input_normalization is not _KEEP:
+        config["input_normalization"] = _check_normalization(input_normalization, model.in_channels)
+    torch.save({"format": CHECKPOINT_FORMAT, "config": config, "state_dict": model.state_dict(), **extra}, path)
 
 
 def load_colorcnn(path, map_location="cpu") -> ColorCNN:
@@ -239,9 +314,17 @@ def load_colorcnn(path, map_location="cpu") -> ColorCNN:
 
 def load_colorcnn_checkpoint(path, map_location="cpu") -> Tuple[ColorCNN, dict]:
     """:func:`load_colorcnn`, plus the ``extra`` entries :func:`save_colorcnn` stored
-    (e.g. ``dataset``, whose normalization the model expects, from ``colorquant train``)."""
+    (e.g. ``dataset`` and ``classifier``, from ``colorquant train``).
+
+    A checkpoint without an ``input_normalization`` that names its ``dataset`` (e.g. one written
+    before ColorCNN recorded its normalization) gets that dataset's normalization: ``colorquant
+    train`` always trained on normalized images.
+    """
     ckpt = read_checkpoint(path, CHECKPOINT_FORMAT, "ColorCNN", map_location)
-    model = ColorCNN(**ckpt["config"])
+    config = dict(ckpt["config"])
+    if config.get("input_normalization") is None and ckpt.get("dataset") in DATASET_NORMALIZATION:
+        config["input_normalization"] = DATASET_NORMALIZATION[ckpt["dataset"]]
+    model = ColorCNN(**config)
     model.load_state_dict(ckpt["state_dict"])
     extra = {k: v for k, v in ckpt.items() if k not in ("format", "config", "state_dict")}
     return model, extra

@@ -46,8 +46,8 @@ def _check_num_colors(num_colors):
     if isinstance(num_colors, bool) or not isinstance(num_colors, (int, np.integer)):
         raise TypeError(f"num_colors must be an int, got {type(num_colors).__name__}")
     num_colors = int(num_colors)
-    if not 2 <= num_colors <= 256:
-        raise ValueError(f"num_colors must be in [2, 256] (PIL palettes hold at most 256 colours), got {num_colors}")
+    if not 1 <= num_colors <= 256:
+        raise ValueError(f"num_colors must be in [1, 256] (PIL palettes hold at most 256 colours), got {num_colors}")
     return num_colors
 
 
@@ -86,7 +86,7 @@ def pil_quantize(images: Tensor, num_colors: int, method: str = "median_cut", di
         images: ``[B,3,H,W]`` tensor, uint8 or floating point in ``[0, 1]``.
             Float images are quantized through their uint8 rendering
             ``round(clamp(x, 0, 1) * 255)``.
-        num_colors: palette size ``K`` in ``[2, 256]``.
+        num_colors: palette size ``K`` in ``[1, 256]``.
         method: ``"median_cut"`` (``Quantize.MEDIANCUT``), ``"octree"``
             (``Quantize.FASTOCTREE``) or ``"kmeans"`` (``MEDIANCUT`` refined by
             PIL's k-means with ``kmeans=2``, as in the paper's code).

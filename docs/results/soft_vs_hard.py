@@ -14,11 +14,10 @@ import argparse
 import torch
 from torch.utils.data import DataLoader
 
-from colorquant_ops import data
-from colorquant_ops.classifiers import load_classifier
+from colorquant_ops.experiment import data
+from colorquant_ops.models.classifiers import load_classifier
 from colorquant_ops.models.colorcnn import load_colorcnn
 from colorquant_ops.ops import hard_color_quantize, soft_color_quantize
-from colorquant_ops.train import data_locations
 
 
 @torch.no_grad()
@@ -46,7 +45,7 @@ def main(argv=None) -> None:
     p.add_argument("--data-root", default=None)
     p.add_argument("--test-subset", type=int, default=None)
     args = p.parse_args(argv)
-    root, cache = data_locations(argparse.Namespace(data_root=args.data_root, dataset="cifar10", cache_dir=None))
+    root, cache = data.data_locations(argparse.Namespace(data_root=args.data_root, dataset="cifar10", cache_dir=None))
     test_set = data.build_dataset("cifar10", root, "test", data.test_transform("cifar10"), subset=args.test_subset,
                                   cache_dir=cache)
     loader = DataLoader(test_set, batch_size=500)
@@ -57,6 +56,7 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for path in args.checkpoints:
         m = load_colorcnn(path)
+        m.input_normalization = None  # the loader already normalizes, as in training
         r = soft_vs_hard(m, classifier, loader)
         print(f"| {path} | {m.num_colors} | {m.color_norm:g} | {m.color_jitter:g} | {m.temperature:g} | "
               f"{'yes' if m.straight_through else 'no'} | {100 * r['hard']:.1f} | {100 * r['soft']:.1f} | "

@@ -5,7 +5,7 @@ its rank in the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, set by to
 process group (gloo on CPU, nccl on CUDA with device ``cuda:LOCAL_RANK``) and trains a DDP replica
 on its shard of every batch. Without torchrun nothing here does anything (:data:`SINGLE`).
 
-The training engine (:mod:`colorquant_ops.train`) uses these pieces; they are public so that tests
+The training engine (:mod:`colorquant_ops.experiment.train`) uses these pieces; they are public so that tests
 (and other training loops) can build the same setup with their own process group.
 """
 

@@ -14,9 +14,9 @@ input; ``OUT/sheet.png`` shows the images as rows and the original plus every ou
   uint8 image, at each ``--num-colors`` K; ``--dither`` (``on``, ``off``, ``both``; a bare
   ``--dither`` is ``on``) maps the image onto the method's palette with Floyd-Steinberg.
 * ``colorcnn``: each ``--colorcnn`` checkpoint (from ``colorquant train`` / ``save_colorcnn``) runs
-  in eval mode on the image normalized with its dataset's mean and std (the dataset recorded in the
-  checkpoint, else ``--dataset``), as in ``colorquant evaluate``; its palette is mapped back to
-  [0, 1] (``x * std + mean``, clamped). K is the checkpoint's ``num_colors``: a checkpoint whose K is
+  its argmax path: the network sees the image normalized as in training (the checkpoint's
+  ``input_normalization``, else ``--dataset``'s mean and std), as in ``colorquant evaluate``, and
+  the palette is the mean of the image's own pixels. K is the checkpoint's ``num_colors``: a checkpoint whose K is
   not among an explicit ``--num-colors`` is an error, a K without a checkpoint just has no colorcnn
   output (a note says so), and without ``--num-colors`` the classical methods use the checkpoints'
   Ks. ColorCNN's own index map is its output, so ``--dither`` does not apply to it (as in evaluate).
@@ -42,14 +42,17 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from . import codecs, data
-from .evaluate import _device, _int, _load
-from .models.colorcnn import load_colorcnn_checkpoint
-from .quantizers.reference import count_colors, psnr
+from .. import codecs
+from ..models.colorcnn import load_colorcnn_checkpoint
+from ..normalization import DATASET_NORMALIZATION
+from ..quantizers.reference import count_colors, psnr
+from ..transforms import METHODS, ColorQuantize
+from . import data
+from .arguments import integer, load_one_line, single_process_device
+from .commands import Command
 from .sheets import fit_to_cell, labelled_sheet
-from .transforms import METHODS, ColorQuantize
 
-__all__ = ["add_quantize_arguments", "comparison_sheet", "image_files", "markdown_table", "output_name",
+__all__ = ["COMMAND", "add_quantize_arguments", "comparison_sheet", "image_files", "markdown_table", "output_name",
            "quantize_images"]
 
 _DITHER_CHOICES = {"off": [False], "on": [True], "both": [False, True]}
@@ -61,7 +64,7 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", "--methods", dest="methods", nargs="+", default=None, metavar="METHOD",
                    help=f"quantization methods, of {', '.join(METHODS)} (default: median_cut octree kmeans, "
                         "plus colorcnn when --colorcnn is given)")
-    p.add_argument("--num-colors", nargs="+", type=_int, default=None, metavar="K",
+    p.add_argument("--num-colors", nargs="+", type=integer, default=None, metavar="K",
                    help="numbers of colours K, each in 2..256 (default: the Ks of the --colorcnn checkpoints)")
     p.add_argument("--dither", nargs="?", const="on", default="off", metavar="on|off|both",
                    help="Floyd-Steinberg dithering for median_cut, octree, kmeans: on, off or both "
@@ -75,7 +78,7 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out-dir", default=None, help="output directory (default: runs/quantize-<timestamp>)")
     p.add_argument("--sheet", action=argparse.BooleanOptionalAction, default=True,
                    help="write OUT/sheet.png (default: on)")
-    p.add_argument("--cell-size", type=_int, default=256,
+    p.add_argument("--cell-size", type=integer, default=256,
                    help="longest side of each picture on the sheet, in pixels; smaller images are enlarged "
                         "by an integer factor, nearest neighbour (default: 256)")
     p.add_argument("--device", default=None, help="device ColorCNN runs on: cpu or cuda (default: cpu)")
@@ -145,7 +148,6 @@ class _Job(NamedTuple):
     dither: bool
     k: int
     quantizer: ColorQuantize
-    dataset: Optional[str]  # colorcnn: whose mean/std the model expects
 
     @property
     def label(self) -> str:
@@ -153,14 +155,8 @@ class _Job(NamedTuple):
 
     def run(self, image: Tensor) -> tuple[Tensor, Tensor]:
         """``(index_map [H,W] int64, palette [K,3] uint8)`` of a uint8 ``[3,H,W]`` image."""
-        if self.method != "colorcnn":
-            result = self.quantizer.quantize(image[None])
-            return result.index_map[0], result.palette[0]
-        stats = data.DATASET_STATS[self.dataset]
-        mean, std = torch.tensor(stats.mean), torch.tensor(stats.std)
-        result = self.quantizer.quantize(data.normalize(self.dataset)(image[None].float() / 255))
-        palette = torch.addcmul(mean, result.palette[0].cpu(), std).clamp(0, 1)
-        return result.index_map[0].cpu(), palette.mul(255).round().to(torch.uint8)
+        result = self.quantizer.quantize(image[None])
+        return result.index_map[0], result.palette[0]
 
 
 #: Columns of :func:`comparison_sheet`: (method, dither, label).
@@ -185,10 +181,9 @@ def comparison_sheet(images: Tensor, colorcnn_checkpoints: dict, ks, cell_size: 
                         row.append(torch.full_like(image, 255))
                         caps.append("no checkpoint")
                         continue
-                    job = _Job(method, False, k, ColorQuantize(k, "colorcnn", model=models[k][1]), models[k][2])
+                    job = _Job(method, False, k, ColorQuantize(k, "colorcnn", model=models[k][1]))
                 else:
-                    job = _Job(method, dither, k, ColorQuantize(k, method, dither=dither, kmeans_iters=kmeans_iters),
-                               None)
+                    job = _Job(method, dither, k, ColorQuantize(k, method, dither=dither, kmeans_iters=kmeans_iters))
                 index_map, palette = job.run(image)
                 quantized = palette[index_map].permute(2, 0, 1)
                 row.append(quantized)
@@ -206,22 +201,23 @@ def output_name(stem: str, method: str, dither: bool, k: int) -> str:
 
 
 def _load_colorcnns(paths, dataset: Optional[str], device: torch.device) -> dict:
-    """``{K: (path, model, dataset)}`` for the ``--colorcnn`` checkpoints."""
+    """``{K: (path, model)}`` for the ``--colorcnn`` checkpoints; each model takes [0, 1] images (a
+    checkpoint that records no input normalization gets ``dataset``'s)."""
     models = {}
     for path in paths:
-        model, extra = _load(load_colorcnn_checkpoint, path)
+        model, extra = load_one_line(load_colorcnn_checkpoint, path)
         recorded = extra.get("dataset")
-        if recorded is None and dataset is None:
-            raise ValueError(f"--colorcnn {path} does not record the dataset whose normalization it expects; "
-                             f"pass --dataset (one of {', '.join(data.DATASETS)})")
         if recorded is not None and dataset is not None and recorded != dataset:
             raise ValueError(f"--colorcnn {path} was trained on {recorded} images, not --dataset {dataset}")
-        if (recorded or dataset) not in data.DATASET_STATS:
-            raise ValueError(f"--colorcnn {path}: unknown dataset {recorded!r} in the checkpoint")
+        if model.input_normalization is None:
+            if dataset is None:
+                raise ValueError(f"--colorcnn {path} does not record the normalization it expects; "
+                                 f"pass --dataset (one of {', '.join(data.DATASETS)})")
+            model.input_normalization = DATASET_NORMALIZATION[dataset]
         if model.num_colors in models:
             raise ValueError(f"--colorcnn: two checkpoints quantize to {model.num_colors} colours "
                              f"({models[model.num_colors][0]} and {path})")
-        models[model.num_colors] = (path, model.requires_grad_(False).to(device), recorded or dataset)
+        models[model.num_colors] = (path, model.eval().requires_grad_(False).to(device))
     return models
 
 
@@ -249,14 +245,14 @@ def _jobs(args: argparse.Namespace, notes: list) -> list[_Job]:
     if args.colorcnn and "colorcnn" not in methods:
         raise ValueError("--colorcnn is given but colorcnn is not among --method")
 
-    colorcnns = _load_colorcnns(args.colorcnn, args.dataset, _device(args.device or "cpu"))
+    colorcnns = _load_colorcnns(args.colorcnn, args.dataset, single_process_device(args.device or "cpu"))
     if args.num_colors is None:
         if not colorcnns:
             raise ValueError("--num-colors is required (no --colorcnn checkpoint to take K from)")
         ks = sorted(colorcnns)
     else:
         ks = list(dict.fromkeys(args.num_colors))
-        for k, (path, _, _) in colorcnns.items():
+        for k, (path, _) in colorcnns.items():
             if k not in ks:
                 raise ValueError(f"--colorcnn {path} quantizes to {k} colours, which is not among --num-colors "
                                  f"{' '.join(map(str, ks))}")
@@ -265,11 +261,10 @@ def _jobs(args: argparse.Namespace, notes: list) -> list[_Job]:
     for method in methods:
         for k in ks:
             if method != "colorcnn":
-                jobs += [_Job(method, d, k, ColorQuantize(k, method, dither=d, kmeans_iters=args.kmeans_iters), None)
+                jobs += [_Job(method, d, k, ColorQuantize(k, method, dither=d, kmeans_iters=args.kmeans_iters))
                          for d in dithers]
             elif k in colorcnns:
-                _, model, dataset = colorcnns[k]
-                jobs.append(_Job(method, False, k, ColorQuantize(k, "colorcnn", model=model), dataset))
+                jobs.append(_Job(method, False, k, ColorQuantize(k, "colorcnn", model=colorcnns[k][1])))
             else:
                 notes.append(f"colorcnn has no K={k} output: no --colorcnn checkpoint quantizes to {k} colours")
     if "colorcnn" in methods and True in dithers:
@@ -338,3 +333,11 @@ def quantize_images(args: argparse.Namespace) -> list[dict]:
         sheet.save(out / "sheet.png")
         print(f"sheet (rows: images; columns: original, {', '.join(job.label for job in jobs)}): {out / 'sheet.png'}")
     return records
+
+
+COMMAND = Command(
+    "quantize", help="image files to palette PNGs; a table and a side-by-side sheet",
+    description="Quantize image files with each method and K into palette PNGs "
+                "(OUT/<stem>-<method>[-dither]-k<K>.png), print colours used, PNG bytes, "
+                "bits per pixel and PSNR, and draw OUT/sheet.png.",
+    add_arguments=add_quantize_arguments, run=quantize_images)

@@ -22,8 +22,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from ._checkpoint import read_checkpoint
-from ._validation import check_int as _check_int
+from .._checkpoint import read_checkpoint
+from .._validation import check_int as _check_int
 
 __all__ = [
     "CIFAR_MAX_IMAGE_SIZE",

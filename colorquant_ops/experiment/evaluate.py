@@ -6,13 +6,13 @@ one table with, per row:
 * ``method`` / ``dither`` / ``K``: each of ``--methods`` x ``--dither`` x ``--num-colors``. The
   classical methods (``median_cut``, ``octree``, ``kmeans``; :class:`~colorquant_ops.transforms.ColorQuantize`)
   quantize the [0,1] image, which is then normalized for the classifier. ``colorcnn`` runs the
-  ``--colorcnn`` checkpoint whose ``num_colors`` is K (eval mode) on the normalized image, as in
-  training, and its output goes into the classifier as is; dithering does not apply to it (one row,
-  dither ``off``); a K without a checkpoint is skipped with a note.
+  ``--colorcnn`` checkpoint whose ``num_colors`` is K (argmax path) the same way: the network sees
+  the image normalized as in training (the checkpoint's ``input_normalization``; ``--dataset``'s
+  for checkpoints that record none) and recolours the [0,1] image; dithering does not apply to it
+  (one row, dither ``off``); a K without a checkpoint is skipped with a note.
 * ``accuracy``: top-1 accuracy of the classifier (eval mode);
 * ``colors``: mean number of colours actually used per image (``count_colors``);
-* ``bpp``: mean size of the palette PNG (index map + palette, ``palette_png_sizes``) in bits per pixel;
-  for ColorCNN the palette is mapped back to [0,1] (``x * std + mean``, clamped).
+* ``bpp``: mean size of the palette PNG (index map + palette, ``palette_png_sizes``) in bits per pixel.
 
 plus a ``full colour`` row (bpp ``-``) and one ``jpeg`` row per ``--jpeg-qualities`` entry (accuracy on
 the JPEG round-tripped images, mean JPEG bits per pixel).
@@ -36,24 +36,21 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import codecs, data, distributed
-from .classifiers import load_classifier
-from .models.colorcnn import load_colorcnn
-from .quantizers.reference import count_colors
-from .train import RunDir, _positive_int, data_locations
-from .transforms import METHODS, ColorQuantize
+from .. import codecs
+from ..models.classifiers import load_classifier
+from ..models.colorcnn import load_colorcnn
+from ..normalization import DATASET_NORMALIZATION
+from ..quantizers.reference import count_colors
+from ..transforms import METHODS, ColorQuantize
+from . import data
+from .arguments import integer, load_one_line, positive_int, single_process_device
+from .commands import Command
+from .rundir import RunDir
 
-__all__ = ["add_evaluate_arguments", "evaluate", "markdown_table", "pivot_tables", "plot_results"]
+__all__ = ["COMMAND", "add_evaluate_arguments", "evaluate", "markdown_table", "pivot_tables", "plot_results"]
 
 _DITHERED = ("median_cut", "octree", "kmeans")
 _FIELDS = ("method", "dither", "num_colors", "bits", "accuracy", "colors", "bpp", "images", "note")
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,21 +59,21 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"quantization methods, of {', '.join(METHODS)} (default: all)")
     p.add_argument("--dither", default="both", help="on, off or both: Floyd-Steinberg for median_cut, octree, "
                    "kmeans (default: both)")
-    p.add_argument("--num-colors", nargs="+", type=_int, default=[2, 4, 8, 16, 32, 64],
+    p.add_argument("--num-colors", nargs="+", type=integer, default=[2, 4, 8, 16, 32, 64],
                    help="numbers of colours K, each in 2..256 (default: 2 4 8 16 32 64)")
     p.add_argument("--colorcnn", nargs="+", default=[], help="ColorCNN checkpoints (from train), matched to K "
                    "by their num_colors")
-    p.add_argument("--jpeg-qualities", nargs="*", type=_int, default=[5, 10, 20, 40, 80],
+    p.add_argument("--jpeg-qualities", nargs="*", type=integer, default=[5, 10, 20, 40, 80],
                    help="JPEG qualities for the comparison rows (default: 5 10 20 40 80; none: no JPEG rows)")
     p.add_argument("--kmeans-iters", type=int, default=10, help="Lloyd iterations of kmeans (default: 10)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="cifar10", choices=data.DATASETS, help="dataset name (default: cifar10)")
     g.add_argument("--data-root", default=None,
                    help="dataset directory (default: for cifar10 the project's extracted JPEG copy, else ./data)")
-    g.add_argument("--test-subset", type=_positive_int, default=None, help="evaluate on N test images only")
+    g.add_argument("--test-subset", type=positive_int, default=None, help="evaluate on N test images only")
     g.add_argument("--cache-dir", default=None,
                    help="decoded-tensor cache of fixed-size datasets (default: <repo>/.cache/tensors; 'none': off)")
-    g.add_argument("--batch-size", type=_positive_int, default=128, help="(default: 128)")
+    g.add_argument("--batch-size", type=positive_int, default=128, help="(default: 128)")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
     g = p.add_argument_group("run")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -106,35 +103,20 @@ def _check_args(args: argparse.Namespace) -> list[bool]:
     return choices[args.dither]
 
 
-def _device(name) -> torch.device:
-    """``--device`` of a single-process command (default: cuda if available)."""
-    return distributed.resolve_device(name, distributed.SINGLE)
-
-
 def _test_set(args: argparse.Namespace):
-    root, cache = data_locations(args)
+    root, cache = data.data_locations(args)
     transform = data.test_transform(args.dataset, normalize=False)
     return data.build_dataset(args.dataset, root, "test", transform, subset=args.test_subset, cache_dir=cache), root
 
 
-def _load(loader, path):
-    """``loader(path)``, with a one-line message when the file cannot be read (torch.load's
-    unpickling errors span several lines)."""
-    try:
-        return loader(path)
-    except ValueError as exc:
-        text = str(exc)
-        if "\n" not in text:
-            raise
-        head, sep, _ = text.partition(" (cannot read it:")
-        cause = type(exc.__cause__).__name__ if exc.__cause__ is not None else ""
-        raise ValueError(f"{head} (cannot read it: {cause})" if sep and cause else " ".join(text.split())) from exc
-
-
-def _load_colorcnns(paths) -> dict:
+def _load_colorcnns(paths, dataset: str) -> dict:
+    """``{K: (path, model)}``; a model whose checkpoint records no input normalization is taken to
+    expect ``dataset``'s (``colorquant train`` always trained on normalized images)."""
     models = {}
     for path in paths:
-        model = _load(load_colorcnn, path)
+        model = load_one_line(load_colorcnn, path)
+        if model.input_normalization is None:
+            model.input_normalization = DATASET_NORMALIZATION[dataset]
         if model.num_colors in models:
             raise ValueError(f"--colorcnn: two checkpoints quantize to {model.num_colors} colours "
                              f"({models[model.num_colors][0]} and {path})")
@@ -266,9 +248,9 @@ def _finish_plot(plt, fig, ax, full, xlabel: str, title: str, path: Path) -> Pat
 def evaluate(args: argparse.Namespace) -> list[dict]:
     """Run ``colorquant evaluate`` (see the module docstring); returns the table's rows as dicts."""
     dithers = _check_args(args)
-    device = _device(args.device)
-    classifier = _load(load_classifier, args.classifier).eval().requires_grad_(False).to(device)
-    colorcnns = _load_colorcnns(args.colorcnn)
+    device = single_process_device(args.device)
+    classifier = load_one_line(load_classifier, args.classifier).eval().requires_grad_(False).to(device)
+    colorcnns = _load_colorcnns(args.colorcnn, args.dataset)
     for _, model in colorcnns.values():
         model.to(device)
 
@@ -287,8 +269,6 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
     run.log(f"colorquant evaluate {options}")
     run.log(f"data: {args.dataset} in {root}: {len(test_set)} test images")
     normalize = data.normalize(args.dataset)
-    mean = torch.tensor(stats.mean, device=device).view(1, 1, 3)
-    std = torch.tensor(stats.std, device=device).view(1, 1, 3)
 
     # rows in table order; jobs: (row, kind, quantizer or model)
     rows, jobs = [], []
@@ -304,12 +284,12 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
                     continue
                 row = _Row(method, "off", k)
                 rows.append(row)
-                jobs.append((row, "colorcnn", colorcnns[k][1]))
+                jobs.append((row, ColorQuantize(k, "colorcnn", model=colorcnns[k][1])))
                 continue
             for dither in dithers:
                 row = _Row(method, "on" if dither else "off", k)
                 rows.append(row)
-                jobs.append((row, "classic", ColorQuantize(k, method, dither=dither, kmeans_iters=args.kmeans_iters)))
+                jobs.append((row, ColorQuantize(k, method, dither=dither, kmeans_iters=args.kmeans_iters)))
     for k in sorted(colorcnns):
         if "colorcnn" in args.methods and k not in ks:
             run.log(f"note: --colorcnn {colorcnns[k][0]} (K={k}) unused: K={k} is not in --num-colors")
@@ -326,18 +306,11 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
                                dynamic_ncols=True):
         images, labels = images.to(device), labels.to(device)
         H, W = images.shape[-2:]
-        normed = normalize(images)
-        full.add(classifier(normed), labels)
-        for row, kind, q in jobs:
-            if kind == "colorcnn":
-                out = q(normed)
-                palette01 = (out.palette * std + mean).clamp(0, 1)
-                bpp = codecs.bits_per_pixel(codecs.palette_png_sizes(out.index_map.cpu(), palette01.cpu()), H, W)
-                row.add(classifier(out.quantized), labels, count_colors(out.quantized), bpp)
-            else:
-                quantized, index_map, palette = q.quantize(images)
-                bpp = codecs.bits_per_pixel(codecs.palette_png_sizes(index_map.cpu(), palette.cpu()), H, W)
-                row.add(classifier(normalize(quantized)), labels, count_colors(quantized), bpp)
+        full.add(classifier(normalize(images)), labels)
+        for row, q in jobs:
+            quantized, index_map, palette = q.quantize(images)
+            bpp = codecs.bits_per_pixel(codecs.palette_png_sizes(index_map.cpu(), palette.clamp(0, 1).cpu()), H, W)
+            row.add(classifier(normalize(quantized)), labels, count_colors(quantized), bpp)
         for row in jpeg_rows:
             decoded, sizes = codecs.jpeg_roundtrip(images, row.quality, return_sizes=True)
             row.add(classifier(normalize(decoded)), labels, None, codecs.bits_per_pixel(sizes, H, W))
@@ -359,3 +332,10 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
     run.log(f"done in {seconds:.1f} s: results.csv, results.json, results.md, "
             f"{', '.join(p.name for p in plots)} in {run.path}")
     return records
+
+
+COMMAND = Command(
+    "evaluate", help="a frozen classifier on quantized (and JPEG) test images; one table",
+    description="Evaluate colour quantization methods and JPEG through a frozen classifier; "
+                "writes results.csv/.json/.md and plots into a run directory.",
+    add_arguments=add_evaluate_arguments, run=evaluate)

@@ -23,21 +23,27 @@ import math
 import shutil
 from pathlib import Path
 
+import argparse
+
 import torch
 
-__all__ = ["ASSETS", "DEMO_KS", "main", "rebuild_assets"]
+from ..models.pretrained import PRETRAINED_CLASSIFIERS, PRETRAINED_COLORCNN, WEIGHTS
+from . import data, evaluate
+from .commands import Command, build_parser
+from .quantize_files import comparison_sheet
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+__all__ = ["ASSETS", "COMMAND", "DEMO_KS", "main", "rebuild_assets"]
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 SAMPLE_ROOT = ASSETS / "cifar10-sample"
-WEIGHTS = ASSETS / "weights"
-CLASSIFIER = WEIGHTS / "alexnet-cifar10.pt"
+CLASSIFIER = WEIGHTS / PRETRAINED_CLASSIFIERS["cifar10-alexnet"]
 DEMO_KS = (2, 4, 8)
 SAMPLE_SIZE = 500
 _TRADITIONAL = ("median_cut", "octree", "kmeans")
 
 
 def _colorcnn_path(k: int) -> Path:
-    return WEIGHTS / f"colorcnn-k{k}.pt"
+    return WEIGHTS / PRETRAINED_COLORCNN[f"cifar10-k{k}"]
 
 
 def _half_state(ckpt: dict) -> dict:
@@ -49,8 +55,6 @@ def rebuild_assets(run_dir, data_root=None) -> list[Path]:
     """Regenerate the bundled sample and weights from a finished ``reproduce --preset cifar10-cpu``
     run directory (its ``classifier/final.pt`` and ``colorcnn-k{2,4,8}/final.pt``); ``data_root``:
     the CIFAR-10 copy to take the sample from (default: the project's extracted JPEG copy)."""
-    from . import data
-
     run_dir = Path(run_dir)
     sources = {CLASSIFIER: run_dir / "classifier" / "final.pt"}
     sources.update({_colorcnn_path(k): run_dir / f"colorcnn-k{k}" / "final.pt" for k in DEMO_KS})
@@ -107,11 +111,6 @@ def _summary(records: list[dict]) -> list[str]:
 
 def main(out_dir="runs/demo", progress: bool = True, num_images: int = 5) -> list[dict]:
     """Run the demo (see the module docstring); returns ``colorquant evaluate``'s rows."""
-    from . import data
-    from .cli import build_parser
-    from .evaluate import evaluate
-    from .quantize_files import comparison_sheet
-
     _check_assets()
     out = Path(out_dir)
     ckpts = [str(_colorcnn_path(k)) for k in DEMO_KS]
@@ -123,7 +122,7 @@ def main(out_dir="runs/demo", progress: bool = True, num_images: int = 5) -> lis
         argv.append("--no-progress")
     print("colorquant demo: a frozen CIFAR AlexNet on 500 bundled CIFAR-10 test images, quantized to K colours "
           "by ColorCNN (bundled weights, U-Net width 16, preset cifar10-cpu) and by the traditional quantizers")
-    records = evaluate(build_parser().parse_args(argv))
+    records = evaluate.evaluate(build_parser([evaluate.COMMAND]).parse_args(argv))
     print("\n" + "\n".join(_summary(records)))
 
     test_set = data.build_dataset("cifar10", SAMPLE_ROOT, "test")
@@ -136,3 +135,28 @@ def main(out_dir="runs/demo", progress: bool = True, num_images: int = 5) -> lis
     print(f"picture sheet (rows: image x K; columns: original, ColorCNN, median cut, median cut + dither, "
           f"octree, k-means): {out / 'sheet.png'}")
     return records
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out-dir", default="runs/demo", help="where the table and sheet go (default: runs/demo)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="tqdm progress bar (default: on)")
+    p.add_argument("--rebuild-assets", metavar="RUN_DIR", default=None,
+                   help="regenerate the bundled weights and image sample from a finished "
+                        "'colorquant reproduce --preset cifar10-cpu' run directory, then stop")
+
+
+def run(args: argparse.Namespace):
+    """``colorquant demo``: the demo, or with ``--rebuild-assets`` the regeneration of its assets."""
+    if args.rebuild_assets is not None:
+        written = rebuild_assets(args.rebuild_assets)
+        print(f"wrote {len(written)} files under {ASSETS}")
+        return written
+    return main(out_dir=args.out_dir, progress=args.progress)
+
+
+COMMAND = Command(
+    "demo", help="ColorCNN vs median cut / octree / k-means at K=2,4,8 on bundled CIFAR-10 "
+                 "images with bundled weights: a table and a picture sheet (offline, CPU)",
+    description="The paper's point on bundled CIFAR-10 test images with bundled trained weights.",
+    add_arguments=add_demo_arguments, run=run)

@@ -9,17 +9,17 @@ Two trainers share one epoch loop (:func:`fit`) and one checkpoint format:
   every 20 epochs stepped per batch, 60 epochs). ColorCNN takes the normalized image; its quantized
   output stays in that space and goes straight into the classifier.
 
-Each run writes into a :class:`RunDir`: ``settings.json`` (the arguments), ``log.txt`` (what is printed),
+Each run writes into a :class:`~colorquant_ops.experiment.rundir.RunDir`: ``settings.json`` (the arguments), ``log.txt`` (what is printed),
 ``metrics.jsonl`` (one JSON object per epoch), ``last.pt`` (everything ``--resume`` needs to continue
 exactly: model, optimizer, scheduler, epoch, step and the torch/numpy/python RNG states), ``best.pt``
 (best test accuracy) and ``final.pt`` (last epoch), the latter two in the library's model formats
-(:func:`~colorquant_ops.classifiers.load_classifier`, :func:`~colorquant_ops.models.colorcnn.load_colorcnn`).
+(:func:`~colorquant_ops.models.classifiers.load_classifier`, :func:`~colorquant_ops.models.colorcnn.load_colorcnn`).
 
 Both trainers take an ``argparse.Namespace`` as built by ``colorquant train-classifier`` / ``colorquant train``
 (:func:`add_common_arguments`, :func:`add_classifier_arguments`, :func:`add_colorcnn_arguments`).
 
 Multi-process training: launched by ``torchrun --nproc-per-node N -m colorquant_ops train ...``, each
-process trains a DistributedDataParallel replica (:mod:`colorquant_ops.distributed`; gloo on CPU, nccl
+process trains a DistributedDataParallel replica (:mod:`colorquant_ops.experiment.distributed`; gloo on CPU, nccl
 on ``cuda:LOCAL_RANK``). ``--batch-size`` is the *global* batch (each process takes 1/N of it, so the
 paper's settings hold for any N; it must divide by N); a DistributedSampler shuffles (seeded with
 ``--seed`` and the epoch) and shards the training set; rank r draws its augmentations from
@@ -35,28 +35,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
-import os
-import random
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
+from ..losses import ColorCNNLoss
+from ..models.classifiers import build_classifier, load_classifier, save_classifier
+from ..models.colorcnn import ColorCNN, load_colorcnn_checkpoint, save_colorcnn
 from . import data, distributed
-from .classifiers import build_classifier, load_classifier, save_classifier
-from .losses import ColorCNNLoss
-from .models.colorcnn import ColorCNN, load_colorcnn_checkpoint, save_colorcnn
+from .arguments import positive_int
+from .commands import Command
+from .rundir import RunDir, rng_state, seed_everything, set_rng_state
 
 __all__ = [
-    "RunDir",
+    "CLASSIFIER_COMMAND",
+    "COLORCNN_COMMAND",
     "add_classifier_arguments",
     "add_colorcnn_arguments",
     "add_common_arguments",
@@ -66,33 +66,6 @@ __all__ = [
 ]
 
 _CIFAR = ("cifar10", "cifar100")
-
-def data_locations(args: argparse.Namespace):
-    """(data root, tensor-cache dir or None) from --data-root / --cache-dir.
-
-    Without --data-root, CIFAR-10 comes from the shared JPEG copy (extracted once
-    into .cache/) when it is present, anything else from ./data.
-    """
-    root = args.data_root
-    if root is None:
-        root = "data"
-        if args.dataset == "cifar10":
-            try:
-                root = data.extract_cifar10_jpeg()
-            except data.DatasetNotFoundError:
-                pass
-    cache = args.cache_dir
-    if cache is None and args.dataset != "imagefolder":
-        cache = data.default_cache_dir() / "tensors"
-    if isinstance(cache, str) and cache.lower() == "none":
-        cache = None
-    return root, cache
-
-
-#: Settings a resumed run may change (where the data lives, how it runs, how long). A different
-#: number of processes continues the run, though not exactly (see :func:`fit`).
-_RESUME_FREE = frozenset({"epochs", "resume", "progress", "workers", "device", "compile", "out_dir",
-                          "data_root", "cache_dir", "classifier", "world_size"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,30 +83,20 @@ def _lr_steps(text: str) -> list[int]:
     return steps
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def add_common_arguments(p: argparse.ArgumentParser, *, epochs: int, lr: float, batch_size: int) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="cifar10", choices=data.DATASETS, help="dataset name (default: cifar10)")
     g.add_argument("--data-root", default=None,
                    help="dataset directory (default: for cifar10 the project's extracted JPEG copy, else ./data)")
-    g.add_argument("--subset", type=_positive_int, default=None, help="train on N class-balanced images only")
-    g.add_argument("--test-subset", type=_positive_int, default=None, help="evaluate on N test images only")
+    g.add_argument("--subset", type=positive_int, default=None, help="train on N class-balanced images only")
+    g.add_argument("--test-subset", type=positive_int, default=None, help="evaluate on N test images only")
     g.add_argument("--cache-dir", default=None,
                    help="decoded-tensor cache of fixed-size datasets (default: <repo>/.cache/tensors; 'none': off)")
-    g.add_argument("--batch-size", type=_positive_int, default=batch_size,
+    g.add_argument("--batch-size", type=positive_int, default=batch_size,
                    help=f"global batch: under torchrun each of the N processes takes 1/N of it (default: {batch_size})")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=_positive_int, default=epochs, help=f"(default: {epochs})")
+    g.add_argument("--epochs", type=positive_int, default=epochs, help=f"(default: {epochs})")
     g.add_argument("--lr", type=float, default=lr, help=f"SGD learning rate (default: {lr})")
     g.add_argument("--momentum", type=float, default=0.5, help="(default: 0.5)")
     g.add_argument("--weight-decay", type=float, default=5e-4, help="(default: 5e-4)")
@@ -162,7 +125,7 @@ def add_colorcnn_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classifier", required=True, help="frozen classifier checkpoint (from train-classifier)")
     p.add_argument("--num-colors", type=int, default=2, help="number of colours K, 2..256 (default: 2)")
     p.add_argument("--backbone", default="unet", choices=("unet", "dncnn"), help="(default: unet)")
-    p.add_argument("--width", type=_positive_int, default=64, help="backbone width (default: 64, the paper's)")
+    p.add_argument("--width", type=positive_int, default=64, help="backbone width (default: 64, the paper's)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature factor (default: 1)")
     p.add_argument("--color-norm", type=float, default=None, help="palette divisor (default: 4 on CIFAR, else 1)")
     p.add_argument("--color-jitter", type=float, default=1.0, help="palette shift std (default: 1)")
@@ -175,107 +138,8 @@ def add_colorcnn_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta", type=float, default=0.0, help="colour-variance loss weight (default: 0)")
     p.add_argument("--gamma", type=float, default=0.0, help="reconstruction loss weight (default: 0)")
     add_common_arguments(p, epochs=60, lr=0.01, batch_size=128)
-    p.add_argument("--restart-epochs", type=_positive_int, default=20,
+    p.add_argument("--restart-epochs", type=positive_int, default=20,
                    help="period of the cosine warm restarts in epochs (default: 20)")
-
-
-# --------------------------------------------------------------------------------------------
-# Run directory and checkpoints
-# --------------------------------------------------------------------------------------------
-
-
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-class RunDir:
-    """A run's directory: ``settings.json``, ``log.txt``, ``metrics.jsonl``, ``last.pt``, ``best.pt``, ``final.pt``.
-
-    The directory is created by the first write, so that arguments can be checked before.
-    With ``main=False`` (ranks other than 0 of a multi-process run) nothing is written or printed.
-    """
-
-    def __init__(self, path, resume: bool = False, main: bool = True) -> None:
-        self.path = Path(path)
-        self.main = main
-        if resume and not self.last.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint to resume from at {self.last}")
-        if not resume and self.last.is_file():
-            raise ValueError(f"{self.path} holds a run already (last.pt): pass --resume or another --out-dir")
-
-    @property
-    def last(self) -> Path:
-        return self.path / "last.pt"
-
-    def _append(self, name: str, text: str) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / name, "a") as f:
-            f.write(text)
-
-    def log(self, message: str) -> None:
-        if self.main:
-            tqdm.write(message)
-            self._append("log.txt", message + "\n")
-
-    def write_settings(self, args: argparse.Namespace, **extra) -> None:
-        if self.main:
-            self.path.mkdir(parents=True, exist_ok=True)
-            settings = {**vars(args), **extra}
-            (self.path / "settings.json").write_text(json.dumps(settings, indent=2, default=str) + "\n")
-
-    def check_resume_settings(self, args: argparse.Namespace) -> None:
-        """``--resume`` continues exactly only with the same settings, except those in :data:`_RESUME_FREE`
-        (and options newer than the run that are left off)."""
-        path = self.path / "settings.json"
-        if not path.is_file():
-            return
-        old = json.loads(path.read_text())
-        new = json.loads(json.dumps(vars(args), default=str))
-        changed = [f"--{k.replace('_', '-')} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
-                   if k not in _RESUME_FREE and old.get(k) != new.get(k)
-                   and not (k not in old and new.get(k) in (None, False))]
-        if changed:
-            raise ValueError(f"--resume with other settings than {path}: {', '.join(changed)}")
-
-    def append_metrics(self, record: dict) -> None:
-        if self.main:
-            self._append("metrics.jsonl", json.dumps(record) + "\n")
-
-    def save_state(self, state: dict) -> None:
-        """Write ``last.pt`` atomically."""
-        if self.main:
-            tmp = self.last.with_suffix(".pt.tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, self.last)
-
-    def load_state(self) -> dict:
-        """Read ``last.pt`` (onto the CPU; ``load_state_dict`` moves it)."""
-        try:
-            return torch.load(self.last, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"cannot read the resume checkpoint {self.last}: {exc}") from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,7 +169,7 @@ class _Setup:
         self._notes: list[str] = []
         # rank r draws augmentations (and dropout, ColorCNN's palette jitter) from seed + r; the
         # models start from rank 0's weights whatever each rank draws for them (DDP broadcasts them)
-        _seed_everything(args.seed + ctx.rank)
+        seed_everything(args.seed + ctx.rank)
 
     def start(self) -> None:
         """Write ``settings.json`` and the first log lines."""
@@ -351,7 +215,7 @@ class _Setup:
 
     def loaders(self) -> tuple[DataLoader, DataLoader, list]:
         args, ctx = self.args, self.ctx
-        root, cache = data_locations(args)
+        root, cache = data.data_locations(args)
 
         def build(split, subset, transform):
             # the subset order is seeded with 0, not --seed: the same images whatever the run's seed
@@ -390,8 +254,8 @@ class _Setup:
         process's, rank 0's under torchrun), ``rng_ranks`` (every rank's; torchrun only) and
         ``world_size`` (None without torchrun)."""
         if not self.ctx.active:
-            return {"rng": _rng_state(), "world_size": None}
-        states = distributed.all_gather_objects(_rng_state(), self.ctx)
+            return {"rng": rng_state(), "world_size": None}
+        states = distributed.all_gather_objects(rng_state(), self.ctx)
         return {"rng": states[0], "rng_ranks": states, "world_size": self.ctx.world_size}
 
     def restore_rng(self, state: dict, epoch: int) -> None:
@@ -401,12 +265,12 @@ class _Setup:
         saved = state.get("world_size")
         current = self.ctx.world_size if self.ctx.active else None
         if saved == current:
-            _set_rng_state(state["rng_ranks"][self.ctx.rank] if self.ctx.active else state["rng"])
+            set_rng_state(state["rng_ranks"][self.ctx.rank] if self.ctx.active else state["rng"])
             return
         describe = lambda n: f"{n} processes (torchrun)" if n else "one process without torchrun"  # noqa: E731
         self.run.log(f"note: the run in {self.run.path} ran as {describe(saved)}, it continues as "
                      f"{describe(current)}: not exactly as it would have")
-        _seed_everything(self.args.seed + self.ctx.rank + 1_000_003 * epoch)
+        seed_everything(self.args.seed + self.ctx.rank + 1_000_003 * epoch)
 
 
 @contextlib.contextmanager
@@ -639,7 +503,9 @@ def _train_colorcnn(setup: _Setup) -> dict:
         return classifier(out.quantized), used
 
     def save_model(path, **extra):
-        save_colorcnn(model, path, dataset=args.dataset, classifier=str(args.classifier), **extra)
+        # trained on normalized images: the checkpoint says so, and a loaded model takes [0, 1] images
+        save_colorcnn(model, path, input_normalization=(stats.mean, stats.std), dataset=args.dataset,
+                      classifier=str(args.classifier), **extra)
 
     optimizer = _sgd(args, model.parameters())
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
@@ -647,3 +513,13 @@ def _train_colorcnn(setup: _Setup) -> dict:
     evaluate = lambda: _evaluate(setup, test_loader, model, predict)  # noqa: E731
     setup.start()
     return fit(setup, model, train_step, evaluate, optimizer, scheduler, True, save_model, train_loader)
+
+
+CLASSIFIER_COMMAND = Command(
+    "train-classifier", help="train the full-colour classifier (paper: SGD 0.1, 60 epochs)",
+    description="Train a full-colour classifier; writes a run directory (see colorquant_ops.experiment.train).",
+    add_arguments=add_classifier_arguments, run=train_classifier)
+COLORCNN_COMMAND = Command(
+    "train", help="train ColorCNN against a frozen classifier checkpoint",
+    description="Train ColorCNN through a frozen classifier; writes a run directory.",
+    add_arguments=add_colorcnn_arguments, run=train_colorcnn)

@@ -34,9 +34,16 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["PRESETS", "Preset", "Stage", "add_reproduce_arguments", "reproduce", "write_report"]
+from . import data, evaluate, train
+from .commands import Command, build_parser, run_command
+from .quantize_files import comparison_sheet
+
+__all__ = ["COMMAND", "PRESETS", "Preset", "Stage", "add_reproduce_arguments", "reproduce", "write_report"]
 
 _KS = (2, 4, 8, 16, 32, 64)
+
+#: The commands a preset's stages run (parsed and run as ``colorquant`` would).
+STAGE_COMMANDS = (train.CLASSIFIER_COMMAND, train.COLORCNN_COMMAND, evaluate.COMMAND)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,11 +143,6 @@ SHEET_KS = (2, 4, 8)
 def write_report(preset: Preset, out: Path, data_root=None) -> list[Path]:
     """Gather a finished preset run's evaluate stages into ``out/report`` (see the module docstring);
     ``data_root`` as the stages' ``--data-root``. Returns the files written."""
-    from . import data
-    from .evaluate import markdown_table, pivot_tables, plot_results
-    from .quantize_files import comparison_sheet
-    from .train import data_locations
-
     rows, seen = [], set()
     for stage in preset.stages:
         if stage.argv[0] != "evaluate":
@@ -153,12 +155,12 @@ def write_report(preset: Preset, out: Path, data_root=None) -> list[Path]:
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
     written = [report / "results.md", report / "results.json"]
-    written[0].write_text(pivot_tables(rows) + "\n\n" + markdown_table(
+    written[0].write_text(evaluate.pivot_tables(rows) + "\n\n" + evaluate.markdown_table(
         [r for r in rows if r["method"] in ("full colour", "jpeg")]) + "\n")
     written[1].write_text(json.dumps({"preset": preset.name, "rows": rows}, indent=2) + "\n")
-    written += plot_results(rows, report)
+    written += evaluate.plot_results(rows, report)
 
-    root, cache = data_locations(argparse.Namespace(data_root=data_root, dataset="cifar10", cache_dir=None))
+    root, cache = data.data_locations(argparse.Namespace(data_root=data_root, dataset="cifar10", cache_dir=None))
     test_set = data.build_dataset("cifar10", root, "test", data.test_transform("cifar10", normalize=False),
                                   cache_dir=cache)
     targets = test_set.targets
@@ -196,8 +198,6 @@ def _state(stage: Stage, out: Path) -> str:
 def reproduce(args: argparse.Namespace) -> list[dict]:
     """Run (or with ``--dry-run`` list) a preset's stages; returns ``{"stage", "state", "command"}`` per stage
     (``state``: done, resume or todo before this call; ``seconds`` for stages run)."""
-    from .cli import build_parser, run_command
-
     preset = PRESETS[args.preset]
     out = Path(args.out_dir or Path("runs") / preset.name)
     extra = []
@@ -206,7 +206,7 @@ def reproduce(args: argparse.Namespace) -> list[dict]:
             extra += [flag, str(value)]
     if not args.progress:
         extra.append("--no-progress")
-    parser = build_parser()
+    parser = build_parser(STAGE_COMMANDS)
     plan = []
     for stage in preset.stages:
         state = _state(stage, out)
@@ -222,9 +222,16 @@ def reproduce(args: argparse.Namespace) -> list[dict]:
             continue
         print(f"\n== {step['stage']}: colorquant {' '.join(step['command'])}", flush=True)
         started = time.perf_counter()
-        run_command(parser.parse_args(step["command"]))
+        run_command(parser.parse_args(step["command"]), STAGE_COMMANDS)
         step["seconds"] = round(time.perf_counter() - started, 1)
         print(f"== {step['stage']} finished in {step['seconds']:.0f} s", flush=True)
     written = write_report(preset, out, args.data_root)
     print(f"\nreport: {', '.join(str(p) for p in written)}")
     return plan
+
+
+COMMAND = Command(
+    "reproduce", help="run a named preset: classifier, ColorCNN per K, evaluate",
+    description="Run a whole experiment (train-classifier, train per K, evaluate) from a "
+                "named preset; done stages are skipped, interrupted ones resumed.",
+    add_arguments=add_reproduce_arguments, run=reproduce)
