@@ -249,3 +249,18 @@ def test_compile(device, dynamic, fresh_dynamo):
         image, palette = random_case(*shape, 5, seed=16, device=device, dtype=torch.float32)
         for got, want in zip(compiled(image, palette), _dither_and_render(image, palette)):
             assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("nan_at", [0, 1, 3])
+def test_nan_palette_entry_reference_matches_kernel(nan_at):
+    # the kernels' rule: a NaN distance never beats an earlier colour; at colour 0 it keeps colour 0
+    g = torch.Generator().manual_seed(nan_at)
+    image = torch.rand(1, 3, 6, 7, generator=g)
+    palette = torch.rand(1, 4, 3, generator=g)
+    palette[0, nan_at, 1] = float("nan")
+    expected = floyd_steinberg_batch_reference(image, palette)
+    assert torch.equal(cq.floyd_steinberg_dither(image, palette), expected)
+    if nan_at == 0:
+        assert bool((expected == 0).all())
+    else:
+        assert not bool((expected == nan_at).any())

@@ -224,3 +224,18 @@ def test_independent_of_num_threads(restore_num_threads):
     two = cq.hard_color_quantize(logits, image)
     for a, b in zip(one, two):
         assert torch.equal(a, b)
+
+
+def test_nan_pixel_stays_in_its_colour(device):
+    # one NaN pixel makes its own colour's mean NaN and no other (the oracle scatters, as the kernel sums)
+    logits = torch.zeros(1, 3, 4, 4, dtype=torch.float64, device=device)
+    logits[0, 1, :2] = 1.0
+    logits[0, 2, 2:] = 1.0
+    image = torch.rand(1, 3, 4, 4, dtype=torch.float64, device=device)
+    image[0, :, 0, 0] = float("nan")  # a colour-1 pixel
+    for quantized, index_map, palette in (cq.hard_color_quantize(logits, image),
+                                          reference.hard_color_quantize(logits, image)):
+        assert bool(palette[0, 1].isnan().all()) and bool(palette[0, 2].isfinite().all())
+        assert bool(quantized[0, :, 2:].isfinite().all())
+    torch.testing.assert_close(cq.hard_color_quantize(logits, image).palette,
+                               reference.hard_color_quantize(logits, image)[2], equal_nan=True)

@@ -9,7 +9,6 @@ index_map ``[B,H,W]``; ``p`` runs over the ``H*W`` pixels.
 """
 
 import torch
-import torch.nn.functional as F
 
 
 def soft_color_quantize(logits, image, temperature=1.0, eps=1e-8):
@@ -53,12 +52,17 @@ def render_index_map(index_map, palette):
 
 def hard_color_quantize(logits, image):
     """Argmax index map (first maximum wins), per-colour mean palette (zeros
-    for an unused colour), and the image rendered from the two."""
+    for an unused colour), and the image rendered from the two.
+
+    Each pixel is added to its own colour only (a scatter, not a one-hot
+    product: 0 * NaN would spread one NaN pixel into every colour)."""
     B, K, H, W = logits.shape
     C = image.shape[1]
     index_map = logits.argmax(dim=1)
-    onehot = F.one_hot(index_map.reshape(B, H * W), K).to(image.dtype)  # [B,P,K]
-    counts = onehot.sum(dim=1).unsqueeze(-1)  # [B,K,1]
-    sums = torch.bmm(onehot.transpose(1, 2), image.reshape(B, C, H * W).transpose(1, 2))  # [B,K,C]
+    flat = index_map.reshape(B, H * W)
+    counts = torch.zeros(B, K, 1, dtype=image.dtype, device=image.device)
+    counts.scatter_add_(1, flat.unsqueeze(-1), torch.ones(B, H * W, 1, dtype=image.dtype, device=image.device))
+    sums = torch.zeros(B, K, C, dtype=image.dtype, device=image.device)
+    sums.scatter_add_(1, flat.unsqueeze(-1).expand(B, H * W, C), image.reshape(B, C, H * W).transpose(1, 2))
     palette = torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums))
     return render_index_map(index_map, palette), index_map, palette

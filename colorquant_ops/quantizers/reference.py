@@ -16,6 +16,7 @@ from ..ops.reference import render_index_map as _render
 
 __all__ = [
     "count_colors",
+    "nearest_colour",
     "floyd_steinberg_batch_reference",
     "floyd_steinberg_reference",
     "kmeans_inertia",
@@ -35,13 +36,25 @@ def _as_float64_numpy(x, name):
     return x.astype(np.float64)
 
 
+def nearest_colour(squared_differences: np.ndarray) -> int:
+    """The nearest colour from ``(palette - value) ** 2`` ``[K,C]``, by the kernels' rule: colours
+    are tried in order from 0 and a colour replaces the best so far only if its squared distance is
+    strictly smaller. So a tie goes to the lowest ``k``, a NaN distance never wins against an earlier
+    colour, and a NaN distance at colour 0 keeps colour 0."""
+    dist = squared_differences.sum(axis=1)
+    if np.isnan(dist[0]):
+        return 0
+    return int(np.argmin(np.where(np.isnan(dist), np.inf, dist)))  # argmin: the first minimum
+
+
 def floyd_steinberg_reference(image, palette) -> Tensor:
     """Floyd-Steinberg error diffusion onto a fixed palette, as a Python double loop.
 
     Pixels are visited in raster order (row by row, left to right). Each takes
     ``value = pixel + accumulated error`` (no clamping), picks the nearest
-    palette colour ``k`` by squared Euclidean distance over the channels (a tie
-    goes to the lowest ``k``) and diffuses ``error = value - palette[k]`` with
+    palette colour ``k`` by squared Euclidean distance over the channels
+    (:func:`nearest_colour`: a tie goes to the lowest ``k``; NaN as the kernels
+    treat it) and diffuses ``error = value - palette[k]`` with
     the weights 7/16 to ``(x+1, y)``, 3/16 to ``(x-1, y+1)``, 5/16 to
     ``(x, y+1)`` and 1/16 to ``(x+1, y+1)``; a weight whose target is outside
     the image is dropped. Everything is computed in float64.
@@ -65,8 +78,7 @@ def floyd_steinberg_reference(image, palette) -> Tensor:
     for y in range(H):
         for x in range(W):
             value = buf[:, y, x]
-            dist = ((pal - value) ** 2).sum(axis=1)
-            k = int(np.argmin(dist))  # first minimum: lowest k wins a tie
+            k = nearest_colour((pal - value) ** 2)
             index_map[y, x] = k
             error = value - pal[k]
             for dy, dx, weight in _FS_WEIGHTS:
