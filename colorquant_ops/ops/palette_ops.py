@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import _extension  # noqa: F401  (loads the kernels or says how to build them)
-from .color_quantize import _require_tensor
+from .color_quantize import _mark_valid, _require_tensor
 
 _ops = torch.ops.colorquant
 
@@ -71,7 +71,8 @@ def kmeans_palette(image: Tensor, num_colors: int, iters: int = 10, seed: int = 
     num_colors = _require_int(num_colors, "num_colors")
     iters = _require_int(iters, "iters")
     seed = _require_int(seed, "seed")
-    return KMeansPalette(*_ops.kmeans_palette(image.detach(), num_colors, iters, seed))
+    index_map, palette = _ops.kmeans_palette(image.detach(), num_colors, iters, seed)
+    return KMeansPalette(_mark_valid(index_map, num_colors), palette)
 
 
 def floyd_steinberg_dither(image: Tensor, palette: Tensor) -> Tensor:
@@ -93,7 +94,8 @@ def floyd_steinberg_dither(image: Tensor, palette: Tensor) -> Tensor:
     """
     _require_tensor(image, "image")
     _require_tensor(palette, "palette")
-    return _ops.floyd_steinberg_dither(image.detach(), palette.detach())
+    index_map = _ops.floyd_steinberg_dither(image.detach(), palette.detach())
+    return _mark_valid(index_map, palette.shape[1])
 
 
 # --- fake (meta) implementations: output shapes only, so torch.compile traces
