@@ -53,7 +53,10 @@ def kmeans_palette(image: Tensor, num_colors: int, iters: int = 10, seed: int = 
     The result is a deterministic function of ``(image, num_colors, iters,
     seed)``: the random draws are a counter-based hash of ``(seed, image index,
     draw)`` and every sum is taken in a fixed order, whatever the number of
-    threads, and on the CPU and CUDA alike. Sums are accumulated in float32
+    threads, and on the CPU and CUDA alike, bit for bit for every value that
+    is not NaN. NaN inputs give NaN at the same places on both devices, but
+    the NaN bits (sign, payload) are not covered: e.g. a bfloat16 NaN is
+    0x7FC0 from the CPU's conversion and 0x7FFF from CUDA's. Sums are accumulated in float32
     for float16/bfloat16/float32 images, float64 for float64 images.
 
     Args:
