@@ -355,7 +355,9 @@ def test_library_index_maps_skip_the_check(monkeypatch):
     palette = randn((2, 6, 3), gen).requires_grad_(True)
     out = cq.render_index_map(hard.index_map, palette)
     out.sum().backward()
-    cq.render_index_map(hard.index_map, palette[:, :5].contiguous())  # fewer colours than made for
+    assert int(hard.index_map.max()) == 5
+    with pytest.raises(IndexError):  # fewer colours than it was made for: checked, and wrong
+        cq.render_index_map(hard.index_map, palette[:, :5].contiguous())
     user_map = hard.index_map.clone()
     cq.render_index_map(user_map, palette)
     hard.index_map[0, 0, 0] = 5  # in place: no longer known valid

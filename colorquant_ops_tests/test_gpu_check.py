@@ -93,12 +93,16 @@ def test_runner_kills_a_step_past_its_budget(tmp_path):
 
 
 def test_runner_respects_the_overall_deadline(tmp_path):
-    runner = gpu_check.Runner(str(tmp_path), total_budget_s=2)
+    """A step is cut at the overall deadline even inside its own budget, and a
+    step that would start within 5 s of the deadline is skipped."""
+    runner = gpu_check.Runner(str(tmp_path), total_budget_s=7)
     t0 = time.monotonic()
     runner.run_group([(gpu_check.Step("long", 100, "sleeps"),
                        [sys.executable, "-c", "import time; time.sleep(30)"], gpu_check._ok_if_zero)])
-    assert time.monotonic() - t0 < 10
-    assert runner.outcomes[0].status == "timeout"
+    assert 5 < time.monotonic() - t0 < 15
+    runner.run_group([(gpu_check.Step("late", 100, "x"), [sys.executable, "-c", "pass"], gpu_check._ok_if_zero)])
+    assert [o.status for o in runner.outcomes] == ["timeout", "skipped"]
+    assert runner.outcomes[1].detail == "overall deadline reached"
 
 
 def test_sanitizer_and_test_evaluation(tmp_path):
