@@ -59,11 +59,11 @@ class Step:
 #: at most TOTAL_BUDGET_S; test_gpu_check.py checks it.
 STEPS = (
     Step("env", 20, "GPU, driver, torch, nvcc, compute-sanitizer, Python test modules"),
-    Step("build", 170, "setup.py build_ext --inplace for this GPU's architecture only, MAX_JOBS=nproc"),
-    Step("tests", 170, "pytest -k cuda over colorquant_ops_tests (every CUDA test), junit XML", group="checks"),
-    *(Step(f"sanitizer-{tool}", 150, f"compute-sanitizer --tool {tool} benchmarks/gpu_sanitizer_driver.py",
+    Step("build", 150, "setup.py build_ext --inplace for this GPU's architecture only, MAX_JOBS=nproc"),
+    Step("tests", 160, "pytest -k cuda over colorquant_ops_tests (every CUDA test), junit XML", group="checks"),
+    *(Step(f"sanitizer-{tool}", 160, f"compute-sanitizer --tool {tool} benchmarks/gpu_sanitizer_driver.py",
            group="checks") for tool in SANITIZER_TOOLS),
-    *(Step(f"bench-{size}", 80, f"python -m benchmarks --quick --only ops --sizes {size} --dtypes float32")
+    *(Step(f"bench-{size}", 100, f"python -m benchmarks --quick --only ops --sizes {size} --dtypes float32")
       for size in BENCH_SIZES),
 )
 
@@ -187,16 +187,20 @@ class Runner:
         return os.path.join(self.out, f"{name}.log")
 
     def run_group(self, jobs: List[tuple]) -> None:
-        """jobs: (Step, command list or None for skipped with reason, evaluate(rc, log text) -> (status, detail))."""
+        """Runs the jobs concurrently, each within its step's budget and the overall deadline.
+
+        jobs: (Step, command list -- or a string, the reason it is skipped --,
+        evaluate(rc, log text) -> (status, detail)[, extra environment])."""
         started = []
-        for step, cmd, evaluate in jobs:
+        for step, cmd, evaluate, *extra in jobs:
             if isinstance(cmd, str):  # a reason not to run
                 self.outcomes.append(Outcome(step.name, "skipped", 0.0, step.budget_s, cmd))
                 continue
             if time.monotonic() >= self.deadline - 5:
                 self.outcomes.append(Outcome(step.name, "skipped", 0.0, step.budget_s, "overall deadline reached"))
                 continue
-            started.append((step, evaluate, time.monotonic(), _launch(cmd, self.log_path(step.name), self.env)))
+            env = {**self.env, **(extra[0] if extra else {})}
+            started.append((step, evaluate, time.monotonic(), _launch(cmd, self.log_path(step.name), env)))
             print(f"[gpu-check] {step.name}: started ({step.budget_s} s budget)", flush=True)
         for step, evaluate, t_start, proc in started:
             rc = _wait(proc, min(t_start + step.budget_s, self.deadline))
@@ -306,11 +310,10 @@ def run_all(out_dir: str, arch: str, total_budget_s: int = TOTAL_BUDGET_S) -> in
             cmd += ["--track-unused-memory", "no"]
         cmd += [py, os.path.join("benchmarks", "gpu_sanitizer_driver.py")]
         reason = not_built if not built else ("not run: compute-sanitizer not found" if not sanitizer else None)
-        group.append((steps[f"sanitizer-{tool}"], reason or cmd, _eval_sanitizer))
-    # The sanitizers see every allocation only without the caching allocator.
-    runner.env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"
+        # The sanitizers see every allocation's bounds only without the caching allocator.
+        group.append((steps[f"sanitizer-{tool}"], reason or cmd, _eval_sanitizer,
+                      {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}))
     runner.run_group(group)
-    del runner.env["PYTORCH_NO_CUDA_MEMORY_CACHING"]
 
     # 5. benchmarks, alone on the GPU
     for size in BENCH_SIZES:

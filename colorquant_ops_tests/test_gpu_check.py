@@ -79,13 +79,15 @@ def test_runner_kills_a_step_past_its_budget(tmp_path):
     t0 = time.monotonic()
     runner.run_group([
         (slow, [sys.executable, "-c", "import time; time.sleep(30)"], gpu_check._ok_if_zero),
-        (fast, [sys.executable, "-c", "print('hello')"], gpu_check._ok_if_zero),
+        (fast, [sys.executable, "-c", "import os; print('hello', os.environ['GPU_CHECK_TEST'])"],
+         gpu_check._ok_if_zero, {"GPU_CHECK_TEST": "extra-env"}),
     ])
     assert time.monotonic() - t0 < 15
     by_name = {o.name: o for o in runner.outcomes}
     assert by_name["slow"].status == "timeout"
     assert by_name["fast"].status == "ok"
-    assert "hello" in (tmp_path / "fast.log").read_text()
+    assert "hello extra-env" in (tmp_path / "fast.log").read_text()
+    assert "GPU_CHECK_TEST" not in runner.env  # the extra environment is the job's only
     runner.run_group([(gpu_check.Step("skipped", 5, "x"), "not run: reason", gpu_check._ok_if_zero)])
     runner.write_summary("test")
     summary = (tmp_path / "summary.md").read_text()
@@ -141,3 +143,42 @@ def test_sanitizer_driver_needs_a_gpu():
     proc = subprocess.run([sys.executable, os.path.join("benchmarks", "gpu_sanitizer_driver.py")], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
     assert proc.returncode == 1 and "no CUDA GPU" in proc.stdout
+
+
+def test_run_all_commands(tmp_path, monkeypatch):
+    """The commands run_all would run on a GPU machine (recorded, not run): the
+    build for the detected architecture with all cores, pytest -k cuda, the four
+    sanitizers over the driver (concurrent with the tests, without the caching
+    allocator), the two quick benchmark runs writing into the output folder."""
+    recorded = []
+
+    def fake_run_group(self, jobs):
+        recorded.append([(step.name, cmd, extra) for step, cmd, evaluate, *extra in jobs])
+        for step, cmd, evaluate, *extra in jobs:
+            self.outcomes.append(gpu_check.Outcome(step.name, "ok", 0.0, step.budget_s, ""))
+
+    monkeypatch.setattr(gpu_check.Runner, "run_group", fake_run_group)
+    monkeypatch.setattr(gpu_check, "_has_module", lambda name: True)
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: f"/usr/bin/{name}")
+    envs = []
+    monkeypatch.setattr(gpu_check.Runner, "write_summary", lambda self, header: envs.append(dict(self.env))
+                        or (tmp_path / "summary.md").write_text(header))
+    assert gpu_check.run_all(str(tmp_path), "9.0") == 0
+    groups = [[name for name, _, _ in g] for g in recorded]
+    assert groups == [["env"], ["build"], ["tests", "sanitizer-memcheck", "sanitizer-racecheck",
+                                           "sanitizer-synccheck", "sanitizer-initcheck"],
+                      ["bench-cifar"], ["bench-imagenet"]]
+    assert envs[0]["TORCH_CUDA_ARCH_LIST"] == "9.0" and envs[0]["MAX_JOBS"] == str(os.cpu_count())
+    build_cmd = recorded[1][0][1]
+    assert build_cmd[1:] == ["setup.py", "build_ext", "--inplace"]
+    tests_cmd = recorded[2][0][1]
+    assert tests_cmd[1:3] == ["-m", "pytest"] and "-k" in tests_cmd and tests_cmd[tests_cmd.index("-k") + 1] == "cuda"
+    for name, cmd, extra in recorded[2][1:]:
+        tool = name.removeprefix("sanitizer-")
+        assert cmd[0] == "/usr/bin/compute-sanitizer" and cmd[1:3] == ["--tool", tool]
+        assert cmd[-1].endswith("gpu_sanitizer_driver.py")
+        assert extra == [{"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}]
+    for g, size in zip(recorded[3:], ("cifar", "imagenet")):
+        cmd = g[0][1]
+        assert cmd[1:3] == ["-m", "benchmarks"] and "--quick" in cmd and cmd[cmd.index("--sizes") + 1] == size
+        assert cmd[cmd.index("--out") + 1] == os.path.join(str(tmp_path), f"bench-ops-{size}-quick.md")
