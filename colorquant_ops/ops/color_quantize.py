@@ -51,7 +51,9 @@ def _require_number(x, name):
 # in place (which bumps the version counter), render_index_map with a palette
 # of at least K colours needs no check. Anything else -- another tensor, a
 # view, a copy, .to(device), an inference-mode tensor (no version counter) or
-# code being traced by torch.compile -- is checked as usual.
+# code being traced by torch.compile -- is checked as usual. (Writes that
+# bypass the version counter, through ``.data`` or raw pointers, are not seen;
+# on CUDA such an index then renders as zeros, it is never read out of bounds.)
 _VALID_MARK = "_colorquant_valid_below"
 
 

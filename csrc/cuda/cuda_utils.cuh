@@ -1,7 +1,8 @@
 // Device helpers shared by the CUDA kernels of the colorquant ops: launch
-// configuration, deterministic warp/block sums, and the two-stage per-colour
-// pixel reduction that the soft palette (forward and backward), the hard
-// palette and render_index_map_backward all reduce to.
+// configuration, deterministic warp sums, a stable counting sort of a tile's
+// pixels by colour, and the two-stage per-colour pixel reduction that the soft
+// palette (forward and backward), the hard palette and
+// render_index_map_backward all reduce to.
 //
 // Determinism: no atomics anywhere. Every partial sum is owned by one fixed
 // thread / warp / block and combined in a fixed order, so results are bitwise
@@ -86,23 +87,6 @@ __device__ __forceinline__ T warp_sum(T v) {
     v += __shfl_down_sync(0xffffffffu, v, offset);
   }
   return v;
-}
-
-// Sum over a block of kThreads threads, result in thread 0. warp_sums is a
-// __shared__ array of kWarps entries; all threads must call it.
-template <typename T>
-__device__ __forceinline__ T block_sum(T v, T* warp_sums) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-  v = warp_sum(v);
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  T total = T(0);
-  if (warp == 0) {
-    total = warp_sum(lane < kWarps ? warp_sums[lane] : T(0));
-  }
-  __syncthreads();  // warp_sums may be reused right after
-  return total;
 }
 
 // ---------------------------------------------------------------------------
@@ -206,8 +190,8 @@ __device__ __forceinline__ void sort_tile_by_colour(TileSort& s, int n, int K) {
 // with w either the soft probabilities or the indicator [index[p] == k].
 // Stage 1: one block per (b, tile of kTile pixels) writes the tile's partial
 // sums -- soft_partial_sums_kernel (a warp per colour: every (k, p) pair has
-// a weight) or index_partial_sums_kernel (one sort of the tile, a thread per
-// colour over its own pixels). Stage 2 (finish_sums_kernel): a thread, or a
+// a weight) or index_partial_sums_kernel (one sort of the tile, then a group
+// of lanes per colour over that colour's pixels only). Stage 2 (finish_sums_kernel): a thread, or a
 // warp when there are many tiles, per output entry adds the tiles' partials.
 // Partials are laid out [B][K][C+1][num_tiles] (j = 0 is W, j = 1 + c is N).
 // ---------------------------------------------------------------------------
@@ -317,14 +301,31 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Lanes per colour of index_partial_sums_kernel: the largest power of two up
+// to a warp with K * group <= kThreads, so that all colours are summed at
+// once and no thread idles however few colours there are (K = 2: a warp
+// each; K = 256: a thread each).
+inline int index_sum_group(int64_t K) {
+  int group = kWarpSize;
+  while (group > 1 && K * group > kThreads) group /= 2;
+  return group;
+}
+
+// Stage 1 of the index sums: the tile is sorted by colour once, then a group
+// of `group` lanes (index_sum_group) per colour adds that colour's pixels,
+// lane-strided over its sorted run (in pixel order), then a fixed shuffle
+// tree within the group: each pixel is read once per channel chunk, and the
+// order depends only on the indices, so the partials are deterministic.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     index_partial_sums_kernel(IndexWeights weights, const scalar_t* __restrict__ y,
                               acc_t* __restrict__ partial, int64_t B, int64_t P,
-                              int64_t K, int64_t C, int64_t num_tiles) {
+                              int64_t K, int64_t C, int64_t num_tiles, int group) {
   __shared__ TileSort sort;
   __shared__ acc_t y_tile[kChunk][kTile];
   const int64_t J = C + 1;
+  const int k = threadIdx.x / group;   // this thread's colour (none if k >= K)
+  const int member = threadIdx.x % group;
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     for (int64_t t = blockIdx.x; t < num_tiles; t += gridDim.x) {
       const int64_t p0 = t * kTile;
@@ -335,12 +336,12 @@ __global__ void __launch_bounds__(kThreads)
         sort.key[i] = (v >= 0 && v < K) ? static_cast<int16_t>(v) : int16_t{-1};
       }
       sort_tile_by_colour(sort, n, static_cast<int>(K));
-      const int k = threadIdx.x;  // a thread per colour (K <= kThreads)
       const int begin = k < K ? sort.start[k] : 0;
       const int end = k < K ? sort.start[k + 1] : 0;
-      acc_t* out = k < K ? partial + (b * K + k) * J * num_tiles + t : nullptr;
+      const bool writer = k < K && member == 0;
+      acc_t* out = writer ? partial + (b * K + k) * J * num_tiles + t : nullptr;
       // A count of at most kTile is exact in acc_t.
-      if (k < K) out[0] = static_cast<acc_t>(end - begin);
+      if (writer) out[0] = static_cast<acc_t>(end - begin);
       for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
         const int cc = static_cast<int>(min_i64(kChunk, C - c0));
         for (int j = 0; j < cc; ++j) {
@@ -353,14 +354,22 @@ __global__ void __launch_bounds__(kThreads)
         acc_t s[kChunk];
 #pragma unroll
         for (int j = 0; j < kChunk; ++j) s[j] = acc_t(0);
-        for (int e = begin; e < end; ++e) {  // the colour's pixels, in pixel order
+        for (int e = begin + member; e < end; e += group) {
           const int i = sort.order[e];
 #pragma unroll
           for (int j = 0; j < kChunk; ++j) {
             if (j < cc) s[j] += y_tile[j][i];
           }
         }
-        if (k < K) {
+        // Groups never straddle a warp (group divides 32); every lane takes
+        // part in the shuffles (the loop bound is block-uniform).
+        for (int offset = group / 2; offset > 0; offset >>= 1) {
+#pragma unroll
+          for (int j = 0; j < kChunk; ++j) {
+            s[j] += __shfl_down_sync(0xffffffffu, s[j], offset, group);
+          }
+        }
+        if (writer) {
 #pragma unroll
           for (int j = 0; j < kChunk; ++j) {
             if (j < cc) out[(1 + c0 + j) * num_tiles] = s[j];
@@ -455,8 +464,8 @@ void colour_sums(Weights weights, const scalar_t* y, int64_t B, int64_t P,
   if (num_tiles > 0) {
     const dim3 grid(capped(num_tiles, kMaxGridX), grid_y);
     if constexpr (Weights::kIndicator) {
-      index_partial_sums_kernel<scalar_t, acc_t>
-          <<<grid, kThreads, 0, stream>>>(weights, y, partial_ptr, B, P, K, C, num_tiles);
+      index_partial_sums_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
+          weights, y, partial_ptr, B, P, K, C, num_tiles, index_sum_group(K));
     } else {
       soft_partial_sums_kernel<scalar_t, acc_t, Weights>
           <<<grid, kThreads, 0, stream>>>(weights, y, partial_ptr, B, P, K, C, num_tiles);

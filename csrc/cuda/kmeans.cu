@@ -134,7 +134,9 @@ __global__ void __launch_bounds__(kThreads)
 // of colour k, each sum in pixel order from 0 (as the CPU kernel). The chunk is
 // sorted by colour once (sort_tile_by_colour, stable), then a thread per
 // colour adds exactly its own pixels: kKMeansChunk additions per channel in
-// all, not K times as many. Skipped for an image whose assignment repeated
+// all, not K times as many. (A thread, not a group of lanes as in the hard
+// palette's index_partial_sums_kernel: the CPU's pixel-order sum is one chain
+// of additions per colour, which a bit-identical result must follow.) Skipped for an image whose assignment repeated
 // (it >= 1 and !changed[it]).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
