@@ -398,3 +398,50 @@ def test_nan_aware_bit_comparison():
         assert_same_bits_or_both_nan(a, c)
     with pytest.raises(AssertionError, match="NaN"):
         assert_same_bits_or_both_nan(a, torch.tensor([1.0, 1.0, 0.0], dtype=torch.bfloat16))
+
+
+def _model_sort_tile_by_colour(keys, K, warps=8, warp_size=32, tile=1024):
+    """Step-by-step Python model of sort_tile_by_colour (csrc/cuda/cuda_utils.cuh):
+    per-warp ranks from groups of equal keys among 32 lanes, per-warp counts, an
+    exclusive scan over (colour, warp), then the scatter."""
+    n = len(keys)
+    per_warp = tile // warps
+    counts = [[0] * K for _ in range(warps)]
+    rank = [0] * n
+    for w in range(warps):
+        for r in range(0, per_warp, warp_size):
+            lane_keys = [keys[i] if i < n else -1 for i in range(w * per_warp + r, w * per_warp + r + warp_size)]
+            base = {k: counts[w][k] for k in set(lane_keys) if k >= 0}  # read before the leader writes
+            for lane, k in enumerate(lane_keys):
+                if k >= 0:
+                    rank[w * per_warp + r + lane] = base[k] + lane_keys[:lane].count(k)
+            for k in base:
+                counts[w][k] = base[k] + lane_keys.count(k)
+    totals = [sum(counts[w][k] for w in range(warps)) for k in range(K)]
+    start = [sum(totals[:k]) for k in range(K + 1)]
+    offset = [[0] * K for _ in range(warps)]
+    for k in range(K):
+        off = start[k]
+        for w in range(warps):
+            offset[w][k], off = off, off + counts[w][k]
+    order = [None] * start[K]
+    for i, k in enumerate(keys):
+        if k >= 0:
+            order[offset[i // per_warp][k] + rank[i]] = i
+    return order, start
+
+
+@pytest.mark.parametrize("K,n,seed", [(1, 1024, 0), (2, 1000, 1), (7, 1024, 2), (256, 1024, 3), (256, 37, 4), (3, 1, 5)])
+def test_tile_sort_model_is_a_stable_counting_sort(K, n, seed):
+    """The algorithm of the CUDA index reductions' tile sort: each colour's pixels
+    come out contiguous and in pixel order (so a per-colour sum over them runs in
+    pixel order, as the CPU's), out-of-range keys (-1) are dropped, and the
+    positions fit uint16_t."""
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randint(-1, K, (n,), generator=gen).tolist()
+    order, start = _model_sort_tile_by_colour(keys, K)
+    want = sorted((k, i) for i, k in enumerate(keys) if k >= 0)
+    assert order == [i for _, i in want]
+    for k in range(K):
+        assert [keys[i] for i in order[start[k]:start[k + 1]]] == [k] * (start[k + 1] - start[k])
+    assert start[K] == sum(k >= 0 for k in keys) <= 65535
