@@ -8,7 +8,7 @@ project gets are lent for about 15 minutes, start-up included):
 2. build      the extension for this GPU's architecture only, all cores
               (``setup.py build_ext --inplace``, TORCH_CUDA_ARCH_LIST=<major.minor>,
               MAX_JOBS=nproc; no venv, nothing installed, no network)
-3. tests      every CUDA test (``pytest -k cuda``: the cuda variants of the op tests,
+3. tests      every CUDA test (``pytest -k "cuda or different_devices"``: the cuda variants of the op tests,
               the CUDA-only tests, test_cuda_specific.py), junit XML parsed
 4. sanitizer  compute-sanitizer memcheck, racecheck, synccheck and initcheck over
               benchmarks/gpu_sanitizer_driver.py (each kernel on odd shapes); the four
@@ -44,6 +44,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_BUDGET_S = 540  # 9 minutes
 SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 BENCH_SIZES = ("cifar", "imagenet")
+#: pytest -k expression of every test that needs a GPU: the "cuda" variants of the
+#: device fixture, the tests named ..._cuda_..., test_cuda_specific.py, and the
+#: mixed-device error tests (test_dither.py's carry no "cuda" in their id)
+CUDA_TESTS = "cuda or different_devices"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +64,8 @@ class Step:
 STEPS = (
     Step("env", 20, "GPU, driver, torch, nvcc, compute-sanitizer, Python test modules"),
     Step("build", 150, "setup.py build_ext --inplace for this GPU's architecture only, MAX_JOBS=nproc"),
-    Step("tests", 160, "pytest -k cuda over colorquant_ops_tests (every CUDA test), junit XML", group="checks"),
+    Step("tests", 160, f"pytest -k '{CUDA_TESTS}' over colorquant_ops_tests (every CUDA test), junit XML",
+         group="checks"),
     *(Step(f"sanitizer-{tool}", 160, f"compute-sanitizer --tool {tool} benchmarks/gpu_sanitizer_driver.py",
            group="checks") for tool in SANITIZER_TOOLS),
     *(Step(f"bench-{size}", 100, f"python -m benchmarks --quick --only ops --sizes {size} --dtypes float32")
@@ -298,7 +303,7 @@ def run_all(out_dir: str, arch: str, total_budget_s: int = TOTAL_BUDGET_S) -> in
     # 3 + 4. tests and the four sanitizers, concurrently
     junit = os.path.join(out_dir, "tests-cuda.xml")
     have_pytest = _has_module("pytest") and _has_module("hypothesis")
-    test_cmd = [py, "-m", "pytest", "colorquant_ops_tests", "-k", "cuda", "-ra", "-q", "-p", "no:cacheprovider",
+    test_cmd = [py, "-m", "pytest", "colorquant_ops_tests", "-k", CUDA_TESTS, "-ra", "-q", "-p", "no:cacheprovider",
                 f"--junitxml={junit}"]
     sanitizer = shutil.which("compute-sanitizer") or (
         os.path.join(cuda_home, "bin", "compute-sanitizer") if cuda_home else None)

@@ -145,6 +145,21 @@ def test_sanitizer_driver_needs_a_gpu():
     assert proc.returncode == 1 and "no CUDA GPU" in proc.stdout
 
 
+def test_cuda_test_selection_covers_every_gpu_only_test():
+    """Every test that skips for want of CUDA here is selected by the tests step's -k
+    expression (checked on the collected ids: those skipped with CUDA_SKIP_REASON)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "colorquant_ops_tests/test_dither.py",
+                           "colorquant_ops_tests/test_errors.py", "colorquant_ops_tests/test_cuda_specific.py",
+                           "--collect-only", "-q", "-k", gpu_check.CUDA_TESTS, "-p", "no:cacheprovider"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+    selected = set(line for line in proc.stdout.splitlines() if "::" in line)
+    assert "colorquant_ops_tests/test_dither.py::test_different_devices[wrapper]" in selected
+    assert sum(s.startswith("colorquant_ops_tests/test_dither.py::test_cuda_matches_cpu[") for s in selected) == 16
+    assert "colorquant_ops_tests/test_dither.py::test_matches_loop[cuda-1-1-1]" in selected
+    assert "colorquant_ops_tests/test_cuda_specific.py::test_non_default_stream" in selected
+    assert not any("[cpu" in s and "cuda" not in s and "different_devices" not in s for s in selected)
+
+
 def test_run_all_commands(tmp_path, monkeypatch):
     """The commands run_all would run on a GPU machine (recorded, not run): the
     build for the detected architecture with all cores, pytest -k cuda, the four
@@ -172,7 +187,7 @@ def test_run_all_commands(tmp_path, monkeypatch):
     build_cmd = recorded[1][0][1]
     assert build_cmd[1:] == ["setup.py", "build_ext", "--inplace"]
     tests_cmd = recorded[2][0][1]
-    assert tests_cmd[1:3] == ["-m", "pytest"] and "-k" in tests_cmd and tests_cmd[tests_cmd.index("-k") + 1] == "cuda"
+    assert tests_cmd[1:3] == ["-m", "pytest"] and "-k" in tests_cmd and tests_cmd[tests_cmd.index("-k") + 1] == gpu_check.CUDA_TESTS
     for name, cmd, extra in recorded[2][1:]:
         tool = name.removeprefix("sanitizer-")
         assert cmd[0] == "/usr/bin/compute-sanitizer" and cmd[1:3] == ["--tool", tool]
