@@ -24,9 +24,10 @@ def test_plan_fits_the_budget():
     assert names[:2] == ["env", "build"]
     for tool in ("memcheck", "racecheck", "synccheck", "initcheck"):
         assert f"sanitizer-{tool}" in names
-    assert "tests" in names and {"bench-cifar", "bench-imagenet"} <= set(names)
+    assert {f"tests-{i}" for i in range(1, gpu_check.TEST_SHARDS + 1)} <= set(names)
+    assert {"bench-cifar", "bench-imagenet"} <= set(names)
     budgets = {s.name: s.budget_s for s in gpu_check.STEPS}
-    assert budgets["build"] >= 120 and budgets["tests"] >= 120
+    assert budgets["build"] >= 120 and budgets["tests-1"] >= 120
     assert all(b > 0 for b in budgets.values())
     # the concurrent group: sequential steps + the longest of the group
     seq = sum(s.budget_s for s in gpu_check.STEPS if s.group is None)
@@ -117,6 +118,17 @@ def test_sanitizer_and_test_evaluation(tmp_path):
     assert evaluate(0, "")[0] == "failed"  # no XML
     junit.write_text('<testsuite tests="3" failures="0" errors="0" skipped="1"/>')
     assert evaluate(0, "") == ("ok", "2 passed, 0 failed, 0 errors, 1 skipped")
+    assert evaluate(1, "")[0] == "failed"
+    junit.write_text('<testsuite tests="0" failures="0" errors="0" skipped="0"/>')
+    assert evaluate(5, "")[0] == "ok"  # no CUDA test in this shard's files
+
+
+def test_shards_are_balanced():
+    shards = gpu_check.shard_test_files()
+    assert len(shards) == gpu_check.TEST_SHARDS and all(shards)
+    sizes = [sum(os.path.getsize(os.path.join(ROOT, f)) for f in shard) for shard in shards]
+    biggest = max(os.path.getsize(os.path.join(ROOT, f)) for shard in shards for f in shard)
+    assert max(sizes) - min(sizes) <= biggest
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine gpu-check would run for minutes")
@@ -180,15 +192,24 @@ def test_run_all_commands(tmp_path, monkeypatch):
                         or (tmp_path / "summary.md").write_text(header))
     assert gpu_check.run_all(str(tmp_path), "9.0") == 0
     groups = [[name for name, _, _ in g] for g in recorded]
-    assert groups == [["env"], ["build"], ["tests", "sanitizer-memcheck", "sanitizer-racecheck",
-                                           "sanitizer-synccheck", "sanitizer-initcheck"],
+    shards = [f"tests-{i}" for i in range(1, gpu_check.TEST_SHARDS + 1)]
+    assert groups == [["env"], ["build"], shards + ["sanitizer-memcheck", "sanitizer-racecheck",
+                                                    "sanitizer-synccheck", "sanitizer-initcheck"],
                       ["bench-cifar"], ["bench-imagenet"]]
     assert envs[0]["TORCH_CUDA_ARCH_LIST"] == "9.0" and envs[0]["MAX_JOBS"] == str(os.cpu_count())
     build_cmd = recorded[1][0][1]
     assert build_cmd[1:] == ["setup.py", "build_ext", "--inplace"]
-    tests_cmd = recorded[2][0][1]
-    assert tests_cmd[1:3] == ["-m", "pytest"] and "-k" in tests_cmd and tests_cmd[tests_cmd.index("-k") + 1] == gpu_check.CUDA_TESTS
-    for name, cmd, extra in recorded[2][1:]:
+    files = []
+    for i, (name, tests_cmd, extra) in enumerate(recorded[2][:len(shards)], 1):
+        assert tests_cmd[1:3] == ["-m", "pytest"] and tests_cmd[tests_cmd.index("-k") + 1] == gpu_check.CUDA_TESTS
+        assert tests_cmd[-1] == f"--junitxml={os.path.join(str(tmp_path), f'tests-cuda-{i}.xml')}"
+        files += [a for a in tests_cmd if a.startswith("colorquant_ops_tests/")]
+        assert extra == []
+    # every test file exactly once over the shards
+    want = sorted(f"colorquant_ops_tests/{f}" for f in os.listdir(os.path.join(ROOT, "colorquant_ops_tests"))
+                  if f.startswith("test_") and f.endswith(".py"))
+    assert sorted(files) == want
+    for name, cmd, extra in recorded[2][len(shards):]:
         tool = name.removeprefix("sanitizer-")
         assert cmd[0] == "/usr/bin/compute-sanitizer" and cmd[1:3] == ["--tool", tool]
         assert cmd[-1].endswith("gpu_sanitizer_driver.py")
