@@ -21,6 +21,11 @@
 #include "common/checks.h"
 #include "common/color_math.h"
 
+// __match_any_sync (sort_tile_by_colour) needs Volta or newer.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
+#error "colorquant_ops' CUDA kernels need compute capability 7.0 or newer (TORCH_CUDA_ARCH_LIST)"
+#endif
+
 namespace colorquant {
 namespace cuda_detail {
 
@@ -96,8 +101,8 @@ __device__ __forceinline__ T warp_sum(T v) {
 // k-means cluster sums) add each pixel to one colour only. Scanning the tile
 // once per colour would do K times the needed work; instead the tile is
 // sorted by colour once -- stably, so each colour's pixels stay in pixel
-// order -- and a thread per colour then adds exactly its own pixels, in pixel
-// order. No atomics: ranks come from __match_any_sync groups within a warp
+// order -- and a thread (k-means) or a group of lanes (index_partial_sums_kernel)
+// per colour then adds exactly its own pixels. No atomics: ranks come from __match_any_sync groups within a warp
 // (a pixel's rank is the number of earlier pixels of its colour), and offsets
 // from an exclusive scan over (colour, warp) in fixed order.
 // ---------------------------------------------------------------------------
