@@ -26,7 +26,7 @@ export MAX_JOBS ?= 2
 
 CSRC := $(shell find csrc -type f -name '*.cpp' -o -type f -name '*.cu' -o -type f -name '*.h' -o -type f -name '*.cuh')
 
-.PHONY: demo test build bench clean venv
+.PHONY: demo test build bench clean venv gpu-check
 
 venv: $(STAMP)/venv
 $(STAMP)/venv: requirements.txt
@@ -53,6 +53,16 @@ test: build
 BENCH_ARGS ?=
 bench: build
 	$(PY) -m benchmarks $(BENCH_ARGS)
+
+# On a GPU machine (torch preinstalled, no venv, no network): build for this GPU's
+# architecture with all cores, every CUDA test, compute-sanitizer, the quick CUDA
+# benchmarks; logs and tables in GPU_CHECK_OUT. Prints the plan and exits 0
+# without a GPU. Uses .venv's python if there is one, else python3; it never
+# creates a venv or installs anything.
+GPU_CHECK_OUT ?= build/gpu-check
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(GPU_PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf build colorquant_ops/_C*.so

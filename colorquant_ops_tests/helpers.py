@@ -434,3 +434,23 @@ def generated_images(size: int = 64, seed: int = 0) -> torch.Tensor:
     stripes = torch.stack([0.5 + 0.5 * torch.sin(12 * x), 0.5 + 0.5 * torch.cos(9 * y), (x + y) / 2])
     noise = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=size, mode="bicubic")[0]
     return torch.stack([ramp, discs, stripes, noise]).clamp(0, 1)
+
+
+_SAME_SIZE_INT = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+
+
+def assert_same_bits_or_both_nan(actual: torch.Tensor, expected: torch.Tensor, what: str = "tensor"):
+    """Bit identity as claimed between devices: equal shapes and dtypes, every
+    non-NaN element with the same bits (so -0.0 != 0.0), NaN exactly where the
+    other is NaN -- with any sign and payload: NaN bits are not covered by the
+    claims (bfloat16 NaN is 0x7FC0 on the CPU, 0x7FFF from CUDA's conversion)."""
+    a, e = actual.detach().cpu(), expected.detach().cpu()
+    assert a.shape == e.shape and a.dtype == e.dtype, f"{what}: {a.dtype}{tuple(a.shape)} vs {e.dtype}{tuple(e.shape)}"
+    if not a.dtype.is_floating_point:
+        assert torch.equal(a, e), f"{what}: values differ"
+        return
+    nan_a, nan_e = a.isnan(), e.isnan()
+    assert torch.equal(nan_a, nan_e), f"{what}: NaN at different elements"
+    int_t = _SAME_SIZE_INT[a.element_size()]
+    bits_a, bits_e = a.contiguous().view(int_t)[~nan_a], e.contiguous().view(int_t)[~nan_e]
+    assert torch.equal(bits_a, bits_e), f"{what}: bits differ at {int((bits_a != bits_e).sum())} non-NaN elements"

@@ -15,6 +15,7 @@ from colorquant_ops.quantizers.reference import kmeans_inertia
 from .helpers import (
     CUDA_SKIP_REASON,
     FLOAT_DTYPES,
+    assert_same_bits_or_both_nan,
     LAYOUTS_4D,
     LOW_PRECISION,
     check_output,
@@ -270,6 +271,22 @@ def test_cuda_matches_cpu(dtype):
         got = cq.kmeans_palette(image.cuda(), K, iters, seed=4)
         assert torch.equal(got.index_map.cpu(), want.index_map)
         assert torch.equal(got.palette.cpu(), want.palette)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_SKIP_REASON)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_cuda_matches_cpu_with_nan_pixels(dtype):
+    """The bit-identity claim covers every non-NaN value: NaN pixels make NaN
+    centres at the same places on both devices, whose NaN bits may differ
+    (bfloat16: 0x7FC0 on the CPU, 0x7FFF on CUDA); several chunks per image."""
+    image = smooth_image(2, 3, 40, 50, seed=11, dtype=dtype)
+    image[0, :, 3, 4] = float("nan")
+    image[1, 1, 30:, 7] = float("nan")
+    want = cq.kmeans_palette(image, 12, 4, seed=2)
+    got = cq.kmeans_palette(image.cuda(), 12, 4, seed=2)
+    assert want.palette.isnan().any()
+    assert_same_bits_or_both_nan(got.index_map, want.index_map, "index_map")
+    assert_same_bits_or_both_nan(got.palette, want.palette, "palette")
 
 
 # --------------------------------------------------------------------------- special inputs

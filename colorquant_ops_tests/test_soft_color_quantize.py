@@ -385,3 +385,18 @@ def test_independent_of_num_threads(dtype, restore_num_threads):
     two = _forward_backward(logits, image)
     for a, b in zip(one, two):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=dtype_id)
+def test_palette_counts_probabilities_that_underflow_in_storage(device, dtype):
+    """The palette is summed from the accumulation-type probabilities, not from
+    probs as stored: logits [0, -20], one pixel 0.25, eps 1e-8 give colour 1 the
+    entry 0.25 p / (p + eps) = 0.0427 (p = 2.06e-9, 0 in float16) on every device."""
+    logits = torch.tensor([0.0, -20.0], dtype=dtype).reshape(1, 2, 1, 1).to(device)
+    image = torch.full((1, 1, 1, 1), 0.25, dtype=dtype).to(device)
+    out = check_forward(logits, image, 1.0, 1e-8)
+    want = reference.soft_color_quantize(f64(logits), f64(image), 1.0, 1e-8)[1]
+    assert abs(float(want[0, 1, 0]) - 0.0427) < 1e-4
+    assert abs(float(out.palette[0, 1, 0]) - float(want[0, 1, 0])) < 4e-3 * float(want[0, 1, 0])
+    if dtype == torch.float16:
+        assert float(out.probs[0, 1, 0, 0]) == 0.0  # the stored probability did underflow

@@ -29,10 +29,15 @@ TORCH_LIBRARY(colorquant, m) {
   m.def(
       "hard_color_quantize(Tensor logits, Tensor image) -> "
       "(Tensor quantized, Tensor index_map, Tensor palette)");
-  m.def("render_index_map(Tensor index_map, Tensor palette) -> Tensor");
+  // check_indices: raise IndexError for an index outside [0, K). On CUDA this
+  // costs a host sync, so the wrappers pass false for index maps known to be
+  // valid, and it is skipped under CUDA graph capture (hard_color_quantize.cu).
+  m.def(
+      "render_index_map(Tensor index_map, Tensor palette, bool check_indices=True) "
+      "-> Tensor");
   m.def(
       "render_index_map_backward(Tensor grad_image, Tensor index_map, "
-      "Tensor palette) -> Tensor");
+      "Tensor palette, bool check_indices=True) -> Tensor");
   m.def(
       "kmeans_palette(Tensor image, int num_colors, int iters=10, int seed=0) "
       "-> (Tensor index_map, Tensor palette)");

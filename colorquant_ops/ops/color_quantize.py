@@ -42,6 +42,34 @@ def _require_number(x, name):
     return float(x)
 
 
+# --- index maps known to be valid: render_index_map skips its range check (a
+# device-to-host sync on CUDA) for them.
+#
+# An index map returned by hard_color_quantize, kmeans_palette or
+# floyd_steinberg_dither holds indices in [0, K) by construction. The wrapper
+# records (K, version counter) on the tensor; as long as nobody writes to it
+# in place (which bumps the version counter), render_index_map with a palette
+# of at least K colours needs no check. Anything else -- another tensor, a
+# view, a copy, .to(device), an inference-mode tensor (no version counter) or
+# code being traced by torch.compile -- is checked as usual. (Writes that
+# bypass the version counter, through ``.data`` or raw pointers, are not seen;
+# on CUDA such an index then renders as zeros, it is never read out of bounds.)
+_VALID_MARK = "_colorquant_valid_below"
+
+
+def _mark_valid(index_map: Tensor, num_colors: int) -> Tensor:
+    if not torch.compiler.is_compiling() and not index_map.is_inference():
+        setattr(index_map, _VALID_MARK, (int(num_colors), index_map._version))
+    return index_map
+
+
+def _known_valid(index_map: Tensor, palette: Tensor) -> bool:
+    if torch.compiler.is_compiling() or index_map.is_inference() or palette.dim() != 3:
+        return False
+    mark = getattr(index_map, _VALID_MARK, None)
+    return mark is not None and mark[0] <= palette.shape[1] and mark[1] == index_map._version
+
+
 def soft_color_quantize(logits: Tensor, image: Tensor, temperature: float = 1.0, eps: float = 1e-8) -> SoftQuantized:
     r"""Differentiable colour quantization (the training path of ColorCNN), fused.
 
@@ -77,18 +105,33 @@ def hard_color_quantize(logits: Tensor, image: Tensor) -> HardQuantized:
     """
     _require_tensor(logits, "logits")
     _require_tensor(image, "image")
-    return HardQuantized(*_ops.hard_color_quantize(logits.detach(), image.detach()))
+    quantized, index_map, palette = _ops.hard_color_quantize(logits.detach(), image.detach())
+    return HardQuantized(quantized, _mark_valid(index_map, logits.shape[1]), palette)
 
 
-def render_index_map(index_map: Tensor, palette: Tensor) -> Tensor:
+def render_index_map(index_map: Tensor, palette: Tensor, *, check_indices: bool | None = None) -> Tensor:
     """Decode an (index map, palette) pair: ``image[b,c,h,w] = palette[b, index_map[b,h,w], c]``.
 
-    ``index_map`` is int64 ``[B,H,W]`` with values in ``[0, K)`` (an IndexError
-    otherwise), ``palette`` is ``[B,K,C]``. Differentiable w.r.t. ``palette``.
+    ``index_map`` is int64 ``[B,H,W]`` with values in ``[0, K)``, ``palette`` is
+    ``[B,K,C]``. Differentiable w.r.t. ``palette``.
+
+    Args:
+        check_indices: raise IndexError for an index outside ``[0, K)``. On
+            CUDA the check waits for the GPU (a device-to-host copy), so the
+            default ``None`` checks only index maps that are not known to be
+            valid: those returned by :func:`hard_color_quantize`,
+            :func:`kmeans_palette` or :func:`floyd_steinberg_dither` and not
+            modified in place since are not checked again. ``False`` never
+            checks (then an out-of-range index renders zeros on CUDA and gets
+            no gradient; the CPU checks anyway, at no cost). Under CUDA graph
+            capture the check is always skipped, as a sync cannot be captured.
+            The backward never checks again.
     """
     _require_tensor(index_map, "index_map")
     _require_tensor(palette, "palette")
-    return _ops.render_index_map(index_map, palette)
+    if check_indices is None:
+        check_indices = not _known_valid(index_map, palette)
+    return _ops.render_index_map(index_map, palette, bool(check_indices))
 
 
 # --- fake (meta) implementations: output shapes only, so torch.compile traces
@@ -117,13 +160,13 @@ def _hard_fake(logits, image):
 
 
 @torch.library.register_fake("colorquant::render_index_map")
-def _render_fake(index_map, palette):
+def _render_fake(index_map, palette, check_indices=True):
     B, H, W = index_map.shape
     return palette.new_empty(B, palette.shape[2], H, W)
 
 
 @torch.library.register_fake("colorquant::render_index_map_backward")
-def _render_backward_fake(grad_image, index_map, palette):
+def _render_backward_fake(grad_image, index_map, palette, check_indices=True):
     return torch.empty_like(palette, memory_format=torch.contiguous_format)
 
 
@@ -171,16 +214,19 @@ torch.library.register_autograd(
 
 
 def _render_setup_context(ctx, inputs, output):
-    index_map, palette = inputs
+    index_map, palette = inputs[:2]
     ctx.save_for_backward(index_map, palette)
 
 
+# No second range check (no host sync) in the backward: the forward checked if
+# asked to, and an unchecked out-of-range index, rendered as zeros, has no
+# palette entry to receive a gradient.
 def _render_backward(ctx, grad_image):
     index_map, palette = ctx.saved_tensors
     grad_palette = None
     if ctx.needs_input_grad[1]:
-        grad_palette = _ops.render_index_map_backward(grad_image, index_map, palette)
-    return None, grad_palette
+        grad_palette = _ops.render_index_map_backward(grad_image, index_map, palette, False)
+    return None, grad_palette, None
 
 
 torch.library.register_autograd("colorquant::render_index_map", _render_backward, setup_context=_render_setup_context)
@@ -189,7 +235,7 @@ torch.library.register_autograd("colorquant::render_index_map", _render_backward
 # render_index_map_backward is linear in grad_image (a per-index sum, the adjoint
 # of the gather), so its own gradient is the gather again: double backward works.
 def _render_backward_setup_context(ctx, inputs, output):
-    _, index_map, palette = inputs
+    index_map = inputs[1]
     ctx.save_for_backward(index_map)
 
 
@@ -197,8 +243,8 @@ def _render_backward_backward(ctx, grad_grad_palette):
     (index_map,) = ctx.saved_tensors
     grad_grad_image = None
     if ctx.needs_input_grad[0]:
-        grad_grad_image = _ops.render_index_map(index_map, grad_grad_palette)
-    return grad_grad_image, None, None
+        grad_grad_image = _ops.render_index_map(index_map, grad_grad_palette, False)
+    return grad_grad_image, None, None, None
 
 
 torch.library.register_autograd(

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import _extension  # noqa: F401  (loads the kernels or says how to build them)
-from .color_quantize import _require_tensor
+from .color_quantize import _mark_valid, _require_tensor
 
 _ops = torch.ops.colorquant
 
@@ -53,7 +53,10 @@ def kmeans_palette(image: Tensor, num_colors: int, iters: int = 10, seed: int = 
     The result is a deterministic function of ``(image, num_colors, iters,
     seed)``: the random draws are a counter-based hash of ``(seed, image index,
     draw)`` and every sum is taken in a fixed order, whatever the number of
-    threads, and on the CPU and CUDA alike. Sums are accumulated in float32
+    threads, and on the CPU and CUDA alike, bit for bit for every value that
+    is not NaN. NaN inputs give NaN at the same places on both devices, but
+    the NaN bits (sign, payload) are not covered: e.g. a bfloat16 NaN is
+    0x7FC0 from the CPU's conversion and 0x7FFF from CUDA's. Sums are accumulated in float32
     for float16/bfloat16/float32 images, float64 for float64 images.
 
     Args:
@@ -71,7 +74,8 @@ def kmeans_palette(image: Tensor, num_colors: int, iters: int = 10, seed: int = 
     num_colors = _require_int(num_colors, "num_colors")
     iters = _require_int(iters, "iters")
     seed = _require_int(seed, "seed")
-    return KMeansPalette(*_ops.kmeans_palette(image.detach(), num_colors, iters, seed))
+    index_map, palette = _ops.kmeans_palette(image.detach(), num_colors, iters, seed)
+    return KMeansPalette(_mark_valid(index_map, num_colors), palette)
 
 
 def floyd_steinberg_dither(image: Tensor, palette: Tensor) -> Tensor:
@@ -93,7 +97,8 @@ def floyd_steinberg_dither(image: Tensor, palette: Tensor) -> Tensor:
     """
     _require_tensor(image, "image")
     _require_tensor(palette, "palette")
-    return _ops.floyd_steinberg_dither(image.detach(), palette.detach())
+    index_map = _ops.floyd_steinberg_dither(image.detach(), palette.detach())
+    return _mark_valid(index_map, palette.shape[1])
 
 
 # --- fake (meta) implementations: output shapes only, so torch.compile traces

@@ -47,6 +47,16 @@ CQ_HD float shifted_exp(float x) {
 
 CQ_HD double shifted_exp(double x) { return exp(x); }
 
+// probs[k] of the shifted softmax, exp(z_k - max_j z_j) / sum_j exp(z_j - max_j z_j),
+// from the pixel's max and the reciprocal of its denominator (taken once per
+// pixel). The CUDA forward evaluates it twice per (colour, pixel) -- once to
+// store probs, once in the accumulation type for the palette sums of
+// float16/bfloat16 inputs -- and gets the same value both times.
+template <typename T>
+CQ_HD T softmax_prob(T z, T z_max, T inv_denom) {
+  return shifted_exp(z - z_max) * inv_denom;
+}
+
 // Soft palette entry: a probability-weighted mean, eps keeps unused colours
 // finite. Forward: (sum_p probs*image, sum_p probs). Backward: the adjoint
 // A[k,c] = (grad_palette + sum_p probs*grad_quantized) / (sum_p probs + eps).

@@ -4,7 +4,9 @@
 // the arithmetic that the CUDA kernels run; the kernels only add loop
 // structure (chunks, wavefronts, indexing).
 //
-// Bit-identical CPU and CUDA results: the products and sums below go through
+// Bit-identical CPU and CUDA results (every non-NaN value; a NaN stays NaN on
+// both devices, but its bits are not covered: float -> bfloat16 gives the
+// quiet NaN 0x7FC0 on the host, __float2bfloat16 gives 0x7FFF): the products and sums below go through
 // add_rn / sub_rn / mul_rn / div_rn, which on the device are the IEEE
 // round-to-nearest intrinsics that nvcc never contracts into an FMA. On the
 // host they are plain operators: gcc contracts a*b+c only when the target has

@@ -142,7 +142,10 @@ std::tuple<Tensor, Tensor, Tensor> hard_color_quantize_cpu(const Tensor& logits_
   return {quantized, index_map, palette};
 }
 
-Tensor render_index_map_cpu(const Tensor& index_in, const Tensor& palette_in) {
+// check_indices is accepted for the schema's sake: on the CPU the range check
+// is part of the pass over the indices and costs no sync, so it always runs.
+Tensor render_index_map_cpu(const Tensor& index_in, const Tensor& palette_in,
+                            bool /*check_indices*/) {
   check_index_palette(index_in, palette_in);
   const Tensor index_map = index_in.contiguous();
   const Tensor palette = palette_in.contiguous();
@@ -159,7 +162,7 @@ Tensor render_index_map_cpu(const Tensor& index_in, const Tensor& palette_in) {
 }
 
 Tensor render_index_map_backward_cpu(const Tensor& grad_in, const Tensor& index_in,
-                                     const Tensor& palette) {
+                                     const Tensor& palette, bool /*check_indices*/) {
   check_index_palette(index_in, palette);
   const int64_t B = index_in.size(0), H = index_in.size(1), W = index_in.size(2);
   const int64_t K = palette.size(1), C = palette.size(2);

@@ -1,7 +1,8 @@
 // Device helpers shared by the CUDA kernels of the colorquant ops: launch
-// configuration, deterministic warp/block sums, and the two-stage per-colour
-// pixel reduction that the soft palette (forward and backward), the hard
-// palette and render_index_map_backward all reduce to.
+// configuration, deterministic warp sums, a stable counting sort of a tile's
+// pixels by colour, and the two-stage per-colour pixel reduction that the soft
+// palette (forward and backward), the hard palette and
+// render_index_map_backward all reduce to.
 //
 // Determinism: no atomics anywhere. Every partial sum is owned by one fixed
 // thread / warp / block and combined in a fixed order, so results are bitwise
@@ -17,7 +18,13 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/checks.h"
 #include "common/color_math.h"
+
+// __match_any_sync (sort_tile_by_colour) needs Volta or newer.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
+#error "colorquant_ops' CUDA kernels need compute capability 7.0 or newer (TORCH_CUDA_ARCH_LIST)"
+#endif
 
 namespace colorquant {
 namespace cuda_detail {
@@ -87,43 +94,152 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-// Sum over a block of kThreads threads, result in thread 0. warp_sums is a
-// __shared__ array of kWarps entries; all threads must call it.
-template <typename T>
-__device__ __forceinline__ T block_sum(T v, T* warp_sums) {
+// ---------------------------------------------------------------------------
+// Stable counting sort of one tile's pixels by colour index (shared memory).
+//
+// The index-based reductions (hard palette, render_index_map_backward, the
+// k-means cluster sums) add each pixel to one colour only. Scanning the tile
+// once per colour would do K times the needed work; instead the tile is
+// sorted by colour once -- stably, so each colour's pixels stay in pixel
+// order -- and a thread (k-means) or a group of lanes (index_partial_sums_kernel)
+// per colour then adds exactly its own pixels. No atomics: ranks come from __match_any_sync groups within a warp
+// (a pixel's rank is the number of earlier pixels of its colour), and offsets
+// from an exclusive scan over (colour, warp) in fixed order.
+// ---------------------------------------------------------------------------
+
+static_assert(kThreads == kMaxColors, "sort_tile_by_colour: a thread per colour");
+static_assert(kTile % (kWarps * kWarpSize) == 0, "sort_tile_by_colour: whole warp rounds");
+static_assert(kTile <= 65535, "sort_tile_by_colour: positions in uint16_t");
+
+struct TileSort {
+  static constexpr int kPerWarp = kTile / kWarps;  // pixels owned by each warp
+  int16_t key[kTile];        // colour of pixel i, -1: none (out of range)
+  uint16_t rank[kTile];      // rank of pixel i among its warp's pixels of its colour
+  uint16_t order[kTile];     // pixels sorted by colour, pixel order within a colour
+  uint16_t offset[kWarps][kMaxColors];  // per-warp counts, then start offsets
+  uint16_t start[kMaxColors + 1];       // colour k: order[start[k] .. start[k+1])
+  int32_t warp_totals[kWarps];
+};
+
+// Sorts pixels [0, n) of the tile by s.key (filled by the caller, n <= kTile,
+// keys in [0, K) or -1). All threads of the block must call it (it
+// synchronizes); the caller must __syncthreads after its last read of s and
+// before it refills s.key for the next tile.
+__device__ __forceinline__ void sort_tile_by_colour(TileSort& s, int n, int K) {
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
-  v = warp_sum(v);
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  T total = T(0);
-  if (warp == 0) {
-    total = warp_sum(lane < kWarps ? warp_sums[lane] : T(0));
+  uint16_t* counts = &s.offset[0][0];
+  for (int i = threadIdx.x; i < kWarps * kMaxColors; i += kThreads) counts[i] = 0;
+  __syncthreads();  // also publishes the caller's keys
+
+  // Ranks within each warp's pixels, 32 at a time in pixel order: the lanes
+  // holding one colour form a group; a lane's rank is the number of lower
+  // lanes of its group plus the count so far, which the group's lowest lane
+  // then advances. The loop is warp-uniform (every lane runs every round).
+  const unsigned lower_lanes = (1u << lane) - 1u;
+  for (int r = 0; r < TileSort::kPerWarp; r += kWarpSize) {
+    const int i = warp * TileSort::kPerWarp + r + lane;
+    const int k = i < n ? s.key[i] : -1;
+    const unsigned group = __match_any_sync(0xffffffffu, k);
+    const int base = k >= 0 ? s.offset[warp][k] : 0;
+    __syncwarp();  // every lane has read its count before the group leader writes it
+    if (k >= 0) {
+      s.rank[i] = static_cast<uint16_t>(base + __popc(group & lower_lanes));
+      if ((group & lower_lanes) == 0) {
+        s.offset[warp][k] = static_cast<uint16_t>(base + __popc(group));
+      }
+    }
+    __syncwarp();
   }
-  __syncthreads();  // warp_sums may be reused right after
-  return total;
+  __syncthreads();
+
+  // Thread k: colour k's total, its start (exclusive scan over colours in
+  // order: warp shuffles, then the warps' totals), then per-warp offsets.
+  const int k = threadIdx.x;
+  int total = 0;
+  if (k < K) {
+    for (int w = 0; w < kWarps; ++w) total += s.offset[w][k];
+  }
+  int inclusive = total;
+#pragma unroll
+  for (int o = 1; o < kWarpSize; o <<= 1) {
+    const int v = __shfl_up_sync(0xffffffffu, inclusive, o);
+    if (lane >= o) inclusive += v;
+  }
+  if (lane == kWarpSize - 1) s.warp_totals[warp] = inclusive;
+  __syncthreads();
+  int begin = inclusive - total;
+  for (int w = 0; w < warp; ++w) begin += s.warp_totals[w];
+  if (k < K) {
+    int off = begin;
+    for (int w = 0; w < kWarps; ++w) {
+      const int c = s.offset[w][k];
+      s.offset[w][k] = static_cast<uint16_t>(off);
+      off += c;
+    }
+    s.start[k] = static_cast<uint16_t>(begin);
+    if (k == K - 1) s.start[K] = static_cast<uint16_t>(begin + total);
+  }
+  __syncthreads();
+
+  for (int i = threadIdx.x; i < n; i += kThreads) {
+    const int key = s.key[i];
+    if (key >= 0) s.order[s.offset[i / TileSort::kPerWarp][key] + s.rank[i]] = static_cast<uint16_t>(i);
+  }
+  __syncthreads();
 }
 
 // ---------------------------------------------------------------------------
 // Per-colour pixel sums: for each image b and colour k
 //   W[k]   = sum_p w(k,p)            N[k,c] = sum_p w(k,p) * y[c,p]
 // with w either the soft probabilities or the indicator [index[p] == k].
-// Stage 1 (partial_sums_kernel): one block per (b, tile of kTile pixels);
-// stage 2 (finish_sums_kernel): one block per (b, k) adds the tiles' partials.
-// Partials are laid out [B][K][C+1][num_tiles] (j = 0 is W, j = 1 + c is N)
-// so that stage 2 reads them coalesced.
+// Stage 1: one block per (b, tile of kTile pixels) writes the tile's partial
+// sums -- soft_partial_sums_kernel (a warp per colour: every (k, p) pair has
+// a weight) or index_partial_sums_kernel (one sort of the tile, then a group
+// of lanes per colour over that colour's pixels only). Stage 2 (finish_sums_kernel): a thread, or a
+// warp when there are many tiles, per output entry adds the tiles' partials.
+// Partials are laid out [B][K][C+1][num_tiles] (j = 0 is W, j = 1 + c is N).
 // ---------------------------------------------------------------------------
 
-// Soft weights: probs [B,K,P].
-template <typename scalar_t>
+// Soft weights read from probs [B,K,P] as stored (float32/float64 forward,
+// every backward: the backward weights by the probs the forward returned and
+// saved, as the CPU kernel does).
+template <typename T>
 struct ProbWeights {
   static constexpr bool kIndicator = false;
-  const scalar_t* probs;
+  const T* probs;
+  template <typename acc_t>
+  __device__ __forceinline__ acc_t at(int64_t b, int64_t k, int64_t p, int64_t K,
+                                      int64_t P) const {
+    return static_cast<acc_t>(probs[(b * K + k) * P + p]);
+  }
 };
 
-// Hard weights: [index[b,p] == k] for index [B,P]. Selected by a branch, not
-// multiplied by 0/1, so that an inf/NaN pixel of another colour cannot leak
-// in as 0 * inf.
+// Soft weights recomputed in the accumulation type from the logits and the
+// per-pixel softmax statistics stats [B][2][P] (max of z, 1 / denominator)
+// that softmax_kernel stored: the float16/bfloat16 forward sums the palette
+// from the float32 probabilities, exactly the values it rounds into probs,
+// so a probability that underflows in the stored dtype still counts (as on
+// the CPU), without a float32 [B,K,P] copy.
+template <typename T, typename acc_t_>
+struct SoftmaxWeights {
+  static constexpr bool kIndicator = false;
+  const T* logits;
+  const acc_t_* stats;
+  acc_t_ temperature;
+  template <typename acc_t>
+  __device__ __forceinline__ acc_t at(int64_t b, int64_t k, int64_t p, int64_t K,
+                                      int64_t P) const {
+    static_assert(std::is_same_v<acc_t, acc_t_>, "SoftmaxWeights: one accumulation type");
+    const acc_t_* s = stats + 2 * b * P;
+    const acc_t z = mul_rn(temperature, static_cast<acc_t>(logits[(b * K + k) * P + p]));
+    return softmax_prob(z, s[p], s[P + p]);
+  }
+};
+
+// Hard weights: [index[b,p] == k] for index [B,P]. A pixel is added to its
+// colour's sums only (never multiplied by 0/1, so an inf/NaN pixel of another
+// colour cannot leak in as 0 * inf); an index outside [0, K) counts nowhere.
 struct IndexWeights {
   static constexpr bool kIndicator = true;
   const int64_t* index;
@@ -131,12 +247,11 @@ struct IndexWeights {
 
 template <typename scalar_t, typename acc_t, typename Weights>
 __global__ void __launch_bounds__(kThreads)
-    partial_sums_kernel(Weights weights, const scalar_t* __restrict__ y,
-                        acc_t* __restrict__ partial, int64_t B, int64_t P,
-                        int64_t K, int64_t C, int64_t num_tiles) {
+    soft_partial_sums_kernel(Weights weights, const scalar_t* __restrict__ y,
+                             acc_t* __restrict__ partial, int64_t B, int64_t P,
+                             int64_t K, int64_t C, int64_t num_tiles) {
   // The tile is re-read by every colour (K times), so it is staged once.
   __shared__ acc_t y_tile[kChunk][kTile];
-  __shared__ int32_t index_tile[Weights::kIndicator ? kTile : 1];
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int64_t J = C + 1;
@@ -146,15 +261,6 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t t = blockIdx.x; t < num_tiles; t += gridDim.x) {
       const int64_t p0 = t * kTile;
       const int n = static_cast<int>(min_i64(kTile, P - p0));
-      if constexpr (Weights::kIndicator) {
-        // Out-of-range indices become -1 (matching no colour) before the
-        // narrowing to int32, so no large index can alias a valid colour.
-        const int64_t* index = weights.index + b * P + p0;
-        for (int i = threadIdx.x; i < n; i += kThreads) {
-          const int64_t v = index[i];
-          index_tile[i] = (v >= 0 && v < K) ? static_cast<int32_t>(v) : -1;
-        }
-      }
       for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
         const int cc = static_cast<int>(min_i64(kChunk, C - c0));
         for (int j = 0; j < cc; ++j) {
@@ -172,30 +278,14 @@ __global__ void __launch_bounds__(kThreads)
           acc_t n_sum[kChunk];
 #pragma unroll
           for (int j = 0; j < kChunk; ++j) n_sum[j] = acc_t(0);
-
-          if constexpr (Weights::kIndicator) {
-            const int32_t k32 = static_cast<int32_t>(k);
-            for (int i = lane; i < n; i += kWarpSize) {
-              if (index_tile[i] == k32) {
-                w_sum += acc_t(1);
+          for (int i = lane; i < n; i += kWarpSize) {
+            const acc_t w = weights.template at<acc_t>(b, k, p0 + i, K, P);
+            w_sum += w;
 #pragma unroll
-                for (int j = 0; j < kChunk; ++j) {
-                  if (j < cc) n_sum[j] += y_tile[j][i];
-                }
-              }
-            }
-          } else {
-            const scalar_t* w_row = weights.probs + (b * K + k) * P + p0;
-            for (int i = lane; i < n; i += kWarpSize) {
-              const acc_t w = static_cast<acc_t>(w_row[i]);
-              w_sum += w;
-#pragma unroll
-              for (int j = 0; j < kChunk; ++j) {
-                if (j < cc) n_sum[j] += w * y_tile[j][i];
-              }
+            for (int j = 0; j < kChunk; ++j) {
+              if (j < cc) n_sum[j] += w * y_tile[j][i];
             }
           }
-
           w_sum = warp_sum(w_sum);
 #pragma unroll
           for (int j = 0; j < kChunk; ++j) {
@@ -210,7 +300,87 @@ __global__ void __launch_bounds__(kThreads)
             }
           }
         }
-        __syncthreads();  // tiles are overwritten by the next chunk / tile
+        __syncthreads();  // y_tile is overwritten by the next chunk / tile
+      }
+    }
+  }
+}
+
+// Lanes per colour of index_partial_sums_kernel: the largest power of two up
+// to a warp with K * group <= kThreads, so that all colours are summed at
+// once and no thread idles however few colours there are (K = 2: a warp
+// each; K = 256: a thread each).
+inline int index_sum_group(int64_t K) {
+  int group = kWarpSize;
+  while (group > 1 && K * group > kThreads) group /= 2;
+  return group;
+}
+
+// Stage 1 of the index sums: the tile is sorted by colour once, then a group
+// of `group` lanes (index_sum_group) per colour adds that colour's pixels,
+// lane-strided over its sorted run (in pixel order), then a fixed shuffle
+// tree within the group: each pixel is read once per channel chunk, and the
+// order depends only on the indices, so the partials are deterministic.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    index_partial_sums_kernel(IndexWeights weights, const scalar_t* __restrict__ y,
+                              acc_t* __restrict__ partial, int64_t B, int64_t P,
+                              int64_t K, int64_t C, int64_t num_tiles, int group) {
+  __shared__ TileSort sort;
+  __shared__ acc_t y_tile[kChunk][kTile];
+  const int64_t J = C + 1;
+  const int k = threadIdx.x / group;   // this thread's colour (none if k >= K)
+  const int member = threadIdx.x % group;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    for (int64_t t = blockIdx.x; t < num_tiles; t += gridDim.x) {
+      const int64_t p0 = t * kTile;
+      const int n = static_cast<int>(min_i64(kTile, P - p0));
+      const int64_t* index = weights.index + b * P + p0;
+      for (int i = threadIdx.x; i < n; i += kThreads) {
+        const int64_t v = index[i];
+        sort.key[i] = (v >= 0 && v < K) ? static_cast<int16_t>(v) : int16_t{-1};
+      }
+      sort_tile_by_colour(sort, n, static_cast<int>(K));
+      const int begin = k < K ? sort.start[k] : 0;
+      const int end = k < K ? sort.start[k + 1] : 0;
+      const bool writer = k < K && member == 0;
+      acc_t* out = writer ? partial + (b * K + k) * J * num_tiles + t : nullptr;
+      // A count of at most kTile is exact in acc_t.
+      if (writer) out[0] = static_cast<acc_t>(end - begin);
+      for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+        const int cc = static_cast<int>(min_i64(kChunk, C - c0));
+        for (int j = 0; j < cc; ++j) {
+          const scalar_t* y_row = y + (b * C + c0 + j) * P + p0;
+          for (int i = threadIdx.x; i < n; i += kThreads) {
+            y_tile[j][i] = static_cast<acc_t>(y_row[i]);
+          }
+        }
+        __syncthreads();
+        acc_t s[kChunk];
+#pragma unroll
+        for (int j = 0; j < kChunk; ++j) s[j] = acc_t(0);
+        for (int e = begin + member; e < end; e += group) {
+          const int i = sort.order[e];
+#pragma unroll
+          for (int j = 0; j < kChunk; ++j) {
+            if (j < cc) s[j] += y_tile[j][i];
+          }
+        }
+        // Groups never straddle a warp (group divides 32); every lane takes
+        // part in the shuffles (the loop bound is block-uniform).
+        for (int offset = group / 2; offset > 0; offset >>= 1) {
+#pragma unroll
+          for (int j = 0; j < kChunk; ++j) {
+            s[j] += __shfl_down_sync(0xffffffffu, s[j], offset, group);
+          }
+        }
+        if (writer) {
+#pragma unroll
+          for (int j = 0; j < kChunk; ++j) {
+            if (j < cc) out[(1 + c0 + j) * num_tiles] = s[j];
+          }
+        }
+        __syncthreads();  // y_tile (and, after the last chunk, sort) are reused
       }
     }
   }
@@ -223,57 +393,59 @@ enum class Finish {
   kSum,           // N: render_index_map_backward
 };
 
-template <Finish kMode, typename scalar_t, typename acc_t>
+// Stage 2: kGroup threads (1, or a warp) per output entry (b, k, c) add its
+// num_tiles partials in a fixed order (a thread in tile order; a warp
+// lane-strided, then the shuffle tree). The group size depends on num_tiles
+// only: few tiles (e.g. CIFAR, one tile per image) get a thread per entry, so
+// that no thread idles; many tiles get a warp per entry, with coalesced reads.
+template <Finish kMode, int kGroup, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     finish_sums_kernel(const acc_t* __restrict__ partial, int64_t B, int64_t K,
                        int64_t C, int64_t num_tiles,
                        const scalar_t* __restrict__ extra, acc_t eps,
                        scalar_t* __restrict__ out,
                        acc_t* __restrict__ out_acc) {
+  static_assert(kGroup == 1 || kGroup == kWarpSize, "finish_sums_kernel: group of 1 or a warp");
   // Hard counts are added as exact integers: each tile's count (<= kTile) is
   // exact in acc_t, the total over tiles may not be.
   using weight_t =
       std::conditional_t<kMode == Finish::kMeanOrZero, int64_t, acc_t>;
-  __shared__ acc_t acc_scratch[kWarps];
-  __shared__ weight_t weight_scratch[kWarps];
   const int64_t J = C + 1;
-
-  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
-    for (int64_t k = blockIdx.x; k < K; k += gridDim.x) {
-      const acc_t* row = partial + (b * K + k) * J * num_tiles;
-      weight_t weight = weight_t(0);
-      if constexpr (kMode != Finish::kSum) {
-        for (int64_t t = threadIdx.x; t < num_tiles; t += kThreads) {
-          weight += static_cast<weight_t>(row[t]);
-        }
-        weight = block_sum(weight, weight_scratch);  // valid in thread 0
+  const int member = kGroup == 1 ? 0 : static_cast<int>(threadIdx.x % kWarpSize);
+  const int64_t num_out = B * K * C;
+  // Warp-uniform for kGroup == kWarpSize (kThreads is a multiple of 32).
+  for (int64_t o = grid_stride_start() / kGroup; o < num_out; o += grid_stride_step() / kGroup) {
+    const int64_t bk = o / C;
+    const int64_t c = o - bk * C;
+    const acc_t* row = partial + bk * J * num_tiles;
+    const acc_t* n_row = row + (1 + c) * num_tiles;
+    weight_t weight = weight_t(0);
+    acc_t n = acc_t(0);
+    for (int64_t t = member; t < num_tiles; t += kGroup) {
+      if constexpr (kMode != Finish::kSum) weight += static_cast<weight_t>(row[t]);
+      n += n_row[t];
+    }
+    if constexpr (kGroup > 1) {
+      if constexpr (kMode != Finish::kSum) weight = warp_sum(weight);
+      n = warp_sum(n);
+    }
+    if (member == 0) {
+      acc_t v;
+      if constexpr (kMode == Finish::kWeightedMean) {
+        v = weighted_mean(extra != nullptr ? static_cast<acc_t>(extra[o]) + n : n, weight, eps);
+      } else if constexpr (kMode == Finish::kMeanOrZero) {
+        v = mean_or_zero(n, weight);
+      } else {
+        v = n;
       }
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t* n_row = row + (1 + c) * num_tiles;
-        acc_t n = acc_t(0);
-        for (int64_t t = threadIdx.x; t < num_tiles; t += kThreads) {
-          n += n_row[t];
-        }
-        n = block_sum(n, acc_scratch);
-        if (threadIdx.x == 0) {
-          const int64_t o = (b * K + k) * C + c;
-          acc_t v;
-          if constexpr (kMode == Finish::kWeightedMean) {
-            v = weighted_mean(
-                extra != nullptr ? static_cast<acc_t>(extra[o]) + n : n,
-                weight, eps);
-          } else if constexpr (kMode == Finish::kMeanOrZero) {
-            v = mean_or_zero(n, weight);
-          } else {
-            v = n;
-          }
-          if (out != nullptr) out[o] = static_cast<scalar_t>(v);
-          if (out_acc != nullptr) out_acc[o] = v;
-        }
-      }
+      if (out != nullptr) out[o] = static_cast<scalar_t>(v);
+      if (out_acc != nullptr) out_acc[o] = v;
     }
   }
 }
+
+// Tiles from which stage 2 uses a warp per entry.
+constexpr int64_t kWarpFinishTiles = 32;
 
 // Both stages for images y [B,C,P] and weights over [B,K,P]; writes the
 // [B,K,C] result to out (scalar_t) and/or out_acc (opmath copy), either may
@@ -295,15 +467,26 @@ void colour_sums(Weights weights, const scalar_t* y, int64_t B, int64_t P,
   acc_t* partial_ptr = partial.mutable_data_ptr<acc_t>();
   const unsigned int grid_y = capped(B, kMaxGridY);
   if (num_tiles > 0) {
-    partial_sums_kernel<scalar_t, acc_t, Weights>
-        <<<dim3(capped(num_tiles, kMaxGridX), grid_y), kThreads, 0, stream>>>(
-            weights, y, partial_ptr, B, P, K, C, num_tiles);
+    const dim3 grid(capped(num_tiles, kMaxGridX), grid_y);
+    if constexpr (Weights::kIndicator) {
+      index_partial_sums_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
+          weights, y, partial_ptr, B, P, K, C, num_tiles, index_sum_group(K));
+    } else {
+      soft_partial_sums_kernel<scalar_t, acc_t, Weights>
+          <<<grid, kThreads, 0, stream>>>(weights, y, partial_ptr, B, P, K, C, num_tiles);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  finish_sums_kernel<kMode, scalar_t, acc_t>
-      <<<dim3(capped(K, kMaxGridX), grid_y), kThreads, 0, stream>>>(
-          partial_ptr, B, K, C, num_tiles, extra, static_cast<acc_t>(eps),
-          out, out_acc);
+  const int64_t num_out = B * K * C;
+  if (num_tiles >= kWarpFinishTiles) {
+    finish_sums_kernel<kMode, kWarpSize, scalar_t, acc_t>
+        <<<grid_for(num_out * kWarpSize), kThreads, 0, stream>>>(
+            partial_ptr, B, K, C, num_tiles, extra, static_cast<acc_t>(eps), out, out_acc);
+  } else {
+    finish_sums_kernel<kMode, 1, scalar_t, acc_t>
+        <<<grid_for(num_out), kThreads, 0, stream>>>(
+            partial_ptr, B, K, C, num_tiles, extra, static_cast<acc_t>(eps), out, out_acc);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -18,10 +18,13 @@
 //   and a cell is read (step x+2i+2) before it is reused (step x+7+2i);
 // * between passes the last row of a pass writes a full-width handoff row
 //   that the first row of the next pass reads (two handoff rows, alternating,
-//   so a pass never writes the row it reads).
-// Scratch per block: R rings + 2 handoff rows (+ the palette when it does not
-// fit in shared memory, + carry/value per thread for a channel count without a
-// register-resident specialization), in a global tensor.
+//   so a pass never writes the row it reads). Images of at most R rows are a
+//   single pass: they get no handoff rows (the last row has no row below).
+// Scratch per block: R rings + 2 handoff rows if H > R (+ the palette when it
+// does not fit in shared memory, + carry/value per thread for a channel count
+// without a register-resident specialization), in a global tensor. The grid
+// has as many blocks as can be resident at once (the occupancy calculator's
+// answer, at most B), which also bounds the scratch.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -48,15 +51,16 @@ constexpr int64_t kMaxSharedBytes = 48 * 1024;
 // Scratch layout of one block, in acc_t elements.
 struct DitherScratch {
   int64_t ring;     // [R][kRing][C]
-  int64_t handoff;  // [2][W][C]
+  int64_t handoff;  // [2][W][C] if H > R (several passes), else 0
   int64_t palette;  // [K][C], if not in shared memory
   int64_t state;    // [R][2][C] (carry, value), generic channel count only
   __host__ __device__ int64_t total() const { return ring + handoff + palette + state; }
 };
 
-inline DitherScratch dither_scratch(int64_t R, int64_t W, int64_t K, int64_t C,
+inline DitherScratch dither_scratch(int64_t R, int64_t H, int64_t W, int64_t K, int64_t C,
                                     bool shared_palette, bool registers) {
-  return {R * kRing * C, 2 * W * C, shared_palette ? 0 : K * C, registers ? 0 : 2 * R * C};
+  return {R * kRing * C, H > R ? 2 * W * C : 0, shared_palette ? 0 : K * C,
+          registers ? 0 : 2 * R * C};
 }
 
 // kC > 0: C == kC, carry and value in registers; kC == 0: any C, in scratch.
@@ -93,7 +97,7 @@ __global__ void __launch_bounds__(kMaxRows)
     const scalar_t* x = image + b * n * P;
     int64_t* out = index + b * P;
     for (int64_t r0 = 0, pass = 0; r0 < H; r0 += R, ++pass) {
-      const int64_t rows = std::min(R, H - r0);
+      const int64_t rows = min_i64(R, H - r0);
       const int64_t y = r0 + tid;
       const bool has_below = y + 1 < H;
       // This row's partial values: the previous pass's handoff row for the
@@ -102,7 +106,8 @@ __global__ void __launch_bounds__(kMaxRows)
       const bool cur_full = tid == 0 && r0 > 0;
       acc_t* cur = cur_full ? handoff + (pass % 2) * W * n : ring + tid * kRing * n;
       const int64_t cur_mask = cur_full ? kFullMask : kRingMask;
-      // The row below's: the next handoff row for the last row of the pass.
+      // The row below's: the next handoff row for the last row of the pass
+      // (only dereferenced if that row has a row below, i.e. H > R).
       const bool below_full = tid == rows - 1;
       acc_t* nxt = below_full ? handoff + ((pass + 1) % 2) * W * n : ring + (tid + 1) * kRing * n;
       const int64_t nxt_mask = below_full ? kFullMask : kRingMask;
@@ -137,19 +142,24 @@ void launch_dither(const at::Tensor& image, const at::Tensor& palette, at::Tenso
   const int64_t R = std::min<int64_t>(kMaxRows, ceil_div(H, kWarpSize) * kWarpSize);
   const int64_t palette_bytes = K * C * static_cast<int64_t>(sizeof(acc_t));
   const bool shared_palette = palette_bytes <= kMaxSharedBytes;
-  const DitherScratch layout = dither_scratch(R, W, K, C, shared_palette, kC > 0);
+  const DitherScratch layout = dither_scratch(R, H, W, K, C, shared_palette, kC > 0);
 
-  // One block per image, at most as many as run at once (2 blocks of 1024
-  // threads per SM), which also bounds the scratch.
-  int device = 0, sms = 1;
+  // One block per image, at most as many as can be resident at once (the
+  // occupancy of this kernel at R threads and this much dynamic shared
+  // memory, times the SMs): more would only wait, and each holds scratch.
+  const size_t smem = shared_palette ? static_cast<size_t>(palette_bytes) : 0;
+  int device = 0, sms = 1, per_sm = 1;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t blocks = std::min<int64_t>(B, std::max<int64_t>(1, 2 * sms * (kMaxRows / R)));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &per_sm, floyd_steinberg_kernel<scalar_t, acc_t, kC>, static_cast<int>(R), smem));
+  const int64_t blocks =
+      std::min<int64_t>(B, std::max<int64_t>(1, static_cast<int64_t>(sms) * per_sm));
   const at::Tensor scratch =
       at::empty({blocks * layout.total()}, image.options().dtype(scalar_type_of<acc_t>()));
   floyd_steinberg_kernel<scalar_t, acc_t, kC>
       <<<static_cast<unsigned int>(blocks), static_cast<unsigned int>(R),
-         shared_palette ? static_cast<size_t>(palette_bytes) : 0, stream>>>(
+         smem, stream>>>(
           image.const_data_ptr<scalar_t>(), palette.const_data_ptr<scalar_t>(),
           index_map.mutable_data_ptr<int64_t>(), scratch.mutable_data_ptr<acc_t>(), layout, B, C,
           H, W, K, shared_palette);

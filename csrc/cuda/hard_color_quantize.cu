@@ -5,9 +5,13 @@
 //   render_index_map: gather, thread per pixel.
 //   render_index_map_backward: the same per-colour sums as the hard palette,
 //     over grad_image.
+// Index-range checks need a host sync on CUDA: render_index_map and its
+// backward do one only when asked (check_indices) and never under graph
+// capture (check_index_range).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -51,8 +55,8 @@ __global__ void __launch_bounds__(kThreads)
 // out[b,c,p] = palette[b, index[b,p], c], thread per pixel. A copy of the
 // palette entry, so hard_color_quantize's quantized equals
 // render_index_map(index_map, palette) bit for bit. Out-of-range indices
-// (rejected on the host before launch) give zeros, never an out-of-bounds
-// read.
+// (rejected on the host before launch when checked, check_index_range) give
+// zeros, never an out-of-bounds read.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     render_kernel(const int64_t* __restrict__ index,
@@ -82,11 +86,20 @@ void launch_render(const at::Tensor& index_map, const at::Tensor& palette,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// IndexError for any index outside [0, K). One device sync (min and max come
-// back together); the kernels also guard each index, so a race with a
-// concurrent writer of index_map still cannot read out of bounds.
-void check_index_range(const at::Tensor& index_map, int64_t K) {
-  if (index_map.numel() == 0) return;
+// IndexError for any index outside [0, K), when asked (check_indices): one
+// device-to-host copy of min and max, which waits for the stream. It is skipped
+// -- no host sync -- when check_indices is false (the Python wrapper passes
+// false for index maps the library produced and nobody modified since, and
+// the autograd backward always, see colorquant_ops/ops/color_quantize.py) and
+// under CUDA graph capture, where a sync cannot be captured. Unchecked, an
+// index outside [0, K) is no colour: the kernels render it as zeros and give
+// it no gradient, and never read out of bounds (they guard every index, which
+// also covers a race with a concurrent writer of index_map).
+void check_index_range(const at::Tensor& index_map, int64_t K, bool check_indices) {
+  if (!check_indices || index_map.numel() == 0) return;
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+    return;
+  }
   const auto min_max = at::aminmax(index_map);
   const at::Tensor both =
       at::stack({std::get<0>(min_max), std::get<1>(min_max)}).cpu();
@@ -142,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hard_color_quantize_cuda(
 }
 
 at::Tensor render_index_map_cuda(const at::Tensor& index_map_in,
-                                 const at::Tensor& palette_in) {
+                                 const at::Tensor& palette_in, bool check_indices) {
   check_index_palette(index_map_in, palette_in);
   const c10::cuda::CUDAGuard device_guard(palette_in.device());
   const at::Tensor index_map = index_map_in.contiguous();
@@ -151,7 +164,7 @@ at::Tensor render_index_map_cuda(const at::Tensor& index_map_in,
   const int64_t H = index_map.size(1), W = index_map.size(2);
   const int64_t K = palette.size(1), C = palette.size(2);
   const int64_t P = H * W;
-  check_index_range(index_map, K);
+  check_index_range(index_map, K, check_indices);
 
   at::Tensor out = at::empty({B, C, H, W}, palette.options());
   if (B * P == 0) return out;
@@ -166,7 +179,8 @@ at::Tensor render_index_map_cuda(const at::Tensor& index_map_in,
 
 at::Tensor render_index_map_backward_cuda(const at::Tensor& grad_image_in,
                                           const at::Tensor& index_map_in,
-                                          const at::Tensor& palette_in) {
+                                          const at::Tensor& palette_in,
+                                          bool check_indices) {
   check_index_palette(index_map_in, palette_in);
   const int64_t B = index_map_in.size(0);
   const int64_t H = index_map_in.size(1), W = index_map_in.size(2);
@@ -176,9 +190,9 @@ at::Tensor render_index_map_backward_cuda(const at::Tensor& grad_image_in,
 
   const c10::cuda::CUDAGuard device_guard(palette_in.device());
   const at::Tensor index_map = index_map_in.contiguous();
-  // Same range check as the forward: an index outside [0, K) has no palette
-  // entry to receive its gradient.
-  check_index_range(index_map, K);
+  // Same range check as the forward (when asked): an index outside [0, K)
+  // has no palette entry to receive its gradient.
+  check_index_range(index_map, K, check_indices);
   const at::Tensor grad_image =
       grad_image_in.to(palette_in.scalar_type()).contiguous();
 

@@ -11,9 +11,9 @@
 // Lloyd iteration:
 //   assign_kernel        thread per pixel: nearest centre (centres in shared
 //                        memory), flags images whose assignment changed;
-//   cluster_sums_kernel  block per (image, chunk), thread per colour: the
-//                        chunk's count and channel sums of that colour, in pixel
-//                        order (the chunk staged in shared memory);
+//   cluster_sums_kernel  block per (image, chunk): the chunk sorted by colour
+//                        (stable, in shared memory), then a thread per colour
+//                        adds its own pixels' channels, in pixel order;
 //   centres_kernel       thread per (image, colour): chunk sums added in chunk
 //                        order, then the mean (or the previous centre).
 // Then the centres are rounded to the image dtype (the returned palette) and
@@ -30,7 +30,6 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
-#include <algorithm>
 #include <tuple>
 
 #include "common/checks.h"
@@ -132,53 +131,60 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Per (image, chunk): counts[b,t,k] and sums[b,t,k,c] over the chunk's pixels
-// of colour k, in pixel order (as the CPU kernel), thread per colour. Skipped
-// for an image whose assignment repeated (it >= 1 and !changed[it]).
+// of colour k, each sum in pixel order from 0 (as the CPU kernel). The chunk is
+// sorted by colour once (sort_tile_by_colour, stable), then a thread per
+// colour adds exactly its own pixels: kKMeansChunk additions per channel in
+// all, not K times as many. (A thread, not a group of lanes as in the hard
+// palette's index_partial_sums_kernel: the CPU's pixel-order sum is one chain
+// of additions per colour, which a bit-identical result must follow.) Skipped for an image whose assignment repeated
+// (it >= 1 and !changed[it]).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     cluster_sums_kernel(const scalar_t* __restrict__ image, const int64_t* __restrict__ index,
                         const int* __restrict__ changed, acc_t* __restrict__ sums,
                         int64_t* __restrict__ counts, int64_t B, int64_t P, int64_t K,
                         int64_t C, int64_t it) {
+  static_assert(kKMeansChunk == kTile, "cluster_sums_kernel: a chunk is one sorted tile");
+  __shared__ TileSort sort;
   __shared__ acc_t x_tile[kChunk][kKMeansChunk];
-  __shared__ int32_t k_tile[kKMeansChunk];
   const int64_t nc = kmeans_num_chunks(P);
+  // Loop bounds and skips depend on blockIdx only: uniform, so __syncthreads is safe.
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     if (it >= 1 && changed[it * B + b] == 0) continue;
     for (int64_t t = blockIdx.x; t < nc; t += gridDim.x) {
       const int64_t p0 = t * kKMeansChunk;
-      const int n = static_cast<int>(P - p0 < kKMeansChunk ? P - p0 : kKMeansChunk);
+      const int n = static_cast<int>(min_i64(kKMeansChunk, P - p0));
       // Indices come from assign_kernel: always in [0, K).
       for (int i = threadIdx.x; i < n; i += kThreads) {
-        k_tile[i] = static_cast<int32_t>(index[b * P + p0 + i]);
+        sort.key[i] = static_cast<int16_t>(index[b * P + p0 + i]);
       }
+      sort_tile_by_colour(sort, n, static_cast<int>(K));
+      const int k = threadIdx.x;  // a thread per colour (K <= kThreads)
+      const int begin = k < K ? sort.start[k] : 0;
+      const int end = k < K ? sort.start[k + 1] : 0;
+      const int64_t btk = (b * nc + t) * K + k;
+      if (k < K) counts[btk] = end - begin;
       for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
-        const int cc = static_cast<int>(std::min<int64_t>(kChunk, C - c0));
+        const int cc = static_cast<int>(min_i64(kChunk, C - c0));
         for (int j = 0; j < cc; ++j) {
           const scalar_t* row = image + (b * C + c0 + j) * P + p0;
           for (int i = threadIdx.x; i < n; i += kThreads) x_tile[j][i] = static_cast<acc_t>(row[i]);
         }
         __syncthreads();
-        for (int64_t k = threadIdx.x; k < K; k += kThreads) {
-          const int32_t k32 = static_cast<int32_t>(k);
-          acc_t s[kChunk];
+        acc_t s[kChunk];
 #pragma unroll
-          for (int j = 0; j < kChunk; ++j) s[j] = acc_t(0);
-          int64_t count = 0;
-          for (int i = 0; i < n; ++i) {  // every thread reads the same element: broadcast
-            if (k_tile[i] == k32) {
-              ++count;
+        for (int j = 0; j < kChunk; ++j) s[j] = acc_t(0);
+        for (int e = begin; e < end; ++e) {  // the colour's pixels, in pixel order
+          const int i = sort.order[e];
 #pragma unroll
-              for (int j = 0; j < kChunk; ++j) {
-                if (j < cc) s[j] = add_rn(s[j], x_tile[j][i]);
-              }
-            }
+          for (int j = 0; j < kChunk; ++j) {
+            if (j < cc) s[j] = add_rn(s[j], x_tile[j][i]);
           }
-          const int64_t bt = b * nc + t;
-          if (c0 == 0) counts[bt * K + k] = count;
-          for (int j = 0; j < cc; ++j) sums[(bt * K + k) * C + c0 + j] = s[j];
         }
-        __syncthreads();  // the tiles are overwritten next
+        if (k < K) {
+          for (int j = 0; j < cc; ++j) sums[btk * C + c0 + j] = s[j];
+        }
+        __syncthreads();  // x_tile (and, after the last chunk, sort) are overwritten next
       }
     }
   }

@@ -2,9 +2,13 @@
 // common/color_math.h (shared with the CPU kernels); this file only adds the
 // parallel structure:
 //   forward:  softmax (thread per pixel) -> per-colour sums (two deterministic
-//             stages, cuda_utils.cuh) -> palette -> recolour (thread per pixel)
+//             stages, cuda_utils.cuh) -> palette -> recolour (thread per pixel).
+//             The palette is summed from the opmath probabilities (for
+//             float16/bfloat16 recomputed, SoftmaxWeights), quantized from the
+//             stored probs, as on the CPU.
 //   backward: per-colour sums of grad_quantized -> adjoint A -> one thread per
-//             pixel for grad_logits and grad_image.
+//             pixel for grad_logits and grad_image, all from the probs that the
+//             forward returned and autograd saved (the CPU kernel's choice too).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -14,6 +18,7 @@
 #include <torch/types.h>
 
 #include <tuple>
+#include <type_traits>
 
 #include "common/checks.h"
 #include "common/color_math.h"
@@ -27,15 +32,19 @@ using namespace cuda_detail;
 // probs[b,:,p] = softmax(temperature * logits[b,:,p]). Thread per pixel:
 // consecutive threads read consecutive pixels of one colour plane
 // (coalesced). exp is recomputed in the last pass rather than stored, so
-// half/bf16 probs are rounded once, from the opmath value.
+// half/bf16 probs are rounded once, from the opmath value. stats [B][2][P]
+// (null for float32/float64, whose probs are the opmath values): the pixel's
+// max and 1 / denominator, from which the palette sums recompute the opmath
+// probabilities (SoftmaxWeights, the same softmax_prob as here).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     softmax_kernel(const scalar_t* __restrict__ logits,
-                   scalar_t* __restrict__ probs, int64_t B, int64_t P,
-                   int64_t K, acc_t temperature) {
+                   scalar_t* __restrict__ probs, acc_t* __restrict__ stats,
+                   int64_t B, int64_t P, int64_t K, acc_t temperature) {
   for (int64_t i = grid_stride_start(); i < B * P; i += grid_stride_step()) {
     const int64_t b = i / P;
-    const int64_t offset = b * K * P + (i - b * P);
+    const int64_t p = i - b * P;
+    const int64_t offset = b * K * P + p;
     const scalar_t* z_px = logits + offset;
     scalar_t* probs_px = probs + offset;
 
@@ -54,8 +63,11 @@ __global__ void __launch_bounds__(kThreads)
     // Reciprocal then multiply, as the CPU kernel does (same rounding).
     const acc_t inv_denom = acc_t(1) / denom;
     for (int64_t k = 0; k < K; ++k) {
-      const acc_t e = shifted_exp(z_at(k) - z_max);
-      probs_px[k * P] = static_cast<scalar_t>(e * inv_denom);
+      probs_px[k * P] = static_cast<scalar_t>(softmax_prob(z_at(k), z_max, inv_denom));
+    }
+    if (stats != nullptr) {
+      stats[2 * b * P + p] = z_max;
+      stats[2 * b * P + P + p] = inv_denom;
     }
   }
 }
@@ -208,21 +220,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_color_quantize_cuda(
         // half/bf16 round trip of the palette.
         const at::Tensor palette_acc =
             at::empty({B, K, C}, image.options().dtype(scalar_type_of<acc_t>()));
+        // float16/bfloat16: the palette is summed from the opmath
+        // probabilities (recomputed from the logits and these per-pixel
+        // statistics, 8 bytes a pixel), not from probs as rounded: a
+        // probability that underflows in float16 must still weigh its colour,
+        // as on the CPU. float32/float64 probs are the opmath values.
+        constexpr bool kHalfType = !std::is_same_v<scalar_t, acc_t>;
+        const at::Tensor stats =
+            kHalfType && P > 0
+                ? at::empty({B, 2, P}, image.options().dtype(scalar_type_of<acc_t>()))
+                : at::Tensor();
+        acc_t* stats_ptr = stats.defined() ? stats.mutable_data_ptr<acc_t>() : nullptr;
         if (P > 0) {
           softmax_kernel<scalar_t, acc_t>
               <<<grid_for(B * P), kThreads, 0, stream>>>(
                   logits.const_data_ptr<scalar_t>(),
-                  probs.mutable_data_ptr<scalar_t>(), B, P, K,
+                  probs.mutable_data_ptr<scalar_t>(), stats_ptr, B, P, K,
                   static_cast<acc_t>(temperature));
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
         // With P == 0 this still writes weighted_mean(0, 0, eps), as the
         // formula (and the CPU kernel) gives.
-        colour_sums<Finish::kWeightedMean, scalar_t>(
-            ProbWeights<scalar_t>{probs.const_data_ptr<scalar_t>()},
-            image.const_data_ptr<scalar_t>(), B, P, K, C,
-            /*extra=*/nullptr, eps, palette.mutable_data_ptr<scalar_t>(),
-            palette_acc.mutable_data_ptr<acc_t>(), image.options(), stream);
+        auto sums = [&](auto weights) {
+          colour_sums<Finish::kWeightedMean, scalar_t>(
+              weights, image.const_data_ptr<scalar_t>(), B, P, K, C,
+              /*extra=*/nullptr, eps, palette.mutable_data_ptr<scalar_t>(),
+              palette_acc.mutable_data_ptr<acc_t>(), image.options(), stream);
+        };
+        if constexpr (kHalfType) {
+          sums(SoftmaxWeights<scalar_t, acc_t>{logits.const_data_ptr<scalar_t>(), stats_ptr,
+                                               static_cast<acc_t>(temperature)});
+        } else {
+          sums(ProbWeights<scalar_t>{probs.const_data_ptr<scalar_t>()});
+        }
         if (P > 0) {
           recolour_kernel<scalar_t, acc_t>
               <<<grid_for(B * P), kThreads, 0, stream>>>(
