@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Any, NamedTuple, Optional
 
@@ -71,6 +72,9 @@ class ColorQuantize(Transform):
         dither: map the image onto the method's palette with Floyd–Steinberg
             error diffusion (this library's batched op) instead of using the
             method's own index map.
+        dither_clamp: clamp each pixel's value (pixel + received error) to the
+            colour range, ``[0, 1]`` (``[0, 255]`` for uint8), as the seed paper's
+            dithering does; default off (plain error diffusion).
         model: for ``method="colorcnn"``, a :class:`~colorquant_ops.ColorCNN`
             with ``num_colors`` colours, the name of a bundled network
             (:data:`colorquant_ops.models.PRETRAINED_COLORCNN`, e.g.
@@ -122,6 +126,8 @@ class ColorQuantize(Transform):
         method: str = "median_cut",
         dither: bool = False,
         model: ColorCNN | str | os.PathLike | None = None,
+        *,
+        dither_clamp: bool = False,
         kmeans_iters: int = 10,
         seed: int = 0,
     ) -> None:
@@ -131,6 +137,9 @@ class ColorQuantize(Transform):
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.method = method
         self.dither = bool(dither)
+        self.dither_clamp = bool(dither_clamp)
+        if self.dither_clamp and not self.dither:
+            raise ValueError("dither_clamp=True needs dither=True")
         self.kmeans_iters = _check_int(kmeans_iters, "kmeans_iters", 0)
         self.seed = _check_int(seed, "seed", 0)
         self.model: Optional[ColorCNN] = None
@@ -161,7 +170,8 @@ class ColorQuantize(Transform):
 
     def extra_repr(self) -> str:
         text = (f"num_colors={self.num_colors}, method={self.method!r}, dither={self.dither}, "
-                f"kmeans_iters={self.kmeans_iters}, seed={self.seed}")
+                + ("dither_clamp=True, " if self.dither_clamp else "")
+                + f"kmeans_iters={self.kmeans_iters}, seed={self.seed}")
         if self.model is not None:
             m = self.model
             text += f", model=ColorCNN(num_colors={m.num_colors}, backbone={m.backbone_name!r}, width={m.width})"
@@ -229,7 +239,8 @@ class ColorQuantize(Transform):
             # Round the palette first so the output's colours are exactly its entries.
             palette = palette.mul(255).round_().clamp_(0, 255)
         if self.dither:
-            index_map = ops.floyd_steinberg_dither(x * 255 if is_uint8 else x, palette)
+            clamp = ((0.0, 255.0) if is_uint8 else (0.0, 1.0)) if self.dither_clamp else None
+            index_map = ops.floyd_steinberg_dither(x * 255 if is_uint8 else x, palette, clamp=clamp)
         quantized = ops.render_index_map(index_map, palette)
         if is_uint8:
             return QuantizeResult(quantized.to(torch.uint8), index_map, palette.to(torch.uint8))
@@ -240,7 +251,10 @@ class ColorQuantize(Transform):
             return
         low, high = torch.aminmax(x.detach())
         low, high = float(low), float(high)
-        if not (0.0 <= low and high <= 1.0):  # also False for NaN
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError("image contains NaN or infinite values: the quantizers need finite pixels "
+                             "(replace them first, e.g. torch.nan_to_num)")
+        if not (0.0 <= low and high <= 1.0):
             raise ValueError(
                 f"{self.method} quantizes 8-bit colours and needs float images in [0, 1], got values in "
                 f"[{low:.4g}, {high:.4g}]: quantize before v2.Normalize (or use method='kmeans', exact on any range)"

@@ -264,3 +264,36 @@ def test_nan_palette_entry_reference_matches_kernel(nan_at):
         assert bool((expected == 0).all())
     else:
         assert not bool((expected == nan_at).any())
+
+
+def test_clamped_dither_matches_the_straightforward_loop(device):
+    # the seed paper's dithering clamps each value (pixel + received error) to the colour range
+    g = torch.Generator().manual_seed(3)
+    image = torch.rand(2, 3, 9, 11, generator=g, dtype=torch.float64) ** 3  # dark: errors push below 0
+    palette = torch.tensor([[0.3, 0.3, 0.3], [0.9, 0.8, 0.7]], dtype=torch.float64).expand(2, 2, 3).contiguous()
+    got = cq.floyd_steinberg_dither(image.to(device), palette.to(device), clamp=(0.0, 1.0)).cpu()
+    assert torch.equal(got, floyd_steinberg_batch_reference(image, palette, clamp=(0.0, 1.0)))
+    unclamped = floyd_steinberg_batch_reference(image, palette)
+    assert not torch.equal(got, unclamped)  # the clamp changes the result here
+    assert torch.equal(cq.floyd_steinberg_dither(image.to(device), palette.to(device)).cpu(), unclamped)
+    one_sided = cq.floyd_steinberg_dither(image.to(device), palette.to(device), clamp=(0.0, None)).cpu()
+    assert torch.equal(one_sided, floyd_steinberg_batch_reference(image, palette, clamp=(0.0, None)))
+
+
+@pytest.mark.parametrize("clamp, error, match", [
+    ((1.0, 0.0), ValueError, "clamp_min must be <= clamp_max"),
+    ((float("nan"), 1.0), ValueError, "must not be NaN"),
+    (1.0, TypeError, "clamp must be None or a \\(low, high\\) pair"),
+    (("a", 1.0), TypeError, "clamp must be a Python number"),
+])
+def test_bad_clamp(clamp, error, match):
+    with pytest.raises(error, match=match):
+        cq.floyd_steinberg_dither(torch.rand(1, 3, 4, 4), torch.rand(1, 2, 3), clamp=clamp)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_pixels_are_an_error(device, bad):
+    image = torch.rand(1, 3, 4, 4, device=device)
+    image[0, 2, 1, 1] = bad
+    with pytest.raises(ValueError, match="image contains NaN or infinite values"):
+        cq.floyd_steinberg_dither(image, torch.rand(1, 2, 3, device=device))

@@ -9,6 +9,7 @@ import torch
 
 import colorquant_ops.ops as cq
 
+from .conftest import DEVICES
 from .helpers import CUDA_SKIP_REASON
 
 OPS = torch.ops.colorquant
@@ -16,6 +17,13 @@ OPS = torch.ops.colorquant
 
 def t(*shape, dtype=torch.float32, device="cpu"):
     return torch.ones(shape, dtype=dtype, device=device)
+
+
+# Every case also runs on meta tensors: the fake implementations (what torch.compile traces)
+# must reject a bad call exactly as the kernels do (colorquant_ops/ops/fake_checks.py).
+@pytest.fixture(params=[*DEVICES, pytest.param("meta", id="meta")], scope="module")
+def device(request):
+    return request.param
 
 
 # Both ops that take (logits, image): the public wrapper and the raw op.
@@ -176,6 +184,8 @@ def test_render_bad_shapes(device, render_op, index_shape, palette_shape, match)
 
 @pytest.mark.parametrize("bad", [-1, 4, 99])
 def test_index_outside_palette(device, render_op, bad):
+    if device == "meta":
+        pytest.skip("the index range needs the values: checked by the kernels only")
     index_map = torch.zeros(2, 3, 3, dtype=torch.long, device=device)
     index_map[1, 2, 1] = bad
     with pytest.raises(IndexError, match=rf"{bad}.*\[0, 4\)"):
@@ -202,3 +212,71 @@ def test_different_devices(logits_image_op, render_op, first):
         logits_image_op(t(1, 4, 3, 3, device=first), t(1, 3, 3, 3, device=second))
     with pytest.raises(ValueError, match=r"index_map and palette must be on the same device"):
         render_op(torch.zeros(1, 3, 3, dtype=torch.long, device=first), t(1, 4, 3, device=second))
+
+
+# --------------------------------------------------------------------------- float8
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3fn", "e5m2"])
+def test_float8_is_a_type_error_naming_the_argument(device, dtype):
+    f8 = lambda *shape: torch.zeros(shape, device=device).to(dtype)  # noqa: E731
+    match = r"must be a floating-point tensor \(float32, float16, bfloat16 or float64\), got Float8"
+    with pytest.raises(TypeError, match="logits " + match):
+        cq.soft_color_quantize(f8(1, 2, 4, 4), f8(1, 3, 4, 4))
+    with pytest.raises(TypeError, match="logits " + match):
+        cq.hard_color_quantize(f8(1, 2, 4, 4), f8(1, 3, 4, 4))
+    with pytest.raises(TypeError, match="palette " + match):
+        cq.render_index_map(torch.zeros(1, 4, 4, dtype=torch.long, device=device), f8(1, 2, 3))
+    with pytest.raises(TypeError, match="image " + match):
+        cq.kmeans_palette(f8(1, 3, 4, 4), 2)
+    with pytest.raises(TypeError, match="image " + match):
+        cq.floyd_steinberg_dither(f8(1, 3, 4, 4), f8(1, 2, 3))
+
+
+# --------------------------------------------------------------------------- meta == kernels
+
+_BAD_CALLS = {
+    "soft-K": lambda d: OPS.soft_color_quantize(t(1, 300, 2, 2, device=d), t(1, 3, 2, 2, device=d), 1.0, 1e-8),
+    "soft-shape": lambda d: OPS.soft_color_quantize(t(1, 2, 2, 2, device=d), t(2, 3, 2, 2, device=d), 1.0, 1e-8),
+    "soft-dtype": lambda d: OPS.soft_color_quantize(t(1, 2, 2, 2, device=d),
+                                                    t(1, 3, 2, 2, dtype=torch.float64, device=d), 1.0, 1e-8),
+    "soft-temperature": lambda d: OPS.soft_color_quantize(t(1, 2, 2, 2, device=d), t(1, 3, 2, 2, device=d),
+                                                          -1.0, 1e-8),
+    "soft-backward": lambda d: OPS.soft_color_quantize_backward(
+        t(1, 3, 2, 2, device=d), None, None, t(1, 2, 2, 2, device=d), t(1, 3, 2, 2, device=d),
+        t(1, 3, 3, device=d), 1.0, 1e-8),
+    "hard-ndim": lambda d: OPS.hard_color_quantize(t(2, 2, 2, device=d), t(1, 3, 2, 2, device=d)),
+    "hard-int": lambda d: OPS.hard_color_quantize(t(1, 2, 2, 2, dtype=torch.int64, device=d),
+                                                  t(1, 3, 2, 2, device=d)),
+    "render-B": lambda d: OPS.render_index_map(torch.zeros(2, 3, 3, dtype=torch.long, device=d),
+                                               t(1, 4, 3, device=d), True),
+    "render-backward": lambda d: OPS.render_index_map_backward(
+        t(1, 2, 3, 3, device=d), torch.zeros(1, 3, 3, dtype=torch.long, device=d), t(1, 4, 3, device=d), True),
+    "kmeans-K": lambda d: OPS.kmeans_palette(t(1, 3, 4, 4, device=d), 0, 10, 0),
+    "kmeans-iters": lambda d: OPS.kmeans_palette(t(1, 3, 4, 4, device=d), 2, -1, 0),
+    "kmeans-uint8": lambda d: OPS.kmeans_palette(t(1, 3, 4, 4, dtype=torch.uint8, device=d), 2, 10, 0),
+    "dither-C": lambda d: OPS.floyd_steinberg_dither(t(1, 3, 4, 4, device=d), t(1, 2, 4, device=d), None, None),
+    "dither-clamp": lambda d: OPS.floyd_steinberg_dither(t(1, 3, 4, 4, device=d), t(1, 2, 3, device=d), 1.0, 0.0),
+    "dither-float8": lambda d: OPS.floyd_steinberg_dither(t(1, 3, 4, 4, device=d).to(torch.float8_e5m2),
+                                                          t(1, 2, 3, device=d), None, None),
+}
+
+
+def _failure(call, device):
+    with pytest.raises((TypeError, ValueError, IndexError)) as info:
+        call(device)
+    return type(info.value), str(info.value).split("\n")[0]
+
+
+@pytest.mark.parametrize("case", list(_BAD_CALLS))
+def test_meta_fails_like_the_kernels(case):
+    kind, message = _failure(_BAD_CALLS[case], "cpu")
+    assert _failure(_BAD_CALLS[case], "meta") == (kind, message.replace("cpu", "meta"))
+
+
+def test_meta_mixed_with_cpu_is_a_device_error():
+    # before: CPU tensors of uninitialized memory came back
+    with pytest.raises(ValueError, match="logits and image must be on the same device, got meta and cpu"):
+        OPS.hard_color_quantize(t(1, 2, 2, 2, device="meta"), t(1, 3, 2, 2))
+    with pytest.raises(ValueError, match="image and palette must be on the same device, got cpu and meta"):
+        OPS.floyd_steinberg_dither(t(1, 3, 4, 4), t(1, 2, 3, device="meta"), None, None)

@@ -297,7 +297,7 @@ def test_normalized_input_is_refused_by_8_bit_methods(method):
     normed = v2.Normalize(*DATASET_NORMALIZATION["cifar10"])(smooth_images())
     with pytest.raises(ValueError, match=r"needs float images in \[0, 1\], got values in \[-"):
         ColorQuantize(4, method)(normed)
-    with pytest.raises(ValueError, match="got values in"):
+    with pytest.raises(ValueError, match="image contains NaN or infinite values"):
         ColorQuantize(4, method)(torch.full((1, 3, 4, 4), float("nan")))
 
 
@@ -322,3 +322,26 @@ def test_repr_is_one_line_with_every_setting():
     assert "\n" not in text
     assert text == ("ColorQuantize(num_colors=2, method='colorcnn', dither=False, kmeans_iters=3, seed=7, "
                     "model=ColorCNN(num_colors=2, backbone='unet', width=4))")
+
+
+@pytest.mark.parametrize("method", PLAIN_METHODS)
+def test_non_finite_pixels_are_an_error_for_every_quantizer(method):
+    x = smooth_images()
+    x[1, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="image contains NaN or infinite values"):
+        ColorQuantize(4, method)(x)
+
+
+@pytest.mark.parametrize("method", PLAIN_METHODS)
+def test_dither_clamp_is_the_clamped_op(method):
+    x = smooth_images()
+    clamped = ColorQuantize(2, method, dither=True, dither_clamp=True).quantize(x)
+    plain = ColorQuantize(2, method).quantize(x)
+    assert torch.equal(clamped.index_map, ops.floyd_steinberg_dither(x, plain.palette, clamp=(0, 1)))
+    uint8 = (x * 255).round().byte()
+    result = ColorQuantize(2, method, dither=True, dither_clamp=True).quantize(uint8)
+    palette = ColorQuantize(2, method).quantize(uint8).palette
+    assert torch.equal(result.index_map,
+                       ops.floyd_steinberg_dither(uint8.float(), palette.float(), clamp=(0, 255)))
+    with pytest.raises(ValueError, match="dither_clamp=True needs dither=True"):
+        ColorQuantize(2, method, dither_clamp=True)

@@ -41,5 +41,9 @@ TORCH_LIBRARY(colorquant, m) {
   m.def(
       "kmeans_palette(Tensor image, int num_colors, int iters=10, int seed=0) "
       "-> (Tensor index_map, Tensor palette)");
-  m.def("floyd_steinberg_dither(Tensor image, Tensor palette) -> Tensor");
+  // clamp_min / clamp_max: clamp each pixel's value (pixel + received error)
+  // before the nearest-colour search, as the seed paper's code does ([0, 255]).
+  m.def(
+      "floyd_steinberg_dither(Tensor image, Tensor palette, float? clamp_min=None, "
+      "float? clamp_max=None) -> Tensor");
 }

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _extension  # noqa: F401  (loads the kernels or says how to build them)
+from . import fake_checks
 
 _ops = torch.ops.colorquant
 
@@ -140,6 +141,8 @@ def render_index_map(index_map: Tensor, palette: Tensor, *, check_indices: bool 
 
 @torch.library.register_fake("colorquant::soft_color_quantize")
 def _soft_fake(logits, image, temperature=1.0, eps=1e-8):
+    fake_checks.check_logits_image(logits, image)
+    fake_checks.check_temperature_eps(temperature, eps)
     B, K, H, W = logits.shape
     C = image.shape[1]
     return image.new_empty(B, C, H, W), image.new_empty(B, K, C), logits.new_empty(B, K, H, W)
@@ -147,6 +150,7 @@ def _soft_fake(logits, image, temperature=1.0, eps=1e-8):
 
 @torch.library.register_fake("colorquant::soft_color_quantize_backward")
 def _soft_backward_fake(grad_quantized, grad_palette, grad_probs, probs, image, palette, temperature, eps):
+    fake_checks.check_soft_backward(grad_quantized, grad_palette, grad_probs, probs, image, palette, temperature, eps)
     return torch.empty_like(probs, memory_format=torch.contiguous_format), torch.empty_like(
         image, memory_format=torch.contiguous_format
     )
@@ -154,6 +158,7 @@ def _soft_backward_fake(grad_quantized, grad_palette, grad_probs, probs, image, 
 
 @torch.library.register_fake("colorquant::hard_color_quantize")
 def _hard_fake(logits, image):
+    fake_checks.check_logits_image(logits, image)
     B, K, H, W = logits.shape
     C = image.shape[1]
     return image.new_empty(B, C, H, W), logits.new_empty(B, H, W, dtype=torch.long), image.new_empty(B, K, C)
@@ -161,12 +166,14 @@ def _hard_fake(logits, image):
 
 @torch.library.register_fake("colorquant::render_index_map")
 def _render_fake(index_map, palette, check_indices=True):
+    fake_checks.check_index_palette(index_map, palette)  # the index range needs the values: kernels only
     B, H, W = index_map.shape
     return palette.new_empty(B, palette.shape[2], H, W)
 
 
 @torch.library.register_fake("colorquant::render_index_map_backward")
 def _render_backward_fake(grad_image, index_map, palette, check_indices=True):
+    fake_checks.check_render_backward(grad_image, index_map, palette)
     return torch.empty_like(palette, memory_format=torch.contiguous_format)
 
 

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from .. import _extension  # noqa: F401  (loads the kernels or says how to build them)
-from .color_quantize import _mark_valid, _require_tensor
+from . import fake_checks
+from .color_quantize import _mark_valid, _require_number, _require_tensor
 
 _ops = torch.ops.colorquant
 
@@ -29,12 +30,16 @@ class KMeansPalette(NamedTuple):
 
 
 def _require_int(x, name):
+    """An int that fits the ops' int64 arguments (a ValueError naming ``name`` otherwise)."""
     if isinstance(x, bool):
         raise TypeError(f"{name} must be an int, got bool")
     try:
-        return operator.index(x)
+        value = operator.index(x)
     except TypeError:
         raise TypeError(f"{name} must be an int, got {type(x).__name__}") from None
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"{name} must fit in a 64-bit signed integer, got {value}")
+    return value
 
 
 def kmeans_palette(image: Tensor, num_colors: int, iters: int = 10, seed: int = 0) -> KMeansPalette:
@@ -53,15 +58,14 @@ def kmeans_palette(image: Tensor, num_colors: int, iters: int = 10, seed: int = 
     The result is a deterministic function of ``(image, num_colors, iters,
     seed)``: the random draws are a counter-based hash of ``(seed, image index,
     draw)`` and every sum is taken in a fixed order, whatever the number of
-    threads, and on the CPU and CUDA alike, bit for bit for every value that
-    is not NaN. NaN inputs give NaN at the same places on both devices, but
-    the NaN bits (sign, payload) are not covered: e.g. a bfloat16 NaN is
-    0x7FC0 from the CPU's conversion and 0x7FFF from CUDA's. Sums are accumulated in float32
-    for float16/bfloat16/float32 images, float64 for float64 images.
+    threads, and on the CPU and CUDA alike, bit for bit. Sums are accumulated
+    in float32 for float16/bfloat16/float32 images, float64 for float64 images.
 
     Args:
         image: ``[B,C,H,W]`` floating-point image (convert integer images
-            first, e.g. ``image.float() / 255``).
+            first, e.g. ``image.float() / 255``), finite: NaN or inf pixels are
+            a ValueError, as for every quantizer of the library (one pass over
+            the image; on CUDA it waits for the GPU).
         num_colors: palette size ``K`` in ``[1, 256]``; may exceed ``H*W``.
         iters: number of Lloyd iterations (>= 0; 0 returns the seeding).
         seed: seed of the k-means++ draws.
@@ -78,11 +82,12 @@ def kmeans_palette(image: Tensor, num_colors: int, iters: int = 10, seed: int = 
     return KMeansPalette(_mark_valid(index_map, num_colors), palette)
 
 
-def floyd_steinberg_dither(image: Tensor, palette: Tensor) -> Tensor:
+def floyd_steinberg_dither(image: Tensor, palette: Tensor, *, clamp=None) -> Tensor:
     """Floyd-Steinberg error diffusion of each image onto its palette: ``[B,H,W]`` int64 indices.
 
     Pixels are visited in raster order; each takes ``value = pixel + accumulated
-    error`` (no clamping), the nearest palette colour ``k`` by squared Euclidean
+    error`` (clamped to ``clamp = (low, high)`` if given, as the seed paper's code
+    clamps to [0, 255]), the nearest palette colour ``k`` by squared Euclidean
     distance (a tie goes to the lowest ``k``), and diffuses ``value - palette[k]``
     with the weights 7/16 to the right, 3/16 down-left, 5/16 down and 1/16
     down-right (weights falling outside the image are dropped). The result is
@@ -92,13 +97,26 @@ def floyd_steinberg_dither(image: Tensor, palette: Tensor) -> Tensor:
     ``render_index_map(index_map, palette)`` is the dithered image.
 
     Args:
-        image: ``[B,C,H,W]`` floating-point image.
+        image: ``[B,C,H,W]`` floating-point image, finite (NaN or inf pixels are a ValueError).
         palette: ``[B,K,C]`` palette, ``1 <= K <= 256``, same dtype and device as ``image``.
+        clamp: ``None`` (no clamping, the default) or ``(low, high)``, e.g. ``(0, 1)`` for
+            images in [0, 1]; either bound may be None.
     """
     _require_tensor(image, "image")
     _require_tensor(palette, "palette")
-    index_map = _ops.floyd_steinberg_dither(image.detach(), palette.detach())
+    low, high = _clamp_bounds(clamp)
+    index_map = _ops.floyd_steinberg_dither(image.detach(), palette.detach(), low, high)
     return _mark_valid(index_map, palette.shape[1])
+
+
+def _clamp_bounds(clamp):
+    if clamp is None:
+        return None, None
+    try:
+        low, high = clamp
+    except (TypeError, ValueError):
+        raise TypeError(f"clamp must be None or a (low, high) pair, got {clamp!r}") from None
+    return tuple(None if v is None else _require_number(v, "clamp") for v in (low, high))
 
 
 # --- fake (meta) implementations: output shapes only, so torch.compile traces
@@ -107,11 +125,14 @@ def floyd_steinberg_dither(image: Tensor, palette: Tensor) -> Tensor:
 
 @torch.library.register_fake("colorquant::kmeans_palette")
 def _kmeans_fake(image, num_colors, iters=10, seed=0):
+    fake_checks.check_kmeans_args(image, num_colors, iters)  # NaN pixels need the values: kernels only
     B, C, H, W = image.shape
     return image.new_empty(B, H, W, dtype=torch.long), image.new_empty(B, num_colors, C)
 
 
 @torch.library.register_fake("colorquant::floyd_steinberg_dither")
-def _dither_fake(image, palette):
+def _dither_fake(image, palette, clamp_min=None, clamp_max=None):
+    fake_checks.check_image_palette(image, palette)
+    fake_checks.check_clamp(clamp_min, clamp_max)
     B, _, H, W = image.shape
     return image.new_empty(B, H, W, dtype=torch.long)

@@ -47,11 +47,12 @@ def nearest_colour(squared_differences: np.ndarray) -> int:
     return int(np.argmin(np.where(np.isnan(dist), np.inf, dist)))  # argmin: the first minimum
 
 
-def floyd_steinberg_reference(image, palette) -> Tensor:
+def floyd_steinberg_reference(image, palette, clamp=None) -> Tensor:
     """Floyd-Steinberg error diffusion onto a fixed palette, as a Python double loop.
 
     Pixels are visited in raster order (row by row, left to right). Each takes
-    ``value = pixel + accumulated error`` (no clamping), picks the nearest
+    ``value = pixel + accumulated error``, clamped to ``clamp = (low, high)`` if
+    given (either bound may be None; NaN stays NaN), picks the nearest
     palette colour ``k`` by squared Euclidean distance over the channels
     (:func:`nearest_colour`: a tie goes to the lowest ``k``; NaN as the kernels
     treat it) and diffuses ``error = value - palette[k]`` with
@@ -62,10 +63,12 @@ def floyd_steinberg_reference(image, palette) -> Tensor:
     Args:
         image: ``[C,H,W]`` NumPy array or tensor.
         palette: ``[K,C]`` NumPy array or tensor, same colour scale as ``image``.
+        clamp: ``None`` or ``(low, high)``.
 
     Returns:
         ``[H,W]`` int64 CPU tensor of palette indices.
     """
+    low, high = (None, None) if clamp is None else clamp
     img = _as_float64_numpy(image, "image")
     pal = _as_float64_numpy(palette, "palette")
     if img.ndim != 3:
@@ -78,6 +81,10 @@ def floyd_steinberg_reference(image, palette) -> Tensor:
     for y in range(H):
         for x in range(W):
             value = buf[:, y, x]
+            if low is not None:
+                value[value < low] = low
+            if high is not None:
+                value[value > high] = high
             k = nearest_colour((pal - value) ** 2)
             index_map[y, x] = k
             error = value - pal[k]
@@ -88,7 +95,7 @@ def floyd_steinberg_reference(image, palette) -> Tensor:
     return torch.from_numpy(index_map)
 
 
-def floyd_steinberg_batch_reference(images, palette) -> Tensor:
+def floyd_steinberg_batch_reference(images, palette, clamp=None) -> Tensor:
     """:func:`floyd_steinberg_reference` image by image: images ``[B,C,H,W]``,
     palette ``[B,K,C]`` -> ``[B,H,W]`` int64 CPU tensor."""
     if len(images) != len(palette):
@@ -98,7 +105,7 @@ def floyd_steinberg_batch_reference(images, palette) -> Tensor:
         if len(shape) != 4:
             raise ValueError(f"images must be [B,C,H,W], got shape {shape}")
         return torch.zeros(0, shape[2], shape[3], dtype=torch.int64)
-    return torch.stack([floyd_steinberg_reference(img, pal) for img, pal in zip(images, palette)])
+    return torch.stack([floyd_steinberg_reference(img, pal, clamp) for img, pal in zip(images, palette)])
 
 
 def kmeans_inertia(image: Tensor, index_map: Tensor, palette: Tensor) -> Tensor:

@@ -13,9 +13,15 @@ namespace colorquant {
 
 constexpr int64_t kMaxColors = 256;
 
+// The floating-point dtypes the kernels compute in (float8 types are floating
+// point too, but have no arithmetic here).
+inline bool is_kernel_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
 inline void check_floating(const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(
-      at::isFloatingType(t.scalar_type()), name,
+      is_kernel_float(t.scalar_type()), name,
       " must be a floating-point tensor (float32, float16, bfloat16 or "
       "float64), got ",
       t.scalar_type());
@@ -99,7 +105,7 @@ inline void check_index_palette(const at::Tensor& index_map,
 // be converted first), C >= 1.
 inline void check_image(const at::Tensor& image) {
   TORCH_CHECK_TYPE(
-      at::isFloatingType(image.scalar_type()),
+      is_kernel_float(image.scalar_type()),
       "image must be a floating-point tensor (float32, float16, bfloat16 or "
       "float64), got ",
       image.scalar_type(),
@@ -110,12 +116,34 @@ inline void check_image(const at::Tensor& image) {
                     image.sizes());
 }
 
+// The quantizers' rule for NaN / inf pixels (k-means, dithering; PIL's
+// median cut and octree in Python): a clear error, never a palette spread
+// with NaN. One pass over the image; on CUDA the answer waits for the GPU.
+inline void check_finite_pixels(const at::Tensor& image) {
+  if (image.numel() == 0 || image.is_meta()) return;
+  TORCH_CHECK_VALUE(at::isfinite(image).all().item<bool>(),
+                    "image contains NaN or infinite values: the quantizers "
+                    "need finite pixels (replace them first, e.g. "
+                    "torch.nan_to_num)");
+}
+
 // kmeans_palette(image, num_colors, iters, seed).
 inline void check_kmeans_args(const at::Tensor& image, int64_t num_colors,
                               int64_t iters) {
   check_image(image);
   check_num_colors(num_colors, "num_colors");
   TORCH_CHECK_VALUE(iters >= 0, "iters must be >= 0, got ", iters);
+  check_finite_pixels(image);
+}
+
+// floyd_steinberg_dither's optional clamp of each pixel's value (pixel plus
+// the error it received) to [clamp_min, clamp_max].
+inline void check_clamp(std::optional<double> clamp_min, std::optional<double> clamp_max) {
+  TORCH_CHECK_VALUE(!(clamp_min && std::isnan(*clamp_min)) && !(clamp_max && std::isnan(*clamp_max)),
+                    "clamp_min and clamp_max must not be NaN");
+  TORCH_CHECK_VALUE(!(clamp_min && clamp_max) || *clamp_min <= *clamp_max,
+                    "clamp_min must be <= clamp_max, got ", clamp_min.value_or(0), " and ",
+                    clamp_max.value_or(0));
 }
 
 // image [B,C,H,W] and palette [B,K,C]: same dtype and device, same B and C.

@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 
 #include "common/color_math.h"
 
@@ -137,15 +138,39 @@ struct NearestColour {
 // arrive in raster order (down-right 1/16 from x-1, down 5/16 from x, down-left
 // 3/16 from x+1), exactly as a raster loop that diffuses into a copy of the
 // image does. The right-hand 7/16 of the left neighbour ("carry") is added
-// last. Errors are never clamped.
+// last. The value is clamped only if asked (ValueRange: the authors' code
+// clamps to [0, 255]); the error is then taken from the clamped value.
 // ---------------------------------------------------------------------------
+
+// The optional clamp of a pixel's value; NaN stays NaN (no comparison holds).
+template <typename acc_t>
+struct ValueRange {
+  bool clamp_low = false, clamp_high = false;
+  acc_t low = acc_t(0), high = acc_t(0);
+  CQ_HD acc_t operator()(acc_t v) const {
+    if (clamp_low && v < low) v = low;
+    if (clamp_high && v > high) v = high;
+    return v;
+  }
+};
+
+// The range of floyd_steinberg_dither's optional clamp_min / clamp_max (host code).
+template <typename acc_t>
+inline ValueRange<acc_t> value_range(std::optional<double> low, std::optional<double> high) {
+  ValueRange<acc_t> range;
+  range.clamp_low = low.has_value();
+  range.clamp_high = high.has_value();
+  range.low = static_cast<acc_t>(low.value_or(0.0));
+  range.high = static_cast<acc_t>(high.value_or(0.0));
+  return range;
+}
 
 constexpr double kFsRight = 7.0 / 16.0;      // (x+1, y)
 constexpr double kFsDownLeft = 3.0 / 16.0;   // (x-1, y+1)
 constexpr double kFsDown = 5.0 / 16.0;       // (x,   y+1)
 constexpr double kFsDownRight = 1.0 / 16.0;  // (x+1, y+1)
 
-// One pixel (x, y): value = partial (+ carry unless x == 0), k = the nearest
+// One pixel (x, y): value = range(partial (+ carry unless x == 0)), k = the nearest
 // colour, error = value - palette[k]; then carry = 7/16 error and the row
 // below is updated:
 //   below_right = pixel(x+1, y+1) + 1/16 error  (its first term),
@@ -164,10 +189,11 @@ CQ_HD int64_t floyd_steinberg_pixel(const acc_t* partial, acc_t* carry, bool fir
                                     acc_t* value, const acc_t* palette, int64_t K, int64_t C,
                                     acc_t* below_left, acc_t* below, acc_t* below_right,
                                     const pixel_t* below_pixel, int64_t pixel_stride,
+                                    const ValueRange<acc_t>& range,
                                     const Nearest& nearest = Nearest()) {
   const int64_t n = kC > 0 ? kC : C;
   for (int64_t c = 0; c < n; ++c) {
-    value[c] = first_column ? partial[c] : add_rn(partial[c], carry[c]);
+    value[c] = range(first_column ? partial[c] : add_rn(partial[c], carry[c]));
   }
   const int64_t k = nearest(value, palette, K, n);
   const acc_t* colour = palette + k * n;

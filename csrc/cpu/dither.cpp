@@ -72,7 +72,7 @@ constexpr int64_t kVectorSearchMinColours = 16;
 template <int kC, typename scalar_t, typename acc_t>
 CQ_SIMD_CLONES void dither_image(const scalar_t* x, int64_t C, int64_t H, int64_t W,
                                  const acc_t* pal, int64_t K, acc_t* row_a, acc_t* row_b,
-                                 acc_t* pal_t, int64_t* idx) {
+                                 acc_t* pal_t, int64_t* idx, const ValueRange<acc_t>& range) {
   const int64_t n = kC > 0 ? kC : C;
   const int64_t P = H * W;
   // On the stack where C is known: per-thread heap buffers, which the compiler must assume may
@@ -105,7 +105,7 @@ CQ_SIMD_CLONES void dither_image(const scalar_t* x, int64_t C, int64_t H, int64_
             cur + w * n, carry_p, w == 0, value_p, pal, K, n,
             has_below && w > 0 ? below - n : nullptr, below,
             has_below && w + 1 < W ? below + n : nullptr,
-            has_below ? x + (y + 1) * W + w : nullptr, P, nearest);
+            has_below ? x + (y + 1) * W + w : nullptr, P, range, nearest);
       }
       std::swap(cur, next);
     }
@@ -118,8 +118,10 @@ CQ_SIMD_CLONES void dither_image(const scalar_t* x, int64_t C, int64_t H, int64_
 }
 
 template <typename scalar_t>
-void dither_forward(const Tensor& image, const Tensor& palette, Tensor& index_map) {
+void dither_forward(const Tensor& image, const Tensor& palette, Tensor& index_map,
+                    std::optional<double> clamp_min, std::optional<double> clamp_max) {
   using acc_t = at::opmath_type<scalar_t>;
+  const ValueRange<acc_t> range = value_range<acc_t>(clamp_min, clamp_max);
   const int64_t B = image.size(0), C = image.size(1), H = image.size(2), W = image.size(3);
   const int64_t K = palette.size(1), P = H * W;
   const scalar_t* img = image.const_data_ptr<scalar_t>();
@@ -133,14 +135,17 @@ void dither_forward(const Tensor& image, const Tensor& palette, Tensor& index_ma
       for (int64_t i = 0; i < K * C; ++i) pal[i] = static_cast<acc_t>(pal_in[b * K * C + i]);
       dispatch_channels(C, [&](auto kC) {
         dither_image<decltype(kC)::value>(img + b * C * P, C, H, W, pal.data(), K, row_a.data(),
-                                          row_b.data(), pal_t.data(), idx + b * P);
+                                          row_b.data(), pal_t.data(), idx + b * P, range);
       });
     }
   });
 }
 
-Tensor floyd_steinberg_dither_cpu(const Tensor& image_in, const Tensor& palette_in) {
+Tensor floyd_steinberg_dither_cpu(const Tensor& image_in, const Tensor& palette_in,
+                                  std::optional<double> clamp_min, std::optional<double> clamp_max) {
   check_image_palette(image_in, palette_in);
+  check_clamp(clamp_min, clamp_max);
+  check_finite_pixels(image_in);
   const Tensor image = image_in.contiguous();
   const Tensor palette = palette_in.contiguous();
   const int64_t B = image.size(0), H = image.size(2), W = image.size(3);
@@ -148,7 +153,7 @@ Tensor floyd_steinberg_dither_cpu(const Tensor& image_in, const Tensor& palette_
   if (B == 0 || H * W == 0) return index_map;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(),
                                   "floyd_steinberg_dither_cpu",
-                                  [&] { dither_forward<scalar_t>(image, palette, index_map); });
+                                  [&] { dither_forward<scalar_t>(image, palette, index_map, clamp_min, clamp_max); });
   return index_map;
 }
 

@@ -69,7 +69,8 @@ __global__ void __launch_bounds__(kMaxRows)
     floyd_steinberg_kernel(const scalar_t* __restrict__ image,
                            const scalar_t* __restrict__ palette, int64_t* __restrict__ index,
                            acc_t* __restrict__ scratch, DitherScratch layout, int64_t B,
-                           int64_t C, int64_t H, int64_t W, int64_t K, bool shared_palette) {
+                           int64_t C, int64_t H, int64_t W, int64_t K, bool shared_palette,
+                           ValueRange<acc_t> range) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t n = kC > 0 ? kC : C;
   const int64_t P = H * W;
@@ -125,7 +126,7 @@ __global__ void __launch_bounds__(kMaxRows)
               has_below && w > 0 ? nxt + ((w - 1) & nxt_mask) * n : nullptr,
               has_below ? nxt + (w & nxt_mask) * n : nullptr,
               has_below && w + 1 < W ? nxt + ((w + 1) & nxt_mask) * n : nullptr,
-              has_below ? x + (y + 1) * W + w : nullptr, P);
+              has_below ? x + (y + 1) * W + w : nullptr, P, range);
         }
         __syncthreads();  // step t is complete (global and shared memory)
       }
@@ -135,6 +136,7 @@ __global__ void __launch_bounds__(kMaxRows)
 
 template <typename scalar_t, int kC>
 void launch_dither(const at::Tensor& image, const at::Tensor& palette, at::Tensor& index_map,
+                   ValueRange<at::opmath_type<scalar_t>> range,
                    cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = image.size(0), C = image.size(1), H = image.size(2), W = image.size(3);
@@ -162,13 +164,17 @@ void launch_dither(const at::Tensor& image, const at::Tensor& palette, at::Tenso
          smem, stream>>>(
           image.const_data_ptr<scalar_t>(), palette.const_data_ptr<scalar_t>(),
           index_map.mutable_data_ptr<int64_t>(), scratch.mutable_data_ptr<acc_t>(), layout, B, C,
-          H, W, K, shared_palette);
+          H, W, K, shared_palette, range);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor floyd_steinberg_dither_cuda(const at::Tensor& image_in, const at::Tensor& palette_in) {
+at::Tensor floyd_steinberg_dither_cuda(const at::Tensor& image_in, const at::Tensor& palette_in,
+                                       std::optional<double> clamp_min,
+                                       std::optional<double> clamp_max) {
   check_image_palette(image_in, palette_in);
+  check_clamp(clamp_min, clamp_max);
   const c10::cuda::CUDAGuard device_guard(image_in.device());
+  check_finite_pixels(image_in);
   const at::Tensor image = image_in.contiguous();
   const at::Tensor palette = palette_in.contiguous();
   const int64_t B = image.size(0), C = image.size(1), H = image.size(2), W = image.size(3);
@@ -177,11 +183,12 @@ at::Tensor floyd_steinberg_dither_cuda(const at::Tensor& image_in, const at::Ten
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, image.scalar_type(), "floyd_steinberg_dither_cuda", [&] {
+        const auto range = value_range<at::opmath_type<scalar_t>>(clamp_min, clamp_max);
         switch (C) {
-          case 1: launch_dither<scalar_t, 1>(image, palette, index_map, stream); break;
-          case 3: launch_dither<scalar_t, 3>(image, palette, index_map, stream); break;
-          case 4: launch_dither<scalar_t, 4>(image, palette, index_map, stream); break;
-          default: launch_dither<scalar_t, 0>(image, palette, index_map, stream); break;
+          case 1: launch_dither<scalar_t, 1>(image, palette, index_map, range, stream); break;
+          case 3: launch_dither<scalar_t, 3>(image, palette, index_map, range, stream); break;
+          case 4: launch_dither<scalar_t, 4>(image, palette, index_map, range, stream); break;
+          default: launch_dither<scalar_t, 0>(image, palette, index_map, range, stream); break;
         }
       });
   return index_map;
