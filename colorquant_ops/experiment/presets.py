@@ -15,12 +15,13 @@ JPEG and full-colour rows (``results.md``, ``results.json``), the accuracy-vs-bi
 accuracy-vs-bits-per-pixel plots, and a picture sheet at 1, 2 and 3 bits (what RESULTS.md shows).
 Presets:
 
-* ``cifar10-paper`` -- the seed paper's CIFAR-10 configuration (CIFAR AlexNet 60 epochs; ColorCNN
-  U-Net width 64, 60 epochs, cosine restarts every 20; K = 2..64); meant for a GPU;
-* ``cifar10-cpu`` -- what a 2-core CPU can do in about four hours: AlexNet 15 epochs (lr x0.1 at
-  8 and 12); ColorCNN U-Net width 16 in bfloat16 autocast without colour_norm / colour_jitter,
+* ``cifar10-paper`` -- the seed paper's CIFAR-10 configuration (CIFAR AlexNet 60 epochs with the
+  authors' one-cycle schedule, ``--schedule onecycle``; ColorCNN U-Net width 64, 60 epochs, cosine
+  restarts every 20; K = 2..64); meant for a GPU;
+* ``cifar10-cpu`` -- what a 2-core CPU can do in about four hours: AlexNet 15 epochs (``--schedule step``:
+  lr x0.1 at 8 and 12); ColorCNN U-Net width 16 in bfloat16 autocast without colour_norm / colour_jitter,
   8 epochs at K = 2, 4 at K = 4, 3 at K = 8..64 (one cosine cycle each);
-* ``smoke`` -- a tiny run of every stage (a few hundred images, one epoch, width 4) to check a setup
+* ``smoke`` -- a tiny run of every stage (step schedule) (a few hundred images, one epoch, width 4) to check a setup
   in a minute.
 """
 
@@ -100,10 +101,10 @@ PRESETS: dict[str, Preset] = {
     for p in (
         Preset(
             "cifar10-paper",
-            "the paper's CIFAR-10 configuration: AlexNet 60 epochs, ColorCNN width 64, 60 epochs, K=2..64 (GPU)",
+            "the paper's CIFAR-10 configuration: AlexNet 60 epochs (one-cycle lr), ColorCNN width 64, 60 epochs, K=2..64 (GPU)",
             (
                 Stage("classifier", ("train-classifier", "--arch", "alexnet", "--epochs", "60",
-                                     "--lr-steps", "20,40", "--seed", "0")),
+                                     "--schedule", "onecycle", "--seed", "0")),
                 *(_colorcnn(k, "--width", "64", "--epochs", "60", "--restart-epochs", "20", "--seed", "0")
                   for k in _KS),
                 *_evaluate(_KS),
@@ -115,7 +116,7 @@ PRESETS: dict[str, Preset] = {
             "8/4/3 epochs, K=2..64",
             (
                 Stage("classifier", ("train-classifier", "--arch", "alexnet", "--epochs", "15",
-                                     "--lr-steps", "8,12", "--seed", "0")),
+                                     "--schedule", "step", "--lr-steps", "8,12", "--seed", "0")),
                 *(_cpu_colorcnn(k) for k in _KS),
                 *_evaluate(_KS),
             ),
@@ -125,7 +126,7 @@ PRESETS: dict[str, Preset] = {
             "every stage on a few hundred images, one epoch, width 4: checks a setup in about a minute",
             (
                 Stage("classifier", ("train-classifier", "--subset", "256", "--test-subset", "128",
-                                     "--epochs", "1", "--batch-size", "64")),
+                                     "--epochs", "1", "--batch-size", "64", "--schedule", "step")),
                 *(_colorcnn(k, "--width", "4", "--subset", "256", "--test-subset", "128", "--epochs", "1",
                             "--batch-size", "64") for k in (2, 4)),
                 *_evaluate((2, 4), "--test-subset", "128"),
