@@ -106,8 +106,9 @@ def test_classifier_run_writes_artifacts_and_loadable_checkpoints(classifier_run
     optimizer, reference = _one_cycle_reference(2, 2)
     for m in metrics:
         assert m["lr"] == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12)
-        reference.step()
-        reference.step()
+        for _ in range(2):
+            optimizer.step()
+            reference.step()
     assert metrics[0]["lr"] == pytest.approx(0.1 / 25)
     settings = json.loads((classifier_run / "settings.json").read_text())
     assert settings["schedule"] == "onecycle" and settings["lr_steps"] is None
@@ -276,7 +277,10 @@ def test_cli_bad_arguments(capsys, tmp_path, cache_dir, classifier_run):
     assert "holds a run already" in _error(capsys, "train-classifier", *base, "--out-dir", classifier_run)
     settings = (classifier_run / "settings.json").read_text()
     assert "--resume with other settings than" in _error(
-        capsys, "train-classifier", *base, "--out-dir", classifier_run, "--resume", "--seed", "1")
+        capsys, "train-classifier", *base, "--out-dir", classifier_run, "--resume", "--seed", "1", "--epochs", "2")
+    # a one-cycle schedule spans the run's --epochs: it continues to them, not to others
+    assert "runs a one-cycle schedule over 2 epochs; resume it with --epochs 2" in _error(
+        capsys, "train-classifier", *base, "--out-dir", classifier_run, "--resume")
     assert (classifier_run / "settings.json").read_text() == settings  # the run is left as it was
 
 

@@ -10,9 +10,16 @@ exactly the commands it prints (``--dry-run`` prints them without running anythi
 * a stage whose run directory holds ``last.pt`` was interrupted and continues with ``--resume``.
 
 So re-running an interrupted ``reproduce`` picks up where it stopped. When every stage is done,
-:func:`write_report` gathers the evaluate stages into ``{out}/report``: one method x K table with the
-JPEG and full-colour rows (``results.md``, ``results.json``), the accuracy-vs-bits and
-accuracy-vs-bits-per-pixel plots, and a picture sheet at 1, 2 and 3 bits (what RESULTS.md shows).
+:func:`write_report` gathers the evaluate stages into ``{out}/report``: the paper's comparison, one
+method x K table of ColorCNN and the paper's baselines (median cut, octree, and its k-means
+``pil_kmeans``: PIL's ``quantize(kmeans=2)``), then, apart and marked as not the paper's, this
+library's k-means++ (``kmeans``), and the JPEG and full-colour rows (``results.md``; every row in
+``results.json``), the accuracy-vs-bits and accuracy-vs-bits-per-pixel plots, and a picture sheet at 1,
+2 and 3 bits (what RESULTS.md shows).
+
+Without ``--data-root`` the stages read CIFAR-10 from the project's JPEG copy (when it is there): JPEG-
+compressed images, not the original CIFAR-10 the paper reports on. ``reproduce`` says so in its first
+line and at the head of ``results.md`` and ``results.json`` (``"data_warning"``).
 Presets:
 
 * ``cifar10-paper`` -- the seed paper's CIFAR-10 configuration (CIFAR AlexNet 60 epochs with the
@@ -32,6 +39,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -39,7 +47,8 @@ from . import data, evaluate, train
 from .commands import Command, build_parser, run_command
 from .quantize_files import comparison_sheet
 
-__all__ = ["COMMAND", "PRESETS", "Preset", "Stage", "add_reproduce_arguments", "reproduce", "write_report"]
+__all__ = ["COMMAND", "PRESETS", "Preset", "Stage", "add_reproduce_arguments", "data_warning", "reproduce",
+           "write_report"]
 
 _KS = (2, 4, 8, 16, 32, 64)
 
@@ -80,8 +89,8 @@ def _evaluate(ks, *options: str) -> tuple[Stage, Stage]:
     is computed independently, so the two tables are the one table of a single run, split."""
     ckpts = [f"{{out}}/colorcnn-k{k}/final.pt" for k in ks]
     common = ("--classifier", "{out}/classifier/final.pt", "--num-colors", *map(str, ks))
-    return (Stage("evaluate-traditional", ("evaluate", *common, "--methods", "median_cut", "octree", "kmeans",
-                                           "--dither", "both", *options)),
+    return (Stage("evaluate-traditional", ("evaluate", *common, "--methods", "median_cut", "octree", "pil_kmeans",
+                                           "kmeans", "--dither", "both", *options)),
             Stage("evaluate-colorcnn", ("evaluate", *common, "--methods", "colorcnn", "--colorcnn", *ckpts,
                                         "--jpeg-qualities", *options)))
 
@@ -141,6 +150,20 @@ SHEET_CLASSES = ("airplane", "bird", "deer", "frog", "ship")
 SHEET_KS = (2, 4, 8)
 
 
+def data_warning(data_root=None) -> Optional[str]:
+    """The warning ``reproduce`` gives when, without ``--data-root``, its stages read CIFAR-10 from the
+    project's JPEG copy (extracted, or its archive found); None with a ``--data-root`` (or without the copy:
+    then the stages read ./data)."""
+    if data_root is not None:
+        return None
+    if not ((data.default_cache_dir() / "cifar10-jpeg" / ".extracted").is_file()
+            or data.find_shared_cifar10_archive() is not None):
+        return None
+    return ("WARNING: no --data-root: CIFAR-10 comes from the project's JPEG copy (JPEG-compressed images), not "
+            "the original CIFAR-10 the paper reports on; the accuracies are not the paper's setting. Pass "
+            "--data-root with the original CIFAR-10 (torchvision's cifar-10-batches-py) to reproduce it.")
+
+
 def write_report(preset: Preset, out: Path, data_root=None) -> list[Path]:
     """Gather a finished preset run's evaluate stages into ``out/report`` (see the module docstring);
     ``data_root`` as the stages' ``--data-root``. Returns the files written."""
@@ -156,9 +179,19 @@ def write_report(preset: Preset, out: Path, data_root=None) -> list[Path]:
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
     written = [report / "results.md", report / "results.json"]
-    written[0].write_text(evaluate.pivot_tables(rows) + "\n\n" + evaluate.markdown_table(
-        [r for r in rows if r["method"] in ("full colour", "jpeg")]) + "\n")
-    written[1].write_text(json.dumps({"preset": preset.name, "rows": rows}, indent=2) + "\n")
+    warning = data_warning(data_root)
+    paper = [r for r in rows if r["method"] in ("full colour", "colorcnn", *evaluate.PAPER_BASELINES)]
+    library = [r for r in rows if r["method"] == "kmeans"]
+    parts = [f"**{warning}**"] if warning else []
+    parts.append("ColorCNN and the paper's baselines (median cut, octree, its k-means pil_kmeans = PIL "
+                 "quantize(kmeans=2)):\n\n" + evaluate.pivot_tables(paper))
+    if library:
+        parts.append("Not in the paper: kmeans, this library's k-means++ op (a stronger k-means than the "
+                     "paper's):\n\n" + evaluate.pivot_tables(library))
+    parts.append(evaluate.markdown_table([r for r in rows if r["method"] in ("full colour", "jpeg")]))
+    written[0].write_text("\n\n".join(parts) + "\n")
+    written[1].write_text(json.dumps({"preset": preset.name, "data_warning": warning, "rows": rows},
+                                     indent=2) + "\n")
     written += evaluate.plot_results(rows, report)
 
     root, cache = data.data_locations(argparse.Namespace(data_root=data_root, dataset="cifar10", cache_dir=None))
@@ -213,6 +246,9 @@ def reproduce(args: argparse.Namespace) -> list[dict]:
         state = _state(stage, out)
         argv = stage.command(out, tuple(extra)) + (["--resume"] if state == "resume" else [])
         plan.append({"stage": stage.name, "state": state, "command": argv})
+    warning = data_warning(args.data_root)
+    if warning:
+        print(warning, flush=True)
     print(f"colorquant reproduce --preset {preset.name}: {preset.description}; output in {out}")
     for step in plan:
         print(f"  [{step['state']:>6}] colorquant {' '.join(step['command'])}")
@@ -228,6 +264,8 @@ def reproduce(args: argparse.Namespace) -> list[dict]:
         print(f"== {step['stage']} finished in {step['seconds']:.0f} s", flush=True)
     written = write_report(preset, out, args.data_root)
     print(f"\nreport: {', '.join(str(p) for p in written)}")
+    if warning:
+        print(warning, flush=True)
     return plan
 
 

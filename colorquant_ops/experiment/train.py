@@ -42,16 +42,18 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from ..losses import ColorCNNLoss
+from ..normalization import NORMALIZATION_BEFORE_RECORDING
 from ..models.classifiers import CifarAlexNet, build_classifier, load_classifier, save_classifier
 from ..models.colorcnn import ColorCNN, load_colorcnn_checkpoint, save_colorcnn
 from . import data, distributed
@@ -301,9 +303,14 @@ class _Setup:
         compiled = torch.compile(train_net)
         return compiled, (compiled if train_net is model else torch.compile(model))
 
-    def loaders(self) -> tuple[DataLoader, DataLoader, list]:
+    def loaders(self, normalization=None) -> tuple[DataLoader, DataLoader, list]:
+        """Train and test loaders, the images normalized with ``normalization`` (``(mean, std)``;
+        default: the dataset's), and the class names."""
         args, ctx = self.args, self.ctx
         root, cache = data.data_locations(args)
+        stats = data.DATASET_STATS[args.dataset]
+        mean, std = normalization or (stats.mean, stats.std)
+        norm = v2.Normalize(mean=list(mean), std=list(std))
 
         def build(split, subset, transform):
             # the subset order is seeded with 0, not --seed: the same images whatever the run's seed
@@ -311,8 +318,9 @@ class _Setup:
 
         # rank 0 extracts / caches the data once; the others then read it
         train_set, test_set = distributed.main_first(lambda: (
-            build("train", args.subset, data.train_transform(args.dataset)),
-            build("test", args.test_subset, data.test_transform(args.dataset))), ctx)
+            build("train", args.subset, v2.Compose([data.train_transform(args.dataset, normalize=False), norm])),
+            build("test", args.test_subset, v2.Compose([data.test_transform(args.dataset, normalize=False), norm]))),
+            ctx)
         self._notes.append(f"data: {args.dataset} in {root}: {len(train_set)} train, {len(test_set)} test images")
         pin = self.device.type == "cuda"
         batch = args.batch_size // ctx.world_size
@@ -389,6 +397,7 @@ def fit(
     per_batch: bool,
     save_model: Callable[..., None],
     train_loader: DataLoader,
+    state_extra: Optional[dict] = None,
 ) -> dict:
     """Train ``model`` for ``args.epochs`` epochs (continuing from ``last.pt`` with ``--resume``).
 
@@ -398,7 +407,7 @@ def fit(
     rank); ``scheduler`` is stepped after every batch (``per_batch``) or every epoch;
     ``save_model(path, **extra)`` writes the library-format model checkpoint (``best.pt``,
     ``final.pt``). Under torchrun the training loss and accuracy are summed over the ranks and only
-    rank 0 writes. Returns the last epoch's metrics.
+    rank 0 writes; ``state_extra`` goes into ``last.pt`` as well. Returns the last epoch's metrics.
     """
     args, run, ctx = setup.args, setup.run, setup.ctx
     start_epoch, step, best = 0, 0, -1.0
@@ -466,6 +475,7 @@ def fit(
             "epoch": epoch + 1,
             "step": step,
             "best_acc": best,
+            **(state_extra or {}),
             **rng,
         })
         run.append_metrics(record)
@@ -517,7 +527,11 @@ def train_classifier(args: argparse.Namespace) -> dict:
 def _train_classifier(setup: _Setup) -> dict:
     args = setup.args
     stats = data.DATASET_STATS[args.dataset]
-    train_loader, test_loader, classes = setup.loaders()
+    normalization = (stats.mean, stats.std)
+    if args.resume and "input_normalization" not in setup.run.load_state():
+        # a run from before last.pt recorded it continues with the normalization it started with
+        normalization = NORMALIZATION_BEFORE_RECORDING[args.dataset]
+    train_loader, test_loader, classes = setup.loaders(normalization)
     num_classes = stats.num_classes or len(classes)
     model = setup.prepare(build_classifier(args.arch, num_classes, stats.image_size))
     net, eval_net = setup.parallel(model)
@@ -527,13 +541,15 @@ def _train_classifier(setup: _Setup) -> dict:
         return F.cross_entropy(logits, labels), logits
 
     def save_model(path, **extra):
-        save_classifier(model, path, args.arch, num_classes, stats.image_size, dataset=args.dataset, **extra)
+        save_classifier(model, path, args.arch, num_classes, stats.image_size, dataset=args.dataset,
+                        input_normalization=[list(normalization[0]), list(normalization[1])], **extra)
 
     optimizer = _sgd(args, model.parameters())
     scheduler, per_batch = classifier_scheduler(args, optimizer, len(train_loader))
     evaluate = lambda: _evaluate(setup, test_loader, model, lambda x: (eval_net(x), None))  # noqa: E731
     setup.start()
-    return fit(setup, model, train_step, evaluate, optimizer, scheduler, per_batch, save_model, train_loader)
+    return fit(setup, model, train_step, evaluate, optimizer, scheduler, per_batch, save_model, train_loader,
+               {"input_normalization": [list(normalization[0]), list(normalization[1])]})
 
 
 def train_colorcnn(args: argparse.Namespace) -> dict:
@@ -573,7 +589,9 @@ def _train_colorcnn(setup: _Setup) -> dict:
     if args.init_from is not None:
         _load_initial_weights(model, args.init_from, args.dataset)
     criterion = ColorCNNLoss(args.alpha, args.beta, args.gamma)
-    train_loader, test_loader, classes = setup.loaders()
+    # the classifier's normalization (STL-10 classifiers from before it was recorded: STL-10's statistics)
+    normalization = data.classifier_normalization(args.classifier, args.dataset)
+    train_loader, test_loader, classes = setup.loaders(normalization)
     num_classes = stats.num_classes or len(classes)
     with torch.no_grad():
         out_features = classifier(torch.zeros(1, 3, stats.image_size, stats.image_size)).shape[1]
@@ -596,7 +614,7 @@ def _train_colorcnn(setup: _Setup) -> dict:
 
     def save_model(path, **extra):
         # trained on normalized images: the checkpoint says so, and a loaded model takes [0, 1] images
-        save_colorcnn(model, path, input_normalization=(stats.mean, stats.std), dataset=args.dataset,
+        save_colorcnn(model, path, input_normalization=normalization, dataset=args.dataset,
                       classifier=str(args.classifier), **extra)
 
     optimizer = _sgd(args, model.parameters())
