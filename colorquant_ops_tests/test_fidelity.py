@@ -107,3 +107,73 @@ def test_a_one_cycle_run_resumes_only_to_its_own_epochs(tmp_path):
     RunDir(out, resume=True).check_resume_settings(args)
     with pytest.raises(ValueError, match="resume it with --epochs 60"):
         train._resolve_defaults(_parse("train-classifier", "--out-dir", out, "--resume", "--epochs", "80"))
+
+
+# --- colour_norm, STL-10 batch and normalization (color_cnn_downsample.py, grid_downsample.py) ---
+
+
+@pytest.mark.parametrize("dataset, arch, expected", [
+    ("cifar10", "alexnet", 4.0), ("cifar100", "alexnet", 4.0), ("stl10", "alexnet", 1.0), ("tiny200", "alexnet", 1.0),
+    ("cifar10", "vgg16", 4.0), ("stl10", "vgg16", 4.0), ("tiny200", "resnet18", 4.0)])
+def test_color_norm_default_is_the_authors(dataset, arch, expected):
+    """color_norm defaults to 4; `if args.arch == 'alexnet': if 'cifar' not in args.dataset: color_norm = 1`."""
+    from colorquant_ops.models.classifiers import build_classifier
+
+    args = _parse("train", "--classifier", "c.pt", "--dataset", dataset)
+    train._resolve_defaults(args)
+    assert args.color_norm is None  # resolved once the classifier is loaded
+    size = {"stl10": 96, "tiny200": 64}.get(dataset, 32)
+    assert train._color_norm(args, build_classifier(arch, 10, size)) == expected
+
+
+def test_a_colorcnn_run_from_before_resumes_with_its_color_norm(tmp_path):
+    out = tmp_path / "old"
+    out.mkdir()
+    settings = vars(_parse("train", "--classifier", "c.pt", "--dataset", "stl10", "--out-dir", out))
+    settings.update(batch_size=128, color_norm=None)  # what an older version recorded
+    (out / "settings.json").write_text(json.dumps(settings, default=str))
+    (out / "last.pt").write_bytes(b"")
+    args = _parse("train", "--classifier", "c.pt", "--dataset", "stl10", "--out-dir", out, "--resume")
+    train._resolve_defaults(args)
+    assert args.batch_size == 128 and args.color_norm is None
+    RunDir(out, resume=True).check_resume_settings(args)
+    from colorquant_ops.models.classifiers import CifarVGG
+
+    assert train._color_norm(args, CifarVGG(10)) == 1.0  # what it ran with: 1 off CIFAR
+
+
+def test_stl10_batch_is_32_as_the_authors_force_it():
+    for command in (("train-classifier",), ("train", "--classifier", "c.pt")):
+        args = _parse(*command, "--dataset", "stl10")
+        train._resolve_defaults(args)
+        assert args.batch_size == 32
+        args = _parse(*command, "--dataset", "cifar10")
+        train._resolve_defaults(args)
+        assert args.batch_size == 128
+        args = _parse(*command, "--dataset", "stl10", "--batch-size", "64")
+        train._resolve_defaults(args)
+        assert args.batch_size == 64  # asked for
+
+
+def test_stl10_is_normalized_with_imagenet_statistics_and_old_checkpoints_keep_theirs(tmp_path):
+    from colorquant_ops.experiment import data
+    from colorquant_ops.models.classifiers import CifarAlexNet, save_classifier
+    from colorquant_ops.models.colorcnn import ColorCNN, load_colorcnn, save_colorcnn
+    from colorquant_ops.normalization import DATASET_NORMALIZATION, NORMALIZATION_BEFORE_RECORDING
+
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    old_stl10 = ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713))
+    assert DATASET_NORMALIZATION["stl10"] == imagenet
+    assert tuple(data.DATASET_STATS["stl10"][:2]) == imagenet
+    assert NORMALIZATION_BEFORE_RECORDING["stl10"] == old_stl10
+    # a ColorCNN checkpoint from before it recorded its normalization: STL-10's own statistics
+    save_colorcnn(ColorCNN(2, width=2), tmp_path / "old.pt", dataset="stl10")
+    assert load_colorcnn(tmp_path / "old.pt").input_normalization == tuple(map(tuple, old_stl10))
+    # classifier checkpoints: recorded (as train-classifier now writes), else their dataset's of then
+    save_classifier(CifarAlexNet(10), tmp_path / "old-clf.pt", "alexnet", 10, 96, dataset="stl10")
+    assert data.classifier_normalization(tmp_path / "old-clf.pt", "stl10") == old_stl10
+    save_classifier(CifarAlexNet(10), tmp_path / "new-clf.pt", "alexnet", 10, 96, dataset="stl10",
+                    input_normalization=[list(imagenet[0]), list(imagenet[1])])
+    assert data.classifier_normalization(tmp_path / "new-clf.pt", "stl10") == imagenet
+    save_classifier(CifarAlexNet(10), tmp_path / "cifar.pt", "alexnet", 10, 32, dataset="cifar10")
+    assert data.classifier_normalization(tmp_path / "cifar.pt", "cifar10") == DATASET_NORMALIZATION["cifar10"]
