@@ -51,11 +51,11 @@ def test_demo_table_sheet_and_the_papers_point(tmp_path, capsys):
     assert "K=2 (1 bit): ColorCNN" in out and "points" in out
     # "best traditional" is the best of the paper's baselines (its k-means: pil_kmeans), not the library's
     for k in demo.DEMO_KS:
-        paper = max(((m, d), r["accuracy"]) for (m, d, kk), r in rows.items()
-                    if kk == k and m in ("median_cut", "octree", "pil_kmeans"))
-        (line,) = [l for l in out.splitlines() if l.startswith(f"K={k} (")]
-        name = paper[0][0] + (" + dither" if paper[0][1] == "on" else "")
-        assert f"vs best traditional ({name}) {100 * paper[1]:.1f}%" in line
+        paper = max((r for (m, _, kk), r in rows.items() if kk == k and m in ("median_cut", "octree", "pil_kmeans")),
+                    key=lambda r: r["accuracy"])
+        (line,) = [line for line in out.splitlines() if line.startswith(f"K={k} (")]
+        name = paper["method"] + (" + dither" if paper["dither"] == "on" else "")
+        assert f"vs best traditional ({name}) {100 * paper['accuracy']:.1f}%" in line
 
 
 def test_rebuild_assets_from_a_missing_run(tmp_path, capsys):
