@@ -36,8 +36,10 @@ from .quantizers import pil_quantize
 __all__ = ["METHODS", "ColorQuantize", "QuantizeResult"]
 
 #: Methods of :class:`ColorQuantize`.
-METHODS = ("median_cut", "octree", "kmeans", "colorcnn")
-_PIL_METHODS = ("median_cut", "octree")
+METHODS = ("median_cut", "octree", "kmeans", "pil_kmeans", "colorcnn")
+_PIL_METHODS = ("median_cut", "octree", "pil_kmeans")
+# ColorQuantize method -> pil_quantize method
+_PIL_NAMES = {"median_cut": "median_cut", "octree": "octree", "pil_kmeans": "kmeans"}
 
 
 class QuantizeResult(NamedTuple):
@@ -65,10 +67,13 @@ class ColorQuantize(Transform):
 
     Args:
         num_colors: number of colours K, in ``[1, 256]`` (``"colorcnn"``: the model's K).
-        method: ``"median_cut"``, ``"octree"`` (PIL, the seed paper's baselines),
-            ``"kmeans"`` (this library's batched k-means op: k-means++ seeding
-            and ``kmeans_iters`` Lloyd iterations) or ``"colorcnn"`` (a learned
-            :class:`~colorquant_ops.ColorCNN`).
+        method: ``"median_cut"``, ``"octree"``, ``"pil_kmeans"`` (PIL, the seed
+            paper's baselines; ``pil_kmeans`` is its k-means: ``Image.quantize(K,
+            kmeans=2)``, median cut refined by PIL's k-means until at most one
+            pixel moves), ``"kmeans"`` (this library's batched k-means op:
+            k-means++ seeding and ``kmeans_iters`` Lloyd iterations; another,
+            stronger algorithm than the paper's k-means) or ``"colorcnn"`` (a
+            learned :class:`~colorquant_ops.ColorCNN`).
         dither: map the image onto the method's palette with Floyd–Steinberg
             error diffusion (this library's batched op) instead of using the
             method's own index map.
@@ -126,10 +131,9 @@ class ColorQuantize(Transform):
         method: str = "median_cut",
         dither: bool = False,
         model: ColorCNN | str | os.PathLike | None = None,
-        *,
-        dither_clamp: bool = False,
         kmeans_iters: int = 10,
         seed: int = 0,
+        dither_clamp: bool = False,
     ) -> None:
         super().__init__()
         self.num_colors = _check_int(num_colors, "num_colors", 1, 256)
@@ -233,7 +237,7 @@ class ColorQuantize(Transform):
         elif self.method == "kmeans":
             index_map, palette = ops.kmeans_palette(x, self.num_colors, self.kmeans_iters, self.seed)
         else:
-            index_map, palette = pil_quantize(x, self.num_colors, self.method)
+            index_map, palette = pil_quantize(x, self.num_colors, _PIL_NAMES[self.method])
         palette = palette.to(x.dtype)
         if is_uint8:
             # Round the palette first so the output's colours are exactly its entries.

@@ -156,3 +156,95 @@ def test_checkpoint_errors(tmp_path):
         load_classifier(mismatched)
     with pytest.raises(ValueError, match="reserved"):
         save_classifier(CifarAlexNet(10), tmp_path / "x.pt", "alexnet", 10, 32, state_dict={})
+
+
+# The authors' VGG16 (color_distillation/models/vgg.py): cfg 'VGG16' = [64, 64, 'M', 128, 128, 'M', 256, 256,
+# 256, 'M', 512, 512, 512, 'M', 512, 512, 512, 'M']; each number Conv2d(in, x, 3, padding=1) -> BatchNorm2d(x)
+# -> ReLU, each 'M' MaxPool2d(2, 2); then `self.features[-1] = nn.Sequential()` (last pool removed),
+# `global_average_pooling = nn.AdaptiveAvgPool2d((1, 1))`, `classifier = nn.Linear(512, out_channel)`.
+_AUTHORS_VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+
+
+def _authors_vgg16_layers(num_classes=10):
+    layers, channels = [], 3
+    for x in _AUTHORS_VGG16:
+        if x == "M":
+            layers.append(("MaxPool2d", 2, 2))
+        else:
+            layers += [("Conv2d", channels, x, 3, 1, 1), ("BatchNorm2d", x), ("ReLU",)]
+            channels = x
+    layers[-1] = ("removed",)
+    return layers + [("AdaptiveAvgPool2d", 1), ("Linear", 512, num_classes)]
+
+
+def _describe(module):
+    if isinstance(module, nn.Conv2d):
+        return ("Conv2d", module.in_channels, module.out_channels, module.kernel_size[0], module.stride[0],
+                module.padding[0])
+    if isinstance(module, nn.BatchNorm2d):
+        return ("BatchNorm2d", module.num_features)
+    if isinstance(module, nn.ReLU):
+        return ("ReLU",)
+    if isinstance(module, nn.MaxPool2d):
+        return ("MaxPool2d", module.kernel_size, module.stride)
+    if isinstance(module, nn.Identity):
+        return ("removed",)
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        return ("AdaptiveAvgPool2d", module.output_size if isinstance(module.output_size, int) else module.output_size[0])
+    if isinstance(module, nn.Linear):
+        return ("Linear", module.in_features, module.out_features)
+    return (type(module).__name__,)
+
+
+def test_cifar_vgg16_is_the_authors_layer_order():
+    model = CifarVGG(10)
+    leaves = [m for m in model.modules() if not list(m.children())]
+    assert [_describe(m) for m in leaves] == _authors_vgg16_layers(10)
+    # and the forward pass is theirs: features without the last pool, mean over the 2x2 map, linear
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = model.features[:-1](x)
+        assert feats.shape == (2, 512, 2, 2)
+        assert torch.allclose(model(x), model.classifier(feats.mean((2, 3))), atol=1e-6)
+        assert not torch.allclose(model(x), model.classifier(feats.amax((2, 3))), rtol=0, atol=1e-5)
+
+
+def _bn_stats(model):
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 32, 32))
+    return model.eval()
+
+
+def test_vgg16_checkpoints_keep_their_layout(tmp_path):
+    x = torch.randn(2, 3, 32, 32)
+    new = _bn_stats(CifarVGG(10))
+    save_classifier(new, tmp_path / "new.pt", "vgg16", 10, 32)
+    assert torch.load(tmp_path / "new.pt", weights_only=True)["layout"] == 2
+    loaded = load_classifier(tmp_path / "new.pt").eval()
+    assert loaded.global_pool == "avg"
+    with torch.no_grad():
+        assert torch.equal(loaded(x), new(x))
+    # a checkpoint from before the layout entry: trained with the global max-pool, rebuilt so
+    old = _bn_stats(CifarVGG(10, global_pool="max"))
+    assert isinstance(old.features[-1], nn.AdaptiveMaxPool2d)
+    save_classifier(old, tmp_path / "old.pt", "vgg16", 10, 32)
+    ckpt = torch.load(tmp_path / "old.pt", weights_only=True)
+    assert ckpt["layout"] == 1  # a max-pool model says so
+    del ckpt["layout"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    loaded = load_classifier(tmp_path / "old.pt").eval()
+    assert loaded.global_pool == "max"
+    with torch.no_grad():
+        assert torch.equal(loaded(x), old(x))
+        # the same weights in the average-pooling network would be another classifier
+        other = CifarVGG(10)
+        other.load_state_dict(ckpt["state_dict"])
+        assert not torch.allclose(other.eval()(x), old(x), atol=1e-4)
+    save_classifier(loaded, tmp_path / "resaved.pt", "vgg16", 10, 32)
+    assert load_classifier(tmp_path / "resaved.pt").global_pool == "max"
+    ckpt["layout"] = 3
+    torch.save(ckpt, tmp_path / "future.pt")
+    with pytest.raises(ValueError, match="layout 3 is newer"):
+        load_classifier(tmp_path / "future.pt")

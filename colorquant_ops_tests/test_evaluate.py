@@ -149,8 +149,8 @@ def test_accuracies_match_a_direct_computation(checkpoints, tmp_path, monkeypatc
     judge = _ColourJudge()
     monkeypatch.setattr(evaluate, "load_classifier", lambda path: judge)
     out = tmp_path / "run"
-    argv = [*_common(checkpoints, tmp_path), "--methods", "colorcnn", "median_cut", "--dither", "off",
-            "--num-colors", "2", "--colorcnn", str(checkpoints / "colorcnn-k2.pt"), "--jpeg-qualities", "10",
+    argv = [*_common(checkpoints, tmp_path), "--methods", "colorcnn", "median_cut", "pil_kmeans", "kmeans",
+            "--dither", "off", "--num-colors", "2", "--colorcnn", str(checkpoints / "colorcnn-k2.pt"), "--jpeg-qualities", "10",
             "--out-dir", str(out)]
     assert cli.main(argv) == 0
     rows = {(r["method"], r["num_colors"]): r for r in json.loads((out / "results.json").read_text())["rows"]}
@@ -170,6 +170,16 @@ def test_accuracies_match_a_direct_computation(checkpoints, tmp_path, monkeypatc
     assert rows[("full colour", None)]["accuracy"] == pytest.approx(full)
     quantized = ColorQuantize(2, "median_cut").quantize(images).quantized
     assert rows[("median_cut", 2)]["accuracy"] == pytest.approx(acc(norm(quantized)))
+    # the two k-means rows, each its own algorithm: the paper's PIL quantize(kmeans=2), the library's k-means++
+    from colorquant_ops import ops
+    from colorquant_ops.quantizers import count_colors, pil_quantize
+
+    paper = ops.render_index_map(*pil_quantize(images, 2, "kmeans"))
+    library = ops.render_index_map(*ops.kmeans_palette(images, 2, 10, 0))
+    assert not torch.equal(paper, library)
+    assert rows[("pil_kmeans", 2)]["accuracy"] == pytest.approx(acc(norm(paper)))
+    assert rows[("kmeans", 2)]["accuracy"] == pytest.approx(acc(norm(library)))
+    assert rows[("pil_kmeans", 2)]["colors"] == pytest.approx(count_colors(paper).double().mean().item())
     model = load_colorcnn(checkpoints / "colorcnn-k2.pt").eval()
     with torch.no_grad():
         assert rows[("colorcnn", 2)]["accuracy"] == pytest.approx(acc(model(norm(images)).quantized))

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from colorquant_ops.experiment import cli
-from colorquant_ops.experiment.presets import PRESETS, SHEET_CLASSES
+from colorquant_ops.experiment.presets import PRESETS, SHEET_CLASSES, data_warning
 from colorquant_ops.experiment.quantize_files import COMPARISON_COLUMNS
 
 
@@ -42,12 +42,21 @@ def test_every_stage_ran_and_the_report_gathers_them(smoke_run):
     cells = {(r["method"], r["dither"], r["num_colors"]) for r in rows}
     for k in (2, 4):  # the smoke preset's K
         assert ("colorcnn", "off", k) in cells
-        for method in ("median_cut", "octree", "kmeans"):
+        for method in ("median_cut", "octree", "pil_kmeans", "kmeans"):
             assert {(method, "off", k), (method, "on", k)} <= cells
     assert sum(r["method"] == "full colour" for r in rows) == 1  # measured by both stages, reported once
     assert any(r["method"] == "jpeg" for r in rows)
     table = (report / "results.md").read_text()
     assert "| colorcnn |" in table and "| kmeans + dither |" in table and "| full colour |" in table
+    # the paper's comparison (its k-means: pil_kmeans) first; the library's k-means++ apart, after it
+    paper, library = table.split("Not in the paper: kmeans")
+    assert "| pil_kmeans + dither |" in paper and "| colorcnn |" in paper and "| kmeans" not in paper
+    assert "| kmeans |" in library and "| kmeans + dither |" in library and "pil_kmeans |" not in library
+    # no --data-root: the data is the JPEG copy, and both report files say so at their head
+    warning = data_warning(None)
+    assert warning.startswith("WARNING: no --data-root: CIFAR-10 comes from the project's JPEG copy")
+    assert table.startswith(f"**{warning}**")
+    assert json.loads((report / "results.json").read_text())["data_warning"] == warning
     for name in ("accuracy_vs_bits.png", "accuracy_vs_bpp.png"):
         assert Image.open(report / name).size[0] > 100
     # Picture sheet: one row per image and K (2 and 4 here), a column per method plus the original.
@@ -61,7 +70,22 @@ def test_second_call_skips_done_stages_and_resumes_interrupted_ones(smoke_run, c
     before = (smoke_run / "colorcnn-k2" / "final.pt").stat().st_mtime_ns
     assert _reproduce(smoke_run) == 0
     printed = capsys.readouterr().out
+    assert printed.splitlines()[0] == data_warning(None)  # the run's first line
     assert "[resume] colorquant train" in printed and "--resume" in printed
     assert printed.count("[  done]") == len(PRESETS["smoke"].stages) - 1
     assert (stage / "final.pt").is_file()
     assert (smoke_run / "colorcnn-k2" / "final.pt").stat().st_mtime_ns == before
+
+
+def test_no_data_warning_with_a_data_root(tmp_path, capsys):
+    assert data_warning(tmp_path) is None
+    assert _reproduce(tmp_path / "dry", "--dry-run", "--data-root", str(tmp_path)) == 0
+    assert "WARNING" not in capsys.readouterr().out
+
+
+def test_the_paper_preset_trains_the_classifier_with_the_one_cycle_schedule():
+    argv = {s.name: s.argv for s in PRESETS["cifar10-paper"].stages}["classifier"]
+    assert argv[argv.index("--schedule") + 1] == "onecycle" and "--lr-steps" not in argv
+    for preset in ("cifar10-cpu", "smoke"):  # as they ran before --schedule: their runs resume
+        argv = {s.name: s.argv for s in PRESETS[preset].stages}["classifier"]
+        assert argv[argv.index("--schedule") + 1] == "step"

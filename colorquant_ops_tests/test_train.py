@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from colorquant_ops.experiment import cli, data
+from colorquant_ops.experiment import cli, data, train
 from colorquant_ops.models.classifiers import load_classifier
 from colorquant_ops.models.colorcnn import ColorCNN, load_colorcnn
 
@@ -93,9 +93,28 @@ def _check_artifacts(run: Path, command: str) -> list[dict]:
     return metrics
 
 
+def _one_cycle_reference(epochs: int, steps_per_epoch: int):
+    """torch's OneCycleLR configured as the paper's code (grid_downsample.py) does, on a dummy SGD."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.5, weight_decay=5e-4)
+    return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, steps_per_epoch=steps_per_epoch,
+                                                          epochs=epochs)
+
+
 def test_classifier_run_writes_artifacts_and_loadable_checkpoints(classifier_run):
     metrics = _check_artifacts(classifier_run, "train-classifier")
-    assert metrics[0]["lr"] == pytest.approx(0.1)  # the paper's lr
+    # the default schedule is the paper's one-cycle: stepped per batch (2 a epoch here), from 0.1 / 25
+    optimizer, reference = _one_cycle_reference(2, 2)
+    for m in metrics:
+        assert m["lr"] == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12)
+        for _ in range(2):
+            optimizer.step()
+            reference.step()
+    assert metrics[0]["lr"] == pytest.approx(0.1 / 25)
+    settings = json.loads((classifier_run / "settings.json").read_text())
+    assert settings["schedule"] == "onecycle" and settings["lr_steps"] is None
+    state = torch.load(classifier_run / "last.pt", weights_only=True)
+    assert state["scheduler"]["last_epoch"] == 4 == reference.last_epoch
+    assert state["optimizer"]["param_groups"][0]["momentum"] == pytest.approx(optimizer.param_groups[0]["momentum"])
     for name in ("final.pt", "best.pt"):
         model = load_classifier(classifier_run / name).eval()
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
@@ -133,12 +152,44 @@ def _assert_same_run(resumed: Path, straight: Path, loader) -> None:
     assert strip(_metrics(resumed)) == strip(_metrics(straight))
 
 
-def test_classifier_resume_is_exact(tmp_path, cache_dir, classifier_run):
+def _interrupt_at_epoch(monkeypatch, epoch: int) -> None:
+    """Make the next run stop (as on Ctrl-C) when it starts ``epoch`` (0-based), after the previous
+    epoch's last.pt: a one-cycle schedule spans --epochs, so a run is interrupted, not shortened."""
+    set_epoch = train._Setup.set_epoch
+
+    def interrupted(self, e):
+        if e == epoch:
+            monkeypatch.setattr(train._Setup, "set_epoch", set_epoch)
+            raise KeyboardInterrupt
+        set_epoch(self, e)
+
+    monkeypatch.setattr(train._Setup, "set_epoch", interrupted)
+
+
+def test_classifier_resume_is_exact(tmp_path, cache_dir, classifier_run, monkeypatch):
     out = tmp_path / "run"
-    assert _train_classifier(out, cache_dir, "--epochs", "1") == 0
-    assert _train_classifier(out, cache_dir, "--epochs", "2", "--resume") == 0
+    _interrupt_at_epoch(monkeypatch, 1)
+    with _Deterministic():
+        assert _train_classifier(out, cache_dir, "--epochs", "2") == 130
+        assert len(_metrics(out)) == 1
+        assert _train_classifier(out, cache_dir, "--epochs", "2", "--resume") == 0
     assert "resumed from" in (out / "log.txt").read_text()
     _assert_same_run(out, classifier_run, load_classifier)
+    a = torch.load(out / "last.pt", weights_only=True)["scheduler"]
+    b = torch.load(classifier_run / "last.pt", weights_only=True)["scheduler"]
+    assert a == b  # the one-cycle schedule continued where it stopped
+
+
+def test_classifier_step_schedule_resume_is_exact(tmp_path, cache_dir):
+    """--schedule step (the project's earlier default) still resumes a shortened run exactly."""
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    step = ("--schedule", "step", "--lr-steps", "1")
+    with _Deterministic():
+        assert _train_classifier(straight, cache_dir, "--epochs", "2", *step) == 0
+        assert _train_classifier(out, cache_dir, "--epochs", "1", *step) == 0
+        assert _train_classifier(out, cache_dir, "--epochs", "2", "--resume", *step) == 0
+    _assert_same_run(out, straight, load_classifier)
+    assert [m["lr"] for m in _metrics(out)] == pytest.approx([0.1, 0.01])
 
 
 def test_colorcnn_resume_is_exact(tmp_path, cache_dir, classifier_run, colorcnn_run):
@@ -226,7 +277,10 @@ def test_cli_bad_arguments(capsys, tmp_path, cache_dir, classifier_run):
     assert "holds a run already" in _error(capsys, "train-classifier", *base, "--out-dir", classifier_run)
     settings = (classifier_run / "settings.json").read_text()
     assert "--resume with other settings than" in _error(
-        capsys, "train-classifier", *base, "--out-dir", classifier_run, "--resume", "--seed", "1")
+        capsys, "train-classifier", *base, "--out-dir", classifier_run, "--resume", "--seed", "1", "--epochs", "2")
+    # a one-cycle schedule spans the run's --epochs: it continues to them, not to others
+    assert "runs a one-cycle schedule over 2 epochs; resume it with --epochs 2" in _error(
+        capsys, "train-classifier", *base, "--out-dir", classifier_run, "--resume")
     assert (classifier_run / "settings.json").read_text() == settings  # the run is left as it was
 
 
@@ -252,7 +306,7 @@ def test_classifier_loss_goes_down(tmp_path, cache_dir):
     # 16 images with momentum 0.9 it fits them within ten steps (one batch an epoch)
     out = tmp_path / "run"
     assert _run("train-classifier", "--subset", "16", "--test-subset", "8", "--batch-size", "16", "--epochs", "10",
-                "--momentum", "0.9", "--device", "cpu", "--no-progress", "--cache-dir", cache_dir,
+                "--schedule", "step", "--momentum", "0.9", "--device", "cpu", "--no-progress", "--cache-dir", cache_dir,
                 "--out-dir", out) == 0
     losses = [m["train_loss"] for m in _metrics(out)]
     assert len(losses) == 10
@@ -264,7 +318,7 @@ def test_resume_with_workers_is_exact(tmp_path, cache_dir):
     # With DataLoader workers the augmentations are drawn in the workers, seeded from a base seed the
     # loader draws from its per-epoch generator: resuming reproduces them.
     args = ["--subset", "32", "--test-subset", "16", "--batch-size", "16", "--workers", "2", "--device", "cpu",
-            "--no-progress"]
+            "--no-progress", "--schedule", "step"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     with _Deterministic():
         assert _run("train-classifier", *args, "--cache-dir", cache_dir, "--out-dir", straight, "--epochs", "2") == 0

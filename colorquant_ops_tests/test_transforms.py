@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import PIL.Image
 import pytest
 import torch
@@ -18,7 +19,7 @@ from colorquant_ops.normalization import DATASET_NORMALIZATION
 from colorquant_ops.quantizers import count_colors
 from colorquant_ops.transforms import ColorQuantize
 
-PLAIN_METHODS = ["median_cut", "octree", "kmeans"]
+PLAIN_METHODS = ["median_cut", "octree", "kmeans", "pil_kmeans"]
 
 
 def smooth_images(b=2, size=24, seed=0):
@@ -292,7 +293,25 @@ def test_videos_are_quantized_frame_by_frame():
     assert count_colors(out.flatten(0, 1)).max() <= 2
 
 
-@pytest.mark.parametrize("method", ["median_cut", "octree"])
+def test_pil_kmeans_is_the_papers_kmeans_and_kmeans_the_librarys():
+    """pil_kmeans: PIL's quantize(K, kmeans=2) on median cut (the paper's code's T.KMeans), pixel for pixel;
+    kmeans: the library's k-means++ op, another algorithm, under its own name."""
+    from colorquant_ops.quantizers import pil_quantize
+
+    x = smooth_images(b=3, size=32, seed=1)
+    for k in (2, 4, 8):
+        ours = ColorQuantize(k, "pil_kmeans").quantize(x)
+        index_map, palette = pil_quantize(x, k, "kmeans")
+        assert torch.equal(ours.quantized, ops.render_index_map(index_map, palette.to(x.dtype)))
+        image = PIL.Image.fromarray((x[0].permute(1, 2, 0) * 255).round().byte().numpy())
+        paper = torch.from_numpy(np.asarray(image.quantize(colors=k, kmeans=2).convert("RGB"))).permute(2, 0, 1)
+        assert torch.equal((ours.quantized[0] * 255).round().byte(), paper)
+        library = ColorQuantize(k, "kmeans").quantize(x)
+        assert torch.equal(library.index_map, ops.kmeans_palette(x, k, 10, 0)[0])
+    assert not torch.equal(ours.quantized, library.quantized)
+
+
+@pytest.mark.parametrize("method", ["median_cut", "octree", "pil_kmeans"])
 def test_normalized_input_is_refused_by_8_bit_methods(method):
     normed = v2.Normalize(*DATASET_NORMALIZATION["cifar10"])(smooth_images())
     with pytest.raises(ValueError, match=r"needs float images in \[0, 1\], got values in \[-"):

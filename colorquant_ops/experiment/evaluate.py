@@ -4,8 +4,11 @@ One pass over the test split (``data.test_transform(name, normalize=False)``, va
 one table with, per row:
 
 * ``method`` / ``dither`` / ``K``: each of ``--methods`` x ``--dither`` x ``--num-colors``. The
-  classical methods (``median_cut``, ``octree``, ``kmeans``; :class:`~colorquant_ops.transforms.ColorQuantize`)
-  quantize the [0,1] image, which is then normalized for the classifier. ``colorcnn`` runs the
+  classical methods (:class:`~colorquant_ops.transforms.ColorQuantize`) quantize the [0,1] image, which is
+  then normalized for the classifier: ``median_cut``, ``octree`` and ``pil_kmeans`` are the paper's
+  baselines (PIL; ``pil_kmeans`` is the paper's k-means, ``Image.quantize(K, kmeans=2)``: median cut
+  refined by PIL's k-means), ``kmeans`` this library's k-means op (k-means++ seeding, ``--kmeans-iters``
+  Lloyd iterations), another and stronger algorithm than the paper's, so reported under its own name. ``colorcnn`` runs the
   ``--colorcnn`` checkpoint whose ``num_colors`` is K (argmax path) the same way: the network sees
   the image normalized as in training (the checkpoint's ``input_normalization``; ``--dataset``'s
   for checkpoints that record none) and recolours the [0,1] image; dithering does not apply to it
@@ -34,12 +37,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
+from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from .. import codecs
 from ..models.classifiers import load_classifier
 from ..models.colorcnn import load_colorcnn
-from ..normalization import DATASET_NORMALIZATION
+from ..normalization import NORMALIZATION_BEFORE_RECORDING
 from ..quantizers.reference import count_colors
 from ..transforms import METHODS, ColorQuantize
 from . import data
@@ -49,7 +53,9 @@ from .rundir import RunDir
 
 __all__ = ["COMMAND", "add_evaluate_arguments", "evaluate", "markdown_table", "pivot_tables", "plot_results"]
 
-_DITHERED = ("median_cut", "octree", "kmeans")
+_DITHERED = ("median_cut", "octree", "kmeans", "pil_kmeans")
+#: The paper's traditional baselines (its comparison tables and "best traditional").
+PAPER_BASELINES = ("median_cut", "octree", "pil_kmeans")
 _FIELDS = ("method", "dither", "num_colors", "bits", "accuracy", "colors", "bpp", "images", "note")
 
 
@@ -58,14 +64,16 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS),
                    help=f"quantization methods, of {', '.join(METHODS)} (default: all)")
     p.add_argument("--dither", default="both", help="on, off or both: Floyd-Steinberg for median_cut, octree, "
-                   "kmeans (default: both)")
+                   "kmeans, pil_kmeans (default: both)")
     p.add_argument("--num-colors", nargs="+", type=integer, default=[2, 4, 8, 16, 32, 64],
                    help="numbers of colours K, each in 2..256 (default: 2 4 8 16 32 64)")
     p.add_argument("--colorcnn", nargs="+", default=[], help="ColorCNN checkpoints (from train), matched to K "
                    "by their num_colors")
     p.add_argument("--jpeg-qualities", nargs="*", type=integer, default=[5, 10, 20, 40, 80],
                    help="JPEG qualities for the comparison rows (default: 5 10 20 40 80; none: no JPEG rows)")
-    p.add_argument("--kmeans-iters", type=int, default=10, help="Lloyd iterations of kmeans (default: 10)")
+    p.add_argument("--kmeans-iters", type=int, default=10,
+                   help="Lloyd iterations of kmeans, the library's k-means++ (default: 10; pil_kmeans, the "
+                        "paper's, runs PIL's until at most one pixel moves)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="cifar10", choices=data.DATASETS, help="dataset name (default: cifar10)")
     g.add_argument("--data-root", default=None,
@@ -111,12 +119,13 @@ def _test_set(args: argparse.Namespace):
 
 def _load_colorcnns(paths, dataset: str) -> dict:
     """``{K: (path, model)}``; a model whose checkpoint records no input normalization is taken to
-    expect ``dataset``'s (``colorquant train`` always trained on normalized images)."""
+    expect ``dataset``'s of then (``colorquant train`` always trained on normalized images; see
+    :data:`~colorquant_ops.normalization.NORMALIZATION_BEFORE_RECORDING`)."""
     models = {}
     for path in paths:
         model = load_one_line(load_colorcnn, path)
         if model.input_normalization is None:
-            model.input_normalization = DATASET_NORMALIZATION[dataset]
+            model.input_normalization = NORMALIZATION_BEFORE_RECORDING[dataset]
         if model.num_colors in models:
             raise ValueError(f"--colorcnn: two checkpoints quantize to {model.num_colors} colours "
                              f"({models[model.num_colors][0]} and {path})")
@@ -268,7 +277,9 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
     options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "command")
     run.log(f"colorquant evaluate {options}")
     run.log(f"data: {args.dataset} in {root}: {len(test_set)} test images")
-    normalize = data.normalize(args.dataset)
+    # the classifier's input normalization (what it records; STL-10 ones from before: STL-10's statistics)
+    mean, std = data.classifier_normalization(args.classifier, args.dataset)
+    normalize = v2.Normalize(mean=list(mean), std=list(std))
 
     # rows in table order; jobs: (row, kind, quantizer or model)
     rows, jobs = [], []

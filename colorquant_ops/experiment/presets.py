@@ -10,17 +10,25 @@ exactly the commands it prints (``--dry-run`` prints them without running anythi
 * a stage whose run directory holds ``last.pt`` was interrupted and continues with ``--resume``.
 
 So re-running an interrupted ``reproduce`` picks up where it stopped. When every stage is done,
-:func:`write_report` gathers the evaluate stages into ``{out}/report``: one method x K table with the
-JPEG and full-colour rows (``results.md``, ``results.json``), the accuracy-vs-bits and
-accuracy-vs-bits-per-pixel plots, and a picture sheet at 1, 2 and 3 bits (what RESULTS.md shows).
+:func:`write_report` gathers the evaluate stages into ``{out}/report``: the paper's comparison, one
+method x K table of ColorCNN and the paper's baselines (median cut, octree, and its k-means
+``pil_kmeans``: PIL's ``quantize(kmeans=2)``), then, apart and marked as not the paper's, this
+library's k-means++ (``kmeans``), and the JPEG and full-colour rows (``results.md``; every row in
+``results.json``), the accuracy-vs-bits and accuracy-vs-bits-per-pixel plots, and a picture sheet at 1,
+2 and 3 bits (what RESULTS.md shows).
+
+Without ``--data-root`` the stages read CIFAR-10 from the project's JPEG copy (when it is there): JPEG-
+compressed images, not the original CIFAR-10 the paper reports on. ``reproduce`` says so in its first
+line and at the head of ``results.md`` and ``results.json`` (``"data_warning"``).
 Presets:
 
-* ``cifar10-paper`` -- the seed paper's CIFAR-10 configuration (CIFAR AlexNet 60 epochs; ColorCNN
-  U-Net width 64, 60 epochs, cosine restarts every 20; K = 2..64); meant for a GPU;
-* ``cifar10-cpu`` -- what a 2-core CPU can do in about four hours: AlexNet 15 epochs (lr x0.1 at
-  8 and 12); ColorCNN U-Net width 16 in bfloat16 autocast without colour_norm / colour_jitter,
+* ``cifar10-paper`` -- the seed paper's CIFAR-10 configuration (CIFAR AlexNet 60 epochs with the
+  authors' one-cycle schedule, ``--schedule onecycle``; ColorCNN U-Net width 64, 60 epochs, cosine
+  restarts every 20; K = 2..64); meant for a GPU;
+* ``cifar10-cpu`` -- what a 2-core CPU can do in about four hours: AlexNet 15 epochs (``--schedule step``:
+  lr x0.1 at 8 and 12); ColorCNN U-Net width 16 in bfloat16 autocast without colour_norm / colour_jitter,
   8 epochs at K = 2, 4 at K = 4, 3 at K = 8..64 (one cosine cycle each);
-* ``smoke`` -- a tiny run of every stage (a few hundred images, one epoch, width 4) to check a setup
+* ``smoke`` -- a tiny run of every stage (step schedule) (a few hundred images, one epoch, width 4) to check a setup
   in a minute.
 """
 
@@ -31,6 +39,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -38,7 +47,8 @@ from . import data, evaluate, train
 from .commands import Command, build_parser, run_command
 from .quantize_files import comparison_sheet
 
-__all__ = ["COMMAND", "PRESETS", "Preset", "Stage", "add_reproduce_arguments", "reproduce", "write_report"]
+__all__ = ["COMMAND", "PRESETS", "Preset", "Stage", "add_reproduce_arguments", "data_warning", "reproduce",
+           "write_report"]
 
 _KS = (2, 4, 8, 16, 32, 64)
 
@@ -79,8 +89,8 @@ def _evaluate(ks, *options: str) -> tuple[Stage, Stage]:
     is computed independently, so the two tables are the one table of a single run, split."""
     ckpts = [f"{{out}}/colorcnn-k{k}/final.pt" for k in ks]
     common = ("--classifier", "{out}/classifier/final.pt", "--num-colors", *map(str, ks))
-    return (Stage("evaluate-traditional", ("evaluate", *common, "--methods", "median_cut", "octree", "kmeans",
-                                           "--dither", "both", *options)),
+    return (Stage("evaluate-traditional", ("evaluate", *common, "--methods", "median_cut", "octree", "pil_kmeans",
+                                           "kmeans", "--dither", "both", *options)),
             Stage("evaluate-colorcnn", ("evaluate", *common, "--methods", "colorcnn", "--colorcnn", *ckpts,
                                         "--jpeg-qualities", *options)))
 
@@ -100,10 +110,10 @@ PRESETS: dict[str, Preset] = {
     for p in (
         Preset(
             "cifar10-paper",
-            "the paper's CIFAR-10 configuration: AlexNet 60 epochs, ColorCNN width 64, 60 epochs, K=2..64 (GPU)",
+            "the paper's CIFAR-10 configuration: AlexNet 60 epochs (one-cycle lr), ColorCNN width 64, 60 epochs, K=2..64 (GPU)",
             (
                 Stage("classifier", ("train-classifier", "--arch", "alexnet", "--epochs", "60",
-                                     "--lr-steps", "20,40", "--seed", "0")),
+                                     "--schedule", "onecycle", "--seed", "0")),
                 *(_colorcnn(k, "--width", "64", "--epochs", "60", "--restart-epochs", "20", "--seed", "0")
                   for k in _KS),
                 *_evaluate(_KS),
@@ -115,7 +125,7 @@ PRESETS: dict[str, Preset] = {
             "8/4/3 epochs, K=2..64",
             (
                 Stage("classifier", ("train-classifier", "--arch", "alexnet", "--epochs", "15",
-                                     "--lr-steps", "8,12", "--seed", "0")),
+                                     "--schedule", "step", "--lr-steps", "8,12", "--seed", "0")),
                 *(_cpu_colorcnn(k) for k in _KS),
                 *_evaluate(_KS),
             ),
@@ -125,7 +135,7 @@ PRESETS: dict[str, Preset] = {
             "every stage on a few hundred images, one epoch, width 4: checks a setup in about a minute",
             (
                 Stage("classifier", ("train-classifier", "--subset", "256", "--test-subset", "128",
-                                     "--epochs", "1", "--batch-size", "64")),
+                                     "--epochs", "1", "--batch-size", "64", "--schedule", "step")),
                 *(_colorcnn(k, "--width", "4", "--subset", "256", "--test-subset", "128", "--epochs", "1",
                             "--batch-size", "64") for k in (2, 4)),
                 *_evaluate((2, 4), "--test-subset", "128"),
@@ -138,6 +148,20 @@ PRESETS: dict[str, Preset] = {
 #: The report's picture sheet: the first test image of each of these classes, at these K.
 SHEET_CLASSES = ("airplane", "bird", "deer", "frog", "ship")
 SHEET_KS = (2, 4, 8)
+
+
+def data_warning(data_root=None) -> Optional[str]:
+    """The warning ``reproduce`` gives when, without ``--data-root``, its stages read CIFAR-10 from the
+    project's JPEG copy (extracted, or its archive found); None with a ``--data-root`` (or without the copy:
+    then the stages read ./data)."""
+    if data_root is not None:
+        return None
+    if not ((data.default_cache_dir() / "cifar10-jpeg" / ".extracted").is_file()
+            or data.find_shared_cifar10_archive() is not None):
+        return None
+    return ("WARNING: no --data-root: CIFAR-10 comes from the project's JPEG copy (JPEG-compressed images), not "
+            "the original CIFAR-10 the paper reports on; the accuracies are not the paper's setting. Pass "
+            "--data-root with the original CIFAR-10 (torchvision's cifar-10-batches-py) to reproduce it.")
 
 
 def write_report(preset: Preset, out: Path, data_root=None) -> list[Path]:
@@ -155,9 +179,19 @@ def write_report(preset: Preset, out: Path, data_root=None) -> list[Path]:
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
     written = [report / "results.md", report / "results.json"]
-    written[0].write_text(evaluate.pivot_tables(rows) + "\n\n" + evaluate.markdown_table(
-        [r for r in rows if r["method"] in ("full colour", "jpeg")]) + "\n")
-    written[1].write_text(json.dumps({"preset": preset.name, "rows": rows}, indent=2) + "\n")
+    warning = data_warning(data_root)
+    paper = [r for r in rows if r["method"] in ("full colour", "colorcnn", *evaluate.PAPER_BASELINES)]
+    library = [r for r in rows if r["method"] == "kmeans"]
+    parts = [f"**{warning}**"] if warning else []
+    parts.append("ColorCNN and the paper's baselines (median cut, octree, its k-means pil_kmeans = PIL "
+                 "quantize(kmeans=2)):\n\n" + evaluate.pivot_tables(paper))
+    if library:
+        parts.append("Not in the paper: kmeans, this library's k-means++ op (a stronger k-means than the "
+                     "paper's):\n\n" + evaluate.pivot_tables(library))
+    parts.append(evaluate.markdown_table([r for r in rows if r["method"] in ("full colour", "jpeg")]))
+    written[0].write_text("\n\n".join(parts) + "\n")
+    written[1].write_text(json.dumps({"preset": preset.name, "data_warning": warning, "rows": rows},
+                                     indent=2) + "\n")
     written += evaluate.plot_results(rows, report)
 
     root, cache = data.data_locations(argparse.Namespace(data_root=data_root, dataset="cifar10", cache_dir=None))
@@ -212,6 +246,9 @@ def reproduce(args: argparse.Namespace) -> list[dict]:
         state = _state(stage, out)
         argv = stage.command(out, tuple(extra)) + (["--resume"] if state == "resume" else [])
         plan.append({"stage": stage.name, "state": state, "command": argv})
+    warning = data_warning(args.data_root)
+    if warning:
+        print(warning, flush=True)
     print(f"colorquant reproduce --preset {preset.name}: {preset.description}; output in {out}")
     for step in plan:
         print(f"  [{step['state']:>6}] colorquant {' '.join(step['command'])}")
@@ -227,6 +264,8 @@ def reproduce(args: argparse.Namespace) -> list[dict]:
         print(f"== {step['stage']} finished in {step['seconds']:.0f} s", flush=True)
     written = write_report(preset, out, args.data_root)
     print(f"\nreport: {', '.join(str(p) for p in written)}")
+    if warning:
+        print(warning, flush=True)
     return plan
 
 

@@ -24,6 +24,10 @@ __all__ = ["RunDir", "rng_state", "seed_everything", "set_rng_state"]
 _RESUME_FREE = frozenset({"epochs", "resume", "progress", "workers", "device", "compile", "out_dir",
                           "data_root", "cache_dir", "classifier", "world_size"})
 
+#: What runs from before an option existed ran with, for a settings.json without it (compared only where
+#: the resumed run has the option): train-classifier's schedule was the step schedule.
+_BEFORE_OPTION = {"schedule": "step"}
+
 
 def rng_state() -> dict:
     np_state = np.random.get_state()
@@ -94,6 +98,7 @@ class RunDir:
             return
         old = json.loads(path.read_text())
         new = json.loads(json.dumps(vars(args), default=str))
+        old.update({k: v for k, v in _BEFORE_OPTION.items() if k in new and k not in old})
         changed = [f"--{k.replace('_', '-')} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
                    if k not in _RESUME_FREE and old.get(k) != new.get(k)
                    and not (k not in old and new.get(k) in (None, False))]

@@ -2,11 +2,14 @@
 
 Two trainers share one epoch loop (:func:`fit`) and one checkpoint format:
 
-* :func:`train_classifier` -- a classifier on full-colour images (paper: SGD lr 0.1, momentum 0.5,
-  weight decay 5e-4, 60 epochs, lr x0.1 at epochs 20 and 40);
+* :func:`train_classifier` -- a classifier on full-colour images (the paper's code, ``grid_downsample.py
+  --train``: SGD weight decay 5e-4, batch 128 (STL-10: 32), 60 epochs, ``OneCycleLR`` to max lr 0.1 stepped
+  per batch with the momentum cycled 0.95 -> 0.85 -> 0.95: ``--schedule onecycle``, the default); ``--schedule
+  step`` is the plain step schedule (lr x0.1 after the ``--lr-steps`` epochs, fixed ``--momentum``);
 * :func:`train_colorcnn` -- ColorCNN through a frozen classifier with :class:`~colorquant_ops.losses.ColorCNNLoss`
-  (paper: SGD lr 0.01, momentum 0.5, weight decay 5e-4, batch 128, cosine annealing with warm restarts
-  every 20 epochs stepped per batch, 60 epochs). ColorCNN takes the normalized image; its quantized
+  (paper: SGD lr 0.01, momentum 0.5, weight decay 5e-4, batch 128 (STL-10: 32), cosine annealing with
+  warm restarts every 20 epochs stepped per batch, 60 epochs; palette divisor colour_norm 4, except 1 for
+  AlexNet off CIFAR). ColorCNN takes the normalized image; its quantized
   output stays in that space and goes straight into the classifier.
 
 Each run writes into a :class:`~colorquant_ops.experiment.rundir.RunDir`: ``settings.json`` (the arguments), ``log.txt`` (what is printed),
@@ -35,19 +38,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from ..losses import ColorCNNLoss
-from ..models.classifiers import build_classifier, load_classifier, save_classifier
+from ..normalization import NORMALIZATION_BEFORE_RECORDING
+from ..models.classifiers import CifarAlexNet, build_classifier, load_classifier, save_classifier
 from ..models.colorcnn import ColorCNN, load_colorcnn_checkpoint, save_colorcnn
 from . import data, distributed
 from .arguments import positive_int
@@ -60,12 +67,19 @@ __all__ = [
     "add_classifier_arguments",
     "add_colorcnn_arguments",
     "add_common_arguments",
+    "classifier_scheduler",
     "fit",
     "train_classifier",
     "train_colorcnn",
 ]
 
 _CIFAR = ("cifar10", "cifar100")
+
+#: ``train-classifier --schedule``: ``onecycle`` (the paper's code) or ``step`` (lr x0.1 at ``--lr-steps``).
+SCHEDULES = ("onecycle", "step")
+_DEFAULT_LR_STEPS = [20, 40]
+#: The paper's code forces batch 32 on STL-10 (``grid_downsample.py``, ``color_cnn_downsample.py``).
+_DATASET_BATCH = {"stl10": 32}
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,13 +106,15 @@ def add_common_arguments(p: argparse.ArgumentParser, *, epochs: int, lr: float, 
     g.add_argument("--test-subset", type=positive_int, default=None, help="evaluate on N test images only")
     g.add_argument("--cache-dir", default=None,
                    help="decoded-tensor cache of fixed-size datasets (default: <repo>/.cache/tensors; 'none': off)")
-    g.add_argument("--batch-size", type=positive_int, default=batch_size,
-                   help=f"global batch: under torchrun each of the N processes takes 1/N of it (default: {batch_size})")
+    g.add_argument("--batch-size", type=positive_int, default=None,
+                   help=f"global batch: under torchrun each of the N processes takes 1/N of it (default: {batch_size}; "
+                        "on stl10 32, as the paper's code)")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=positive_int, default=epochs, help=f"(default: {epochs})")
     g.add_argument("--lr", type=float, default=lr, help=f"SGD learning rate (default: {lr})")
-    g.add_argument("--momentum", type=float, default=0.5, help="(default: 0.5)")
+    g.add_argument("--momentum", type=float, default=0.5,
+                   help="(default: 0.5; train-classifier's onecycle schedule cycles it 0.95 -> 0.85 -> 0.95 instead)")
     g.add_argument("--weight-decay", type=float, default=5e-4, help="(default: 5e-4)")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seed of torch, numpy and random (default: 0)")
@@ -117,8 +133,14 @@ def add_common_arguments(p: argparse.ArgumentParser, *, epochs: int, lr: float, 
 def add_classifier_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="alexnet", help="alexnet, vgg16, resnet18 or a torchvision model (default: alexnet)")
     add_common_arguments(p, epochs=60, lr=0.1, batch_size=128)
-    p.add_argument("--lr-steps", type=_lr_steps, default=[20, 40],
-                   help="epochs after which the lr is multiplied by 0.1 (default: 20,40)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=None,
+                   help="onecycle: the paper's code's torch.optim.lr_scheduler.OneCycleLR, stepped per batch, lr "
+                        "from --lr/25 up to --lr over 30%% of the steps (cosine), then down to --lr/25e4, momentum "
+                        "cycled 0.95 -> 0.85 -> 0.95 (replacing --momentum); step: --lr x0.1 after each of "
+                        "--lr-steps epochs with a fixed --momentum (default: onecycle; with --resume the run's own, "
+                        "step for runs from before this option)")
+    p.add_argument("--lr-steps", type=_lr_steps, default=None,
+                   help="--schedule step only: epochs after which the lr is multiplied by 0.1 (default: 20,40)")
 
 
 def add_colorcnn_arguments(p: argparse.ArgumentParser) -> None:
@@ -127,7 +149,8 @@ def add_colorcnn_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="unet", choices=("unet", "dncnn"), help="(default: unet)")
     p.add_argument("--width", type=positive_int, default=64, help="backbone width (default: 64, the paper's)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature factor (default: 1)")
-    p.add_argument("--color-norm", type=float, default=None, help="palette divisor (default: 4 on CIFAR, else 1)")
+    p.add_argument("--color-norm", type=float, default=None,
+                   help="palette divisor (default: 4, but 1 with an AlexNet classifier off CIFAR, as the paper's code)")
     p.add_argument("--color-jitter", type=float, default=1.0, help="palette shift std (default: 1)")
     p.add_argument("--straight-through", action="store_true",
                    help="train on the argmax image, with the soft image's gradient (not in the paper)")
@@ -140,6 +163,73 @@ def add_colorcnn_arguments(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p, epochs=60, lr=0.01, batch_size=128)
     p.add_argument("--restart-epochs", type=positive_int, default=20,
                    help="period of the cosine warm restarts in epochs (default: 20)")
+
+
+def _resolve_defaults(args: argparse.Namespace) -> None:
+    """Fill the options whose default depends on the dataset or on the run being resumed (left at None by
+    the parser): ``--batch-size`` (32 on STL-10, else 128), for ``train-classifier`` ``--schedule`` (onecycle)
+    and ``--lr-steps`` (20,40 with step), for ``train`` ``--color-norm`` when resuming (the fresh default needs
+    the classifier: :func:`_color_norm`). A resumed run takes what its ``settings.json`` recorded, and
+    for what a run from before these defaults did not record, what it then ran with (batch 128, the step
+    schedule, colour_norm 4 on CIFAR else 1): so ``--resume`` continues every run as it started."""
+    old = {}
+    if args.resume and args.out_dir is not None:
+        path = Path(args.out_dir) / "settings.json"
+        if path.is_file():
+            old = json.loads(path.read_text())
+
+    def fill(key, legacy, fresh):
+        if getattr(args, key, None) is not None:
+            return
+        if old:
+            value = old.get(key)
+            setattr(args, key, legacy if value is None else value)
+        else:
+            setattr(args, key, fresh)
+
+    fill("batch_size", 128, _DATASET_BATCH.get(args.dataset, 128))
+    if hasattr(args, "schedule"):
+        fill("schedule", "step", "onecycle")
+        if args.schedule == "step":
+            fill("lr_steps", list(_DEFAULT_LR_STEPS), list(_DEFAULT_LR_STEPS))
+        elif args.lr_steps is not None:
+            raise ValueError("--lr-steps is for --schedule step (onecycle has no steps)")
+        if args.schedule == "onecycle" and old and old.get("epochs") not in (None, args.epochs):
+            raise ValueError(f"--epochs {args.epochs}: the run in {args.out_dir} runs a one-cycle schedule over "
+                             f"{old['epochs']} epochs; resume it with --epochs {old['epochs']}")
+    if hasattr(args, "color_norm") and old.get("color_norm") is not None:
+        fill("color_norm", None, None)  # the run's (a run that recorded none: _train_colorcnn)
+
+
+def _color_norm(args: argparse.Namespace, classifier: nn.Module) -> float:
+    """``train --color-norm`` left unset: the paper's code (``color_cnn_downsample.py``) divides the palette
+    by 4, except with AlexNet off CIFAR (``if args.arch == 'alexnet': if 'cifar' not in args.dataset:
+    args.color_norm = 1``). A resumed run whose settings.json recorded none (from before this default)
+    continues with what it ran with then: 4 on CIFAR, else 1."""
+    if args.resume:
+        return 4.0 if args.dataset in _CIFAR else 1.0
+    alexnet = isinstance(classifier, (CifarAlexNet, torchvision.models.AlexNet))
+    return 1.0 if alexnet and args.dataset not in _CIFAR else 4.0
+
+
+def classifier_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """``(scheduler, per_batch)`` of ``train-classifier --schedule``.
+
+    ``onecycle`` is the paper's code (``grid_downsample.py``: ``OneCycleLR(optimizer, max_lr=args.lr,
+    steps_per_epoch=len(loader), epochs=args.epochs)`` with torch's defaults, stepped after every batch by
+    ``trainer.py``), its settings spelled out here: 30% of the steps up from ``lr/25`` to ``lr``, cosine,
+    down to ``lr/25/1e4``; momentum 0.95 -> 0.85 -> 0.95 (which replaces the optimizer's). ``step``:
+    ``MultiStepLR(milestones=args.lr_steps, gamma=0.1)`` stepped per epoch.
+    """
+    if args.schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch, pct_start=0.3,
+            anneal_strategy="cos", cycle_momentum=True, base_momentum=0.85, max_momentum=0.95, div_factor=25.0,
+            final_div_factor=1e4, three_phase=False)
+        return scheduler, True
+    if args.schedule == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_steps, gamma=0.1), False
+    raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {args.schedule!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,9 +303,14 @@ class _Setup:
         compiled = torch.compile(train_net)
         return compiled, (compiled if train_net is model else torch.compile(model))
 
-    def loaders(self) -> tuple[DataLoader, DataLoader, list]:
+    def loaders(self, normalization=None) -> tuple[DataLoader, DataLoader, list]:
+        """Train and test loaders, the images normalized with ``normalization`` (``(mean, std)``;
+        default: the dataset's), and the class names."""
         args, ctx = self.args, self.ctx
         root, cache = data.data_locations(args)
+        stats = data.DATASET_STATS[args.dataset]
+        mean, std = normalization or (stats.mean, stats.std)
+        norm = v2.Normalize(mean=list(mean), std=list(std))
 
         def build(split, subset, transform):
             # the subset order is seeded with 0, not --seed: the same images whatever the run's seed
@@ -223,8 +318,9 @@ class _Setup:
 
         # rank 0 extracts / caches the data once; the others then read it
         train_set, test_set = distributed.main_first(lambda: (
-            build("train", args.subset, data.train_transform(args.dataset)),
-            build("test", args.test_subset, data.test_transform(args.dataset))), ctx)
+            build("train", args.subset, v2.Compose([data.train_transform(args.dataset, normalize=False), norm])),
+            build("test", args.test_subset, v2.Compose([data.test_transform(args.dataset, normalize=False), norm]))),
+            ctx)
         self._notes.append(f"data: {args.dataset} in {root}: {len(train_set)} train, {len(test_set)} test images")
         pin = self.device.type == "cuda"
         batch = args.batch_size // ctx.world_size
@@ -301,6 +397,7 @@ def fit(
     per_batch: bool,
     save_model: Callable[..., None],
     train_loader: DataLoader,
+    state_extra: Optional[dict] = None,
 ) -> dict:
     """Train ``model`` for ``args.epochs`` epochs (continuing from ``last.pt`` with ``--resume``).
 
@@ -310,7 +407,7 @@ def fit(
     rank); ``scheduler`` is stepped after every batch (``per_batch``) or every epoch;
     ``save_model(path, **extra)`` writes the library-format model checkpoint (``best.pt``,
     ``final.pt``). Under torchrun the training loss and accuracy are summed over the ranks and only
-    rank 0 writes. Returns the last epoch's metrics.
+    rank 0 writes; ``state_extra`` goes into ``last.pt`` as well. Returns the last epoch's metrics.
     """
     args, run, ctx = setup.args, setup.run, setup.ctx
     start_epoch, step, best = 0, 0, -1.0
@@ -378,6 +475,7 @@ def fit(
             "epoch": epoch + 1,
             "step": step,
             "best_acc": best,
+            **(state_extra or {}),
             **rng,
         })
         run.append_metrics(record)
@@ -421,6 +519,7 @@ def _sgd(args, params) -> torch.optim.SGD:
 
 def train_classifier(args: argparse.Namespace) -> dict:
     """Train a full-colour classifier (see the module docstring); returns the last epoch's metrics."""
+    _resolve_defaults(args)
     with _session(args, "train-classifier") as setup:
         return _train_classifier(setup)
 
@@ -428,7 +527,11 @@ def train_classifier(args: argparse.Namespace) -> dict:
 def _train_classifier(setup: _Setup) -> dict:
     args = setup.args
     stats = data.DATASET_STATS[args.dataset]
-    train_loader, test_loader, classes = setup.loaders()
+    normalization = (stats.mean, stats.std)
+    if args.resume and "input_normalization" not in setup.run.load_state():
+        # a run from before last.pt recorded it continues with the normalization it started with
+        normalization = NORMALIZATION_BEFORE_RECORDING[args.dataset]
+    train_loader, test_loader, classes = setup.loaders(normalization)
     num_classes = stats.num_classes or len(classes)
     model = setup.prepare(build_classifier(args.arch, num_classes, stats.image_size))
     net, eval_net = setup.parallel(model)
@@ -438,19 +541,22 @@ def _train_classifier(setup: _Setup) -> dict:
         return F.cross_entropy(logits, labels), logits
 
     def save_model(path, **extra):
-        save_classifier(model, path, args.arch, num_classes, stats.image_size, dataset=args.dataset, **extra)
+        save_classifier(model, path, args.arch, num_classes, stats.image_size, dataset=args.dataset,
+                        input_normalization=[list(normalization[0]), list(normalization[1])], **extra)
 
     optimizer = _sgd(args, model.parameters())
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_steps, gamma=0.1)
+    scheduler, per_batch = classifier_scheduler(args, optimizer, len(train_loader))
     evaluate = lambda: _evaluate(setup, test_loader, model, lambda x: (eval_net(x), None))  # noqa: E731
     setup.start()
-    return fit(setup, model, train_step, evaluate, optimizer, scheduler, False, save_model, train_loader)
+    return fit(setup, model, train_step, evaluate, optimizer, scheduler, per_batch, save_model, train_loader,
+               {"input_normalization": [list(normalization[0]), list(normalization[1])]})
 
 
 def train_colorcnn(args: argparse.Namespace) -> dict:
     """Train ColorCNN against the frozen ``--classifier`` (see the module docstring); returns the last
     epoch's metrics (``test_acc``: the classifier's top-1 on the quantized test images, ``test_colors``:
     mean number of colours used per image)."""
+    _resolve_defaults(args)
     with _session(args, "train") as setup:
         return _train_colorcnn(setup)
 
@@ -474,14 +580,18 @@ def _train_colorcnn(setup: _Setup) -> dict:
     args = setup.args
     classifier = load_classifier(args.classifier).eval().requires_grad_(False)
     stats = data.DATASET_STATS[args.dataset]
-    color_norm = args.color_norm if args.color_norm is not None else (4.0 if args.dataset in _CIFAR else 1.0)
+    color_norm = args.color_norm if args.color_norm is not None else _color_norm(args, classifier)
+    if not args.resume:
+        args.color_norm = color_norm  # settings.json records it
     model = ColorCNN(args.num_colors, args.backbone, args.width, temperature=args.temperature,
                      color_norm=color_norm, color_jitter=args.color_jitter,
                      straight_through=args.straight_through)
     if args.init_from is not None:
         _load_initial_weights(model, args.init_from, args.dataset)
     criterion = ColorCNNLoss(args.alpha, args.beta, args.gamma)
-    train_loader, test_loader, classes = setup.loaders()
+    # the classifier's normalization (STL-10 classifiers from before it was recorded: STL-10's statistics)
+    normalization = data.classifier_normalization(args.classifier, args.dataset)
+    train_loader, test_loader, classes = setup.loaders(normalization)
     num_classes = stats.num_classes or len(classes)
     with torch.no_grad():
         out_features = classifier(torch.zeros(1, 3, stats.image_size, stats.image_size)).shape[1]
@@ -504,7 +614,7 @@ def _train_colorcnn(setup: _Setup) -> dict:
 
     def save_model(path, **extra):
         # trained on normalized images: the checkpoint says so, and a loaded model takes [0, 1] images
-        save_colorcnn(model, path, input_normalization=(stats.mean, stats.std), dataset=args.dataset,
+        save_colorcnn(model, path, input_normalization=normalization, dataset=args.dataset,
                       classifier=str(args.classifier), **extra)
 
     optimizer = _sgd(args, model.parameters())

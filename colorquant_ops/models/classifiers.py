@@ -8,8 +8,8 @@ as in the authors' code (github.com/hou-yz/color_distillation,
 
 * :class:`CifarAlexNet` -- five 3x3 convolutions (the first with stride 2),
   three 2x2 max-pools, global average pooling, dropout and one linear layer;
-* :class:`CifarVGG` -- VGG16 with batch norm, the last max-pool replaced by a
-  global max-pool, then one linear layer;
+* :class:`CifarVGG` -- VGG16 with batch norm, without the last max-pool, then
+  global average pooling and one linear layer (``models/vgg.py``);
 * :func:`cifar_resnet18` -- torchvision's ResNet18 with a 3x3 stride-1 stem and
   no max-pool.
 
@@ -39,6 +39,12 @@ __all__ = [
 #: Tag of the checkpoint format written by :func:`save_classifier`.
 CHECKPOINT_FORMAT = "colorquant_ops.classifier/1"
 
+#: Network layout version a checkpoint records (``"layout"``). 1 (checkpoints without the entry):
+#: the CIFAR VGG16 ended in a global *max*-pool; 2: the paper's code's VGG16, the last max-pool
+#: dropped and global *average* pooling. :func:`load_classifier` rebuilds the layout a checkpoint
+#: was trained with.
+CLASSIFIER_LAYOUT = 2
+
 #: Architectures with a CIFAR-sized version (used when ``image_size <= CIFAR_MAX_IMAGE_SIZE``).
 CLASSIFIER_ARCHS = ("alexnet", "vgg16", "resnet18")
 
@@ -50,6 +56,7 @@ CIFAR_MAX_IMAGE_SIZE = 64
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 _CKPT_KEYS = ("arch", "num_classes", "image_size", "state_dict")
+_RESERVED = ("format", "layout", *_CKPT_KEYS)
 
 
 class CifarAlexNet(nn.Module):
@@ -93,13 +100,19 @@ class CifarAlexNet(nn.Module):
 
 
 class CifarVGG(nn.Module):
-    """VGG with batch norm for 32x32 images, as in the paper's code.
+    """VGG with batch norm for 32x32 images, as in the paper's code (``models/vgg.py``).
 
     Every number in ``cfg`` is a 3x3 conv (padding 1) -> BatchNorm -> ReLU and
-    every ``"M"`` a 2x2 max-pool, except that the last ``"M"`` is a global
-    max-pool (``AdaptiveMaxPool2d(1)``: on 32x32 inputs the same as the 2x2
-    pool, and any size works); then ``classifier = Linear(512, num_classes)``.
-    The default ``cfg`` is VGG16 (about 14.7 M parameters for 10 classes).
+    every ``"M"`` a 2x2 max-pool, except that the last ``"M"`` is dropped
+    (``features[-1]`` is an ``nn.Identity``); then global average pooling
+    (``avgpool``, over the 2x2 map of a 32x32 input) and ``classifier =
+    Linear(512, num_classes)``. The default ``cfg`` is VGG16 (about 14.7 M
+    parameters for 10 classes).
+
+    ``global_pool="max"`` builds this project's earlier layout (layout 1 of
+    :data:`CLASSIFIER_LAYOUT`): the last ``"M"`` a global max-pool
+    (``AdaptiveMaxPool2d(1)`` in ``features[-1]``, no ``avgpool``), for its
+    checkpoints; the parameters are the same.
 
     Shape:
         - Input: ``[B, in_channels, H, W]`` with ``H, W >= 2 ** (number of "M" - 1)``
@@ -107,7 +120,7 @@ class CifarVGG(nn.Module):
         - Output: ``[B, num_classes]`` logits.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, cfg=VGG16_CFG) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, cfg=VGG16_CFG, global_pool: str = "avg") -> None:
         super().__init__()
         layers = []
         channels = in_channels
@@ -119,12 +132,21 @@ class CifarVGG(nn.Module):
                 channels = v
         if not layers or not isinstance(layers[-1], nn.MaxPool2d):
             raise ValueError("cfg must end with 'M'")
-        layers[-1] = nn.AdaptiveMaxPool2d((1, 1))
+        if global_pool not in ("avg", "max"):
+            raise ValueError(f"global_pool must be 'avg' or 'max', got {global_pool!r}")
+        self.global_pool = global_pool
+        # layout 1: a global max-pool; the paper's code: features[-1] = nn.Sequential(), then average pooling
+        layers[-1] = nn.AdaptiveMaxPool2d((1, 1)) if global_pool == "max" else nn.Identity()
         self.features = nn.Sequential(*layers)
+        if global_pool == "avg":
+            self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.classifier = nn.Linear(channels, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(torch.flatten(self.features(x), 1))
+        x = self.features(x)
+        if self.global_pool == "avg":
+            x = self.avgpool(x)
+        return self.classifier(torch.flatten(x, 1))
 
 
 def cifar_resnet18(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
@@ -197,12 +219,14 @@ def save_classifier(model: nn.Module, path, arch: str, num_classes: int, image_s
     lists, dicts)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    clash = sorted(set(extra) & {"format", *_CKPT_KEYS})
+    clash = sorted(set(extra) & set(_RESERVED))
     if clash:
         raise ValueError(f"extra entries may not use the reserved keys {clash}")
     torch.save(
         {
             "format": CHECKPOINT_FORMAT,
+            # a CifarVGG rebuilt from a layout-1 checkpoint keeps its global max-pool
+            "layout": 1 if isinstance(model, CifarVGG) and model.global_pool == "max" else CLASSIFIER_LAYOUT,
             "arch": arch,
             "num_classes": num_classes,
             "image_size": image_size,
@@ -217,7 +241,10 @@ def load_classifier(path, map_location="cpu") -> nn.Module:
     """Rebuild a classifier from a checkpoint written by :func:`save_classifier`.
 
     The model is returned as built (training mode); call ``.eval()`` (and
-    freeze its parameters) to use it as ColorCNN's fixed judge.
+    freeze its parameters) to use it as ColorCNN's fixed judge. A checkpoint
+    gets the network layout it was trained with (its ``"layout"``, see
+    :data:`CLASSIFIER_LAYOUT`): a CIFAR VGG16 checkpoint without one ends in
+    the global max-pool (``CifarVGG(global_pool="max")``).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -228,7 +255,14 @@ def load_classifier(path, map_location="cpu") -> nn.Module:
     missing = [k for k in _CKPT_KEYS if k not in ckpt]
     if missing:
         raise ValueError(f"{path} is not a classifier checkpoint (missing entries {missing})")
+    layout = ckpt.get("layout", 1)
+    if not isinstance(layout, int) or not 1 <= layout <= CLASSIFIER_LAYOUT:
+        raise ValueError(f"{path}: classifier layout {layout!r} is newer than this version reads "
+                         f"(1..{CLASSIFIER_LAYOUT})")
     model = build_classifier(ckpt["arch"], ckpt["num_classes"], ckpt["image_size"])
+    if layout == 1 and isinstance(model, CifarVGG):
+        # written before the VGG16 took the paper's global average pooling: its global max-pool
+        model = CifarVGG(ckpt["num_classes"], global_pool="max")
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:

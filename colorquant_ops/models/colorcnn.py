@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .._checkpoint import read_checkpoint
 from .._validation import check_float as _check_float
 from .._validation import check_int as _check_int
-from ..normalization import DATASET_NORMALIZATION
+from ..normalization import NORMALIZATION_BEFORE_RECORDING
 from ..ops import hard_color_quantize, soft_color_quantize
 from .backbones import DnCNN, UNet
 from .pretrained import pretrained_path
@@ -317,13 +317,14 @@ def load_colorcnn_checkpoint(path, map_location="cpu") -> Tuple[ColorCNN, dict]:
     (e.g. ``dataset`` and ``classifier``, from ``colorquant train``).
 
     A checkpoint without an ``input_normalization`` that names its ``dataset`` (e.g. one written
-    before ColorCNN recorded its normalization) gets that dataset's normalization: ``colorquant
-    train`` always trained on normalized images.
+    before ColorCNN recorded its normalization) gets that dataset's normalization of then
+    (:data:`~colorquant_ops.normalization.NORMALIZATION_BEFORE_RECORDING`): ``colorquant train``
+    always trained on normalized images.
     """
     ckpt = read_checkpoint(path, CHECKPOINT_FORMAT, "ColorCNN", map_location)
     config = dict(ckpt["config"])
-    if config.get("input_normalization") is None and ckpt.get("dataset") in DATASET_NORMALIZATION:
-        config["input_normalization"] = DATASET_NORMALIZATION[ckpt["dataset"]]
+    if config.get("input_normalization") is None and ckpt.get("dataset") in NORMALIZATION_BEFORE_RECORDING:
+        config["input_normalization"] = NORMALIZATION_BEFORE_RECORDING[ckpt["dataset"]]
     model = ColorCNN(**config)
     model.load_state_dict(ckpt["state_dict"])
     extra = {k: v for k, v in ckpt.items() if k not in ("format", "config", "state_dict")}

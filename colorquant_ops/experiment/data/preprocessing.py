@@ -17,10 +17,10 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2._utils import is_pure_tensor
 
-from ...normalization import DATASET_NORMALIZATION
+from ...normalization import DATASET_NORMALIZATION, NORMALIZATION_BEFORE_RECORDING
 
-__all__ = ["DATASETS", "DATASET_STATS", "DatasetStats", "Denormalize", "check_name", "denormalize", "normalize",
-           "test_transform", "train_transform"]
+__all__ = ["DATASETS", "DATASET_STATS", "DatasetStats", "Denormalize", "check_name", "classifier_normalization",
+           "denormalize", "normalize", "test_transform", "train_transform"]
 
 #: Names accepted by :func:`~colorquant_ops.experiment.data.build_dataset` and the transform helpers.
 DATASETS = ("cifar10", "cifar100", "stl10", "tiny200", "imagefolder")
@@ -106,6 +106,25 @@ def normalize(name: str) -> v2.Normalize:
     """``v2.Normalize`` with the dataset's mean and std (float images in [0,1] in)."""
     stats = DATASET_STATS[check_name(name)]
     return v2.Normalize(mean=list(stats.mean), std=list(stats.std))
+
+
+def classifier_normalization(path, dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` the classifier checkpoint at ``path`` was trained with: what it records
+    (``input_normalization``, written by ``colorquant train-classifier``), else its ``dataset``'s of
+    before checkpoints recorded it (STL-10: its own statistics, see
+    :data:`~colorquant_ops.normalization.NORMALIZATION_BEFORE_RECORDING`), else ``dataset``'s."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # load_classifier reports unreadable checkpoints
+        ckpt = {}
+    recorded = ckpt.get("input_normalization") if isinstance(ckpt, dict) else None
+    if recorded is not None:
+        mean, std = recorded
+        return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    name = ckpt.get("dataset") if isinstance(ckpt, dict) else None
+    if name in NORMALIZATION_BEFORE_RECORDING:
+        return NORMALIZATION_BEFORE_RECORDING[name]
+    return DATASET_STATS[check_name(dataset)].mean, DATASET_STATS[check_name(dataset)].std
 
 
 class Denormalize(v2.Transform):
