@@ -304,7 +304,7 @@ def test_pil_kmeans_is_the_papers_kmeans_and_kmeans_the_librarys():
         index_map, palette = pil_quantize(x, k, "kmeans")
         assert torch.equal(ours.quantized, ops.render_index_map(index_map, palette.to(x.dtype)))
         image = PIL.Image.fromarray((x[0].permute(1, 2, 0) * 255).round().byte().numpy())
-        paper = torch.from_numpy(np.asarray(image.quantize(colors=k, kmeans=2).convert("RGB"))).permute(2, 0, 1)
+        paper = torch.from_numpy(np.array(image.quantize(colors=k, kmeans=2).convert("RGB"))).permute(2, 0, 1)
         assert torch.equal((ours.quantized[0] * 255).round().byte(), paper)
         library = ColorQuantize(k, "kmeans").quantize(x)
         assert torch.equal(library.index_map, ops.kmeans_palette(x, k, 10, 0)[0])

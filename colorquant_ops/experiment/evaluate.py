@@ -12,7 +12,9 @@ one table with, per row:
   ``--colorcnn`` checkpoint whose ``num_colors`` is K (argmax path) the same way: the network sees
   the image normalized as in training (the checkpoint's ``input_normalization``; ``--dataset``'s
   for checkpoints that record none) and recolours the [0,1] image; dithering does not apply to it
-  (one row, dither ``off``); a K without a checkpoint is skipped with a note.
+  (one row, dither ``off``); a K without a checkpoint is skipped with a note. Dithered rows of the
+  paper's baselines use the authors' dithering (each value clamped to [0, 1] before the nearest-colour
+  search: ``ColorQuantize(dither_clamp=True)``); ``kmeans`` + dither the plain error diffusion.
 * ``accuracy``: top-1 accuracy of the classifier (eval mode);
 * ``colors``: mean number of colours actually used per image (``count_colors``);
 * ``bpp``: mean size of the palette PNG (index map + palette, ``palette_png_sizes``) in bits per pixel.
@@ -300,7 +302,9 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
             for dither in dithers:
                 row = _Row(method, "on" if dither else "off", k)
                 rows.append(row)
-                jobs.append((row, ColorQuantize(k, method, dither=dither, kmeans_iters=args.kmeans_iters)))
+                # the paper's baselines dither as the authors' code does (each value clamped to [0, 1])
+                jobs.append((row, ColorQuantize(k, method, dither=dither, kmeans_iters=args.kmeans_iters,
+                                                dither_clamp=dither and method in PAPER_BASELINES)))
     for k in sorted(colorcnns):
         if "colorcnn" in args.methods and k not in ks:
             run.log(f"note: --colorcnn {colorcnns[k][0]} (K={k}) unused: K={k} is not in --num-colors")
