@@ -46,6 +46,7 @@ def main() -> int:
             torch.autograd.grad(r, palette, rn(*r.shape, dtype=dtype))
         km = cq.kmeans_palette(ru(2, 3, 17, 19, dtype=dtype), 9, 3, seed=1)
         cq.floyd_steinberg_dither(ru(2, 3, 17, 19, dtype=dtype), km.palette)
+        cq.floyd_steinberg_dither(ru(2, 3, 17, 19, dtype=dtype), km.palette, clamp=(0.0, 1.0))
 
     # k-means: K > pixels, C above the chunk, several chunks, large palettes (global memory)
     cq.kmeans_palette(ru(1, 3, 2, 3), 16, 2)

@@ -284,13 +284,16 @@ def test_half_palette_counts_underflowing_probabilities(dtype):
 @needs_cuda
 def test_training_path_does_not_sync():
     """Soft forward + backward, the hard path and the rendering of library-made
-    index maps (with its backward) run without a device-to-host sync; an explicit
+    index maps (hard, k-means, dither; with its backward) run without a device-to-host sync; an explicit
     check_indices=True does sync (so the mode does catch the check)."""
     gen = generator(4)
     B, K, C, H, W = 4, 8, 3, 32, 32
     logits = randn((B, K, H, W), gen, device="cuda").requires_grad_(True)
     image = rand((B, C, H, W), gen, device="cuda").requires_grad_(True)
     palette = randn((B, K, C), gen, device="cuda").requires_grad_(True)
+    # k-means and dithering are not on the training path: their finite-pixel check waits for the GPU
+    km = cq.kmeans_palette(image.detach(), K, 2)
+    dithered = cq.floyd_steinberg_dither(image.detach(), km.palette)
     torch.cuda.synchronize()
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
@@ -301,9 +304,7 @@ def test_training_path_does_not_sync():
         hard = cq.hard_color_quantize(logits, image)
         rendered = cq.render_index_map(hard.index_map, palette)
         (gp,) = torch.autograd.grad(rendered.sum(), palette)
-        km = cq.kmeans_palette(image.detach(), K, 2)
         rendered_km = cq.render_index_map(km.index_map, km.palette)
-        dithered = cq.floyd_steinberg_dither(image.detach(), km.palette)
         rendered_d = cq.render_index_map(dithered, km.palette)
         with pytest.raises(RuntimeError, match="synchroniz"):
             cq.render_index_map(hard.index_map, palette, check_indices=True)
