@@ -22,7 +22,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from .._checkpoint import read_checkpoint
+from .._checkpoint import build_checked, read_checkpoint
+from .._io import save_atomic
 from .._validation import check_int as _check_int
 
 __all__ = [
@@ -200,7 +201,7 @@ def save_classifier(model: nn.Module, path, arch: str, num_classes: int, image_s
     clash = sorted(set(extra) & {"format", *_CKPT_KEYS})
     if clash:
         raise ValueError(f"extra entries may not use the reserved keys {clash}")
-    torch.save(
+    save_atomic(
         {
             "format": CHECKPOINT_FORMAT,
             "arch": arch,
@@ -228,9 +229,6 @@ def load_classifier(path, map_location="cpu") -> nn.Module:
     missing = [k for k in _CKPT_KEYS if k not in ckpt]
     if missing:
         raise ValueError(f"{path} is not a classifier checkpoint (missing entries {missing})")
-    model = build_classifier(ckpt["arch"], ckpt["num_classes"], ckpt["image_size"])
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as exc:
-        raise ValueError(f"weights in {path} do not fit arch {ckpt['arch']!r}: {exc}") from exc
-    return model
+    # the header sizes the model: checked against the weights' shapes before anything is allocated
+    return build_checked(lambda: build_classifier(ckpt["arch"], ckpt["num_classes"], ckpt["image_size"]),
+                         ckpt["state_dict"], path, f"classifier (arch {ckpt['arch']!r})")

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from ..._io import atomic_write_text
 from .cache import REPO_ROOT, default_cache_dir
 from .folders import CIFAR10_CLASSES, DatasetNotFoundError, PathLike, class_dirs, is_dir
 
@@ -119,7 +120,7 @@ def extract_cifar10_jpeg(archive: Optional[PathLike] = None, cache_dir: Optional
                 raise RuntimeError(
                     f"{archive} did not extract CIFAR-10's class folders into {target / split}: {classes}"
                 )
-        (target / _MARKER).write_text(CIFAR10_JPEG_SHA256 + "\n")
+        atomic_write_text(target / _MARKER, CIFAR10_JPEG_SHA256 + "\n")
     except BaseException:
         if target != dest:
             shutil.rmtree(target, ignore_errors=True)
