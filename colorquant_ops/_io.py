@@ -85,7 +85,9 @@ def atomic_write(path, text: bool = False) -> Iterator:
             os.unlink(tmp)
         cause = recorder.error if recorder is not None and recorder.error is not None else exc
         if isinstance(cause, OSError):
-            raise OSError(cause.errno or errno.EIO, f"cannot write {path}: {_cause(cause)}") from exc
+            error = OSError(f"cannot write {path}: {_cause(cause)}")  # str(): the message alone
+            error.errno = cause.errno or errno.EIO
+            raise error from exc
         raise
     _fsync_dir(path.parent)
 
