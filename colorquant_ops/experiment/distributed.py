@@ -85,7 +85,7 @@ def resolve_device(name: Optional[str], ctx: DistributedContext) -> torch.device
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except (RuntimeError, TypeError):
         raise ValueError(f"--device: expected cpu or cuda, got {name!r}") from None
-    if device.type not in ("cpu", "cuda"):  # meta holds no data; mps, xpu, ... are not supported here
+    if device.type not in ("cpu", "cuda") and not ctx.active:  # meta holds no data; mps, xpu, ...: unsupported
         raise ValueError(f"--device {name}: expected cpu or cuda (optionally cuda:N)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: CUDA is not available on this machine")
