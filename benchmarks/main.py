@@ -7,6 +7,9 @@ Sections (``--only``):
   quantizers  PIL median cut / octree / k-means per image vs the batched k-means and
               dithering ops, and the pure-Python dithering loop: images per second
   colorcnn    a ColorCNN training step with the fused op vs the paper's formulation
+  quantize-memory
+              peak memory of `colorquant quantize` on large compressible PNGs (not run
+              unless named: --only quantize-memory)
 
 The report (markdown tables, then the issue's targets as met / missed) is
 printed last and written to benchmarks/results/<device>.md
@@ -21,7 +24,7 @@ from typing import List, Optional
 
 import torch
 
-from . import bench_colorcnn, bench_ops, bench_quantizers
+from . import bench_colorcnn, bench_ops, bench_quantize_memory, bench_quantizers
 from .common import (
     CPU_MEMORY_METHOD,
     CUDA_MEMORY_METHOD,
@@ -33,7 +36,8 @@ from .common import (
     ratio,
 )
 
-SECTIONS = ("ops", "quantizers", "colorcnn")
+SECTIONS = ("ops", "quantizers", "colorcnn", "quantize-memory")
+DEFAULT_SECTIONS = ("ops", "quantizers", "colorcnn")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16}
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -57,8 +61,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default: cuda where available)")
-    p.add_argument("--only", type=_csv(SECTIONS), default=list(SECTIONS),
-                   help=f"comma-separated sections to run (default: {','.join(SECTIONS)})")
+    p.add_argument("--only", type=_csv(SECTIONS), default=list(DEFAULT_SECTIONS),
+                   help=f"comma-separated sections to run, of {','.join(SECTIONS)} "
+                        f"(default: {','.join(DEFAULT_SECTIONS)})")
     p.add_argument("--ops", type=_csv(bench_ops.OPS), default=list(bench_ops.OPS),
                    help=f"ops of the op benchmark (default: {','.join(bench_ops.OPS)})")
     p.add_argument("--dtypes", type=_csv(tuple(DTYPES)), default=["float32", "bfloat16"],
@@ -334,6 +339,13 @@ def run(args) -> tuple:
                             + "\n\n" + markdown_table(header, rows))
         else:
             sections.append("## ColorCNN training step\n\nNot run: 224×224 steps run on CUDA only.")
+
+    if "quantize-memory" in args.only:
+        header, rows = bench_quantize_memory.table(bench_quantize_memory.run(log=log))
+        sections.append("## Peak memory of `colorquant quantize`\n\n"
+                        "Each method in a fresh process on a PNG of flat colour bands (highly compressible), "
+                        f"K={bench_quantize_memory.K}; peak resident set size of that process (`ru_maxrss`), "
+                        "next to a process that only imports the command.\n\n" + markdown_table(header, rows))
 
     if bar is not None:
         bar.close()

@@ -214,3 +214,16 @@ def test_bad_arguments_are_rejected():
         main.parse_args(["--only", "ops,nonsense"])
     with pytest.raises(SystemExit):
         main.parse_args(["--repeats", "0"])
+
+
+def test_quantize_memory_benchmark_runs_small(tmp_path):
+    from benchmarks import bench_quantize_memory
+
+    png = bench_quantize_memory.compressible_png(tmp_path / "bands.png", 1000)
+    assert png.stat().st_size < 20_000  # a million pixels in a few KB
+    assert main.parse_args(["--only", "quantize-memory"]).only == ["quantize-memory"]
+    assert "quantize-memory" not in main.parse_args([]).only  # not part of a plain run
+    results = bench_quantize_memory.run(sides=[300], methods=["octree"], log=lambda msg: None)
+    assert [r.status for r in results] == ["ok", "ok"] and all(r.peak_mib > 0 for r in results)
+    header, rows = bench_quantize_memory.table(results)
+    assert len(rows) == 2 and len(rows[0]) == len(header)

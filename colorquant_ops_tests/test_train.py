@@ -287,7 +287,7 @@ def test_cli_bad_arguments(capsys, tmp_path, cache_dir, classifier_run):
 def test_cli_missing_dataset(capsys, tmp_path):
     err = _error(capsys, "train-classifier", *COMMON, "--dataset", "cifar100", "--data-root", tmp_path / "nothing",
                  "--cache-dir", tmp_path / "cache", "--out-dir", tmp_path / "run")
-    assert "CIFAR-100 not found under data_root=" in err and "To supply it:" in err
+    assert "CIFAR-100 not found under data_root=" in err and "looked for: " in err and len(err.splitlines()) == 2
     assert not (tmp_path / "run").exists()
 
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import commands, demo, evaluate, presets, quantize_files, train
+from . import commands, data, demo, evaluate, presets, quantize_files, train
 
-__all__ = ["COMMANDS", "build_parser", "main", "run_command"]
+__all__ = ["COMMANDS", "build_parser", "error_message", "main", "run_command"]
 
 #: Every ``colorquant`` subcommand, in the order ``--help`` lists them.
 COMMANDS = (demo.COMMAND, train.CLASSIFIER_COMMAND, train.COLORCNN_COMMAND, evaluate.COMMAND,
@@ -35,13 +35,28 @@ def run_command(args: argparse.Namespace):
     return commands.run_command(args, COMMANDS)
 
 
+def error_message(exc: BaseException) -> str:
+    """The one line ``colorquant`` prints for ``exc``: the first line of its message (a
+    :class:`~.data.DatasetNotFoundError` adds one line listing the paths it looked at; its full
+    message, with how to supply the data, is the exception's text for Python callers)."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    message = lines[0]
+    if isinstance(exc, FloatingPointError):
+        message += " (the run diverged: try a smaller --lr)"
+    if isinstance(exc, data.DatasetNotFoundError) and exc.paths:
+        message += "\n  looked for: " + ", ".join(map(str, exc.paths)) + " (pass --data-root DIR)"
+    return message
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         run_command(args)
-    except (ValueError, OSError) as exc:  # bad arguments, missing data (DatasetNotFoundError), bad checkpoints
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+    # bad arguments, missing data (DatasetNotFoundError), bad checkpoints and images, a full disk,
+    # a diverging run (FloatingPointError)
+    except (ValueError, OSError, FloatingPointError) as exc:
+        print(f"{parser.prog}: error: {error_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)

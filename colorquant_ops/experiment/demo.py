@@ -29,6 +29,9 @@ import argparse
 
 import torch
 
+from .._io import save_atomic
+from ..models.classifiers import load_classifier
+from ..models.colorcnn import load_colorcnn_checkpoint
 from ..models.pretrained import PRETRAINED_CLASSIFIERS, PRETRAINED_COLORCNN, WEIGHTS
 from . import data, evaluate
 from .commands import Command, build_parser
@@ -64,16 +67,19 @@ def rebuild_assets(run_dir, data_root=None) -> list[Path]:
     missing = [str(p) for p in sources.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"--rebuild-assets {run_dir}: missing {', '.join(missing)}")
+    checkpoints = {}
+    for dest, src in sources.items():  # every checkpoint must load (one-line ValueError) before any is written
+        load_classifier(src) if dest == CLASSIFIER else load_colorcnn_checkpoint(src)
+        checkpoints[dest] = torch.load(src, map_location="cpu", weights_only=True)
     root = Path(data_root) if data_root is not None else data.extract_cifar10_jpeg()
     sample = data.build_dataset("cifar10", root, "test", subset=SAMPLE_SIZE)
     files = [sample.dataset.samples[i][0] for i in sample.indices]  # ImageFolder-layout copy: real files
     written = []
     WEIGHTS.mkdir(parents=True, exist_ok=True)
-    for dest, src in sources.items():
-        ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    for dest, ckpt in checkpoints.items():
         if "classifier" in ckpt:  # ColorCNN checkpoints name their classifier
             ckpt["classifier"] = CLASSIFIER.name
-        torch.save(_half_state(ckpt), dest)
+        save_atomic(_half_state(ckpt), dest)
         written.append(dest)
     shutil.rmtree(SAMPLE_ROOT / "test", ignore_errors=True)
     for path in files:

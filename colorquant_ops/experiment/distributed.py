@@ -83,10 +83,14 @@ def resolve_device(name: Optional[str], ctx: DistributedContext) -> torch.device
     means ``cuda:LOCAL_RANK``."""
     try:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
+    except (RuntimeError, TypeError):
         raise ValueError(f"--device: expected cpu or cuda, got {name!r}") from None
+    if device.type not in ("cpu", "cuda") and not ctx.active:  # meta holds no data; mps, xpu, ...: unsupported
+        raise ValueError(f"--device {name}: expected cpu or cuda (optionally cuda:N)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPUs")
     if ctx.active and device.type == "cuda":
         if device.index is not None and ctx.world_size > 1:
             raise ValueError(f"--device {name}: under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda")

@@ -43,6 +43,7 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from .. import codecs
+from .._io import atomic_write, atomic_write_text
 from ..models.classifiers import load_classifier
 from ..models.colorcnn import load_colorcnn
 from ..normalization import NORMALIZATION_BEFORE_RECORDING
@@ -334,16 +335,17 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
     records = [r.record() for r in rows]
     table = markdown_table(records) + "\n\n" + pivot_tables(records)
     run.log(table)
-    (run.path / "results.md").write_text(table + "\n")
-    with open(run.path / "results.csv", "w", newline="") as f:
+    # atomically, results.json (what reproduce takes as done) last, after the plots
+    atomic_write_text(run.path / "results.md", table + "\n")
+    with atomic_write(run.path / "results.csv", text=True) as f:
         writer = csv.DictWriter(f, fieldnames=_FIELDS)
         writer.writeheader()
         for r in records:
             writer.writerow({k: "" if r[k] is None else r[k] for k in _FIELDS})
-    (run.path / "results.json").write_text(json.dumps(
+    plots = plot_results(records, run.path)
+    atomic_write_text(run.path / "results.json", json.dumps(
         {"dataset": args.dataset, "classifier": str(args.classifier), "images": len(test_set),
          "seconds": round(seconds, 3), "rows": records}, indent=2) + "\n")
-    plots = plot_results(records, run.path)
     run.log(f"done in {seconds:.1f} s: results.csv, results.json, results.md, "
             f"{', '.join(p.name for p in plots)} in {run.path}")
     return records

@@ -5,8 +5,8 @@ A preset is a list of stages, each an ordinary ``colorquant`` command line (``tr
 in order, in this process, through the same parser a user's command goes through, so a preset is
 exactly the commands it prints (``--dry-run`` prints them without running anything):
 
-* a stage whose run directory holds ``final.pt`` (trainers) or ``results.json`` (evaluate) is done
-  and skipped;
+* a stage whose run directory holds ``final.pt`` (trainers) or ``results.json`` (evaluate) that
+  reads back (a checkpoint of the right format, JSON with rows) is done and skipped;
 * a stage whose run directory holds ``last.pt`` was interrupted and continues with ``--resume``.
 
 So re-running an interrupted ``reproduce`` picks up where it stopped. When every stage is done,
@@ -43,6 +43,9 @@ from typing import Optional
 
 import torch
 
+from .._checkpoint import read_checkpoint
+from .._io import atomic_write_text, save_atomic
+from ..models import classifiers, colorcnn
 from . import data, evaluate, train
 from .commands import Command, build_parser, run_command
 from .quantize_files import comparison_sheet
@@ -189,9 +192,9 @@ def write_report(preset: Preset, out: Path, data_root=None) -> list[Path]:
         parts.append("Not in the paper: kmeans, this library's k-means++ op (a stronger k-means than the "
                      "paper's):\n\n" + evaluate.pivot_tables(library))
     parts.append(evaluate.markdown_table([r for r in rows if r["method"] in ("full colour", "jpeg")]))
-    written[0].write_text("\n\n".join(parts) + "\n")
-    written[1].write_text(json.dumps({"preset": preset.name, "data_warning": warning, "rows": rows},
-                                     indent=2) + "\n")
+    atomic_write_text(written[0], "\n\n".join(parts) + "\n")
+    atomic_write_text(written[1], json.dumps({"preset": preset.name, "data_warning": warning, "rows": rows},
+                                             indent=2) + "\n")
     written += evaluate.plot_results(rows, report)
 
     root, cache = data.data_locations(argparse.Namespace(data_root=data_root, dataset="cifar10", cache_dir=None))
@@ -205,7 +208,7 @@ def write_report(preset: Preset, out: Path, data_root=None) -> list[Path]:
     sheet = comparison_sheet((images * 255).round().to(torch.uint8),
                              {k: out / f"colorcnn-k{k}" / "final.pt" for k in ks}, ks)
     written.append(report / "sheet-1-2-3-bits.png")
-    sheet.save(written[-1])
+    save_atomic(sheet, written[-1], lambda image, f: image.save(f, format="PNG"))
     return written
 
 
@@ -220,9 +223,27 @@ def add_reproduce_arguments(p: argparse.ArgumentParser) -> None:
                    help="tqdm progress bars (default: on)")
 
 
+def _done(stage: Stage, run: Path) -> bool:
+    """The stage's output is there and reads: ``final.pt`` loads as its trainer's checkpoint format,
+    ``results.json`` parses and holds rows (a file cut short by a kill is not done)."""
+    path = run / stage.done_marker()
+    if not path.is_file():
+        return False
+    try:
+        if stage.argv[0] == "evaluate":
+            return isinstance(json.loads(path.read_text()).get("rows"), list)
+        if stage.argv[0] == "train-classifier":
+            read_checkpoint(path, classifiers.CHECKPOINT_FORMAT, "classifier")
+        else:
+            read_checkpoint(path, colorcnn.CHECKPOINT_FORMAT, "ColorCNN")
+        return True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _state(stage: Stage, out: Path) -> str:
     run = out / stage.name
-    if (run / stage.done_marker()).is_file():
+    if _done(stage, run):
         return "done"
     if (run / "last.pt").is_file():
         return "resume"

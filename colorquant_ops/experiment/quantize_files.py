@@ -22,15 +22,25 @@ input; ``OUT/sheet.png`` shows the images as rows and the original plus every ou
   Ks. ColorCNN's own index map is its output, so ``--dither`` does not apply to it (as in evaluate).
 * PSNR is computed on the PNG's pixels (uint8 palette) against the RGB input, both scaled to [0, 1].
 
-Bad arguments, unreadable images and checkpoints raise ``ValueError`` / ``OSError`` before anything
-is written (``colorquant`` turns them into one error line and exit status 2); only an image whose
-data turns out corrupt while decoding stops the run where it is.
+Bad arguments and unreadable checkpoints raise ``ValueError`` / ``OSError`` before anything is
+written (``colorquant`` turns them into one error line and exit status 2). Inputs are untrusted: an
+input that is not a regular file (a FIFO, a device), not an image PIL reads, larger than
+``--max-pixels`` (decompression bombs: the size is read from the header, before decoding), 32-bit
+grey, or whose data turn out corrupt while decoding is skipped with a line naming it and the cause;
+the other inputs are processed, and the command then ends with exit status 2. Outputs are written
+atomically and replace a symbolic link in ``-o DIR`` instead of writing through it; an output that
+would replace one of the inputs is an error before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
+import stat
 import sys
+import warnings
 import time
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -43,9 +53,10 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from .. import codecs
+from .._io import atomic_write_bytes
 from ..models.colorcnn import load_colorcnn_checkpoint
 from ..normalization import DATASET_NORMALIZATION
-from ..quantizers.reference import count_colors, psnr
+from ..quantizers.reference import count_colors
 from ..transforms import METHODS, ColorQuantize
 from . import data
 from .arguments import integer, load_one_line, single_process_device
@@ -56,6 +67,11 @@ __all__ = ["COMMAND", "add_quantize_arguments", "comparison_sheet", "image_files
            "quantize_images"]
 
 _DITHER_CHOICES = {"off": [False], "on": [True], "both": [False, True]}
+
+#: Default ``--max-pixels``: the largest input image, in pixels (width x height).
+DEFAULT_MAX_PIXELS = 40_000_000
+#: Largest ``--cell-size``.
+MAX_CELL_SIZE = 2048
 
 
 def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
@@ -80,7 +96,10 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
                    help="write OUT/sheet.png (default: on)")
     p.add_argument("--cell-size", type=integer, default=256,
                    help="longest side of each picture on the sheet, in pixels; smaller images are enlarged "
-                        "by an integer factor, nearest neighbour (default: 256)")
+                        f"by an integer factor, nearest neighbour (default: 256, at most {MAX_CELL_SIZE})")
+    p.add_argument("--max-pixels", type=integer, default=DEFAULT_MAX_PIXELS,
+                   help="skip input images with more pixels (width x height, read from the file's header "
+                        f"before decoding; default: {DEFAULT_MAX_PIXELS:,})")
     p.add_argument("--device", default=None, help="device ColorCNN runs on: cpu or cuda (default: cpu)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="tqdm progress bar over the images, when there are several (default: on)")
@@ -89,10 +108,53 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
 # --- inputs ---------------------------------------------------------------------------------
 
 
-def image_files(paths) -> list[Path]:
-    """The image files named by ``paths``: files as given, directories expanded to the files
-    directly inside them whose extension PIL knows (sorted). Checks that each file opens as an
-    image with at most 16 bits per channel and that no two share a stem."""
+@contextlib.contextmanager
+def _pil_pixel_limit(max_pixels: int):
+    """PIL's decompression-bomb limit at ``max_pixels`` for the block (its warning silenced: the
+    caller checks the size itself; PIL raises DecompressionBombError above twice the limit)."""
+    previous = PIL.Image.MAX_IMAGE_PIXELS
+    PIL.Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            yield
+    finally:
+        PIL.Image.MAX_IMAGE_PIXELS = previous
+
+
+def _check_image_file(path: Path, max_pixels: int) -> Optional[str]:
+    """Why ``path`` cannot be quantized (None: it can), from its file type and image header."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return f"cannot read it ({exc.strerror or exc})"
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else \
+            "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+        return f"not a regular file ({kind})" if kind != "not a regular file" else kind
+    try:
+        with _pil_pixel_limit(max_pixels), PIL.Image.open(path) as image:
+            mode, (w, h) = image.mode, image.size
+    except PIL.UnidentifiedImageError:
+        return "not an image file PIL can read"
+    except PIL.Image.DecompressionBombError:
+        return f"more than --max-pixels {max_pixels:,} pixels (a decompression bomb?)"
+    except (OSError, ValueError, SyntaxError) as exc:  # e.g. "Truncated File Read" in the header
+        return f"cannot read the image header ({exc})"
+    if w * h > max_pixels:
+        return f"{w}x{h} = {w * h:,} pixels, more than --max-pixels {max_pixels:,}"
+    if mode in ("I", "F"):
+        return (f"PIL mode {mode} (32-bit grey) has no defined 8-bit range; "
+                "convert the image to 8-bit RGB first")
+    return None
+
+
+def image_files(paths, max_pixels: int = DEFAULT_MAX_PIXELS, skipped: Optional[list] = None) -> list[Path]:
+    """The image files named by ``paths``: files as given, directories expanded to the regular files
+    directly inside them whose extension PIL knows (sorted). Checks that each file is a regular
+    file that opens as an image of at most ``max_pixels`` pixels with at most 16 bits per channel,
+    and that no two share a stem. A file that fails a check raises ValueError, or with a
+    ``skipped`` list is left out and ``"PATH: why"`` appended to the list."""
     extensions = {ext.lower() for ext in PIL.Image.registered_extensions()}
     files = []
     for path in map(Path, paths):
@@ -101,19 +163,20 @@ def image_files(paths) -> list[Path]:
             if not found:
                 raise ValueError(f"{path}: directory holds no image files")
             files += found
-        elif path.exists():
+        elif path.exists() or path.is_symlink():
             files.append(path)
         else:
             raise FileNotFoundError(f"image not found: {path}")
+    good = []
     for path in files:
-        try:
-            with PIL.Image.open(path) as image:
-                mode = image.mode
-        except PIL.UnidentifiedImageError:
-            raise ValueError(f"{path}: not an image file PIL can read") from None
-        if mode in ("I", "F"):
-            raise ValueError(f"{path}: PIL mode {mode} (32-bit grey) has no defined 8-bit range; "
-                             "convert the image to 8-bit RGB first")
+        problem = _check_image_file(path, max_pixels)
+        if problem is None:
+            good.append(path)
+        elif skipped is None:
+            raise ValueError(f"{path}: {problem}")
+        else:
+            skipped.append(f"{path}: {problem}")
+    files = good
     stems = {}
     for path in files:
         if path.stem in stems:
@@ -123,10 +186,12 @@ def image_files(paths) -> list[Path]:
     return files
 
 
-def _read_rgb(path: Path) -> tuple[Tensor, Optional[str]]:
+def _read_rgb(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Tensor, Optional[str]]:
     """uint8 ``[3,H,W]`` of an image file, and a note if its alpha channel was dropped."""
     try:
-        with PIL.Image.open(path) as image:
+        with _pil_pixel_limit(max_pixels), PIL.Image.open(path) as image:
+            if image.size[0] * image.size[1] > max_pixels:  # the file changed since it was checked
+                raise ValueError(f"{path}: more than --max-pixels {max_pixels:,} pixels")
             has_alpha = "A" in image.getbands() or "transparency" in image.info
             if image.mode.startswith("I;16"):
                 # PIL's convert("RGB") clips 16-bit grey at 255 instead of scaling it
@@ -134,7 +199,7 @@ def _read_rgb(path: Path) -> tuple[Tensor, Optional[str]]:
                 rgb = PIL.Image.fromarray(np.round(grey).astype(np.uint8)).convert("RGB")
             else:
                 rgb = image.convert("RGB")
-    except OSError as exc:  # truncated or corrupt data shows only on decoding
+    except (OSError, SyntaxError, PIL.Image.DecompressionBombError) as exc:  # corrupt data shows on decoding
         raise ValueError(f"{path}: cannot decode the image ({exc})") from None
     note = f"{path}: alpha channel dropped (converted to RGB)" if has_alpha else None
     return TF.pil_to_tensor(rgb), note
@@ -229,8 +294,10 @@ def _jobs(args: argparse.Namespace, notes: list) -> list[_Job]:
         raise ValueError(f"--dataset: expected one of {', '.join(data.DATASETS)}, got {args.dataset!r}")
     if args.kmeans_iters < 0:
         raise ValueError(f"--kmeans-iters must be >= 0, got {args.kmeans_iters}")
-    if args.cell_size < 1:
-        raise ValueError(f"--cell-size must be >= 1, got {args.cell_size}")
+    if not 1 <= args.cell_size <= MAX_CELL_SIZE:
+        raise ValueError(f"--cell-size must be in 1..{MAX_CELL_SIZE}, got {args.cell_size}")
+    if args.max_pixels < 1:
+        raise ValueError(f"--max-pixels must be >= 1, got {args.max_pixels}")
     methods = args.methods or ["median_cut", "octree", "kmeans"] + (["colorcnn"] if args.colorcnn else [])
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -287,51 +354,119 @@ def markdown_table(records: list[dict]) -> str:
 # --- command --------------------------------------------------------------------------------
 
 
+def _psnr_uint8(a: Tensor, b: Tensor, chunk: int = 1 << 22) -> float:
+    """:func:`~colorquant_ops.quantizers.reference.psnr` of two uint8 images scaled to [0, 1], summed
+    in chunks of exact integers (a few bytes per pixel of a chunk, whatever the image size)."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    sse = 0
+    for start in range(0, a.numel(), chunk):
+        d = a[start:start + chunk].to(torch.int32) - b[start:start + chunk].to(torch.int32)
+        sse += int((d * d).sum())
+    mse = max(sse / (a.numel() * 255**2), 1e-12)
+    return float(10 * np.log10(1 / mse))
+
+
+def _input_paths(paths) -> set:
+    """Every name the inputs go by (as given, with the directory resolved, and the link target
+    resolved); a directory input stands for every entry in it."""
+    named = []
+    for path in map(Path, paths):
+        named.append(path)
+        if path.is_dir():
+            named += list(path.iterdir())
+    keys = set()
+    for path in named:
+        keys.add(os.path.join(os.path.realpath(path.parent), path.name))
+        keys.add(os.path.realpath(path))
+    return keys
+
+
+def _check_outputs_spare_inputs(args, files, jobs, out: Path) -> None:
+    inputs = _input_paths(args.images)
+    base = os.path.realpath(out)
+    names = [output_name(path.stem, job.method, job.dither, job.k) for path in files for job in jobs]
+    if args.sheet:
+        names.append("sheet.png")
+    for name in names:
+        target = os.path.join(base, name)
+        if target in inputs:
+            raise ValueError(f"{out / name} would overwrite an input image; pick another -o/--out-dir")
+
+
+def _skipped_message(skipped: list, processed: int) -> str:
+    if not processed and len(skipped) == 1:
+        return skipped[0]
+    return f"{len(skipped)} of {len(skipped) + processed} inputs skipped: {'; '.join(skipped)}"
+
+
 @torch.no_grad()
 def quantize_images(args: argparse.Namespace) -> list[dict]:
-    """Run ``colorquant quantize`` (see the module docstring); returns the table's rows as dicts."""
+    """Run ``colorquant quantize`` (see the module docstring); returns the table's rows as dicts.
+
+    Raises:
+        ValueError: bad arguments (before anything is written), or inputs skipped (after the
+            others were processed; the message names each with its cause).
+    """
     notes: list[str] = []
     jobs = _jobs(args, notes)
-    files = image_files(args.images)
+    max_pixels = getattr(args, "max_pixels", DEFAULT_MAX_PIXELS)
+    skipped: list[str] = []
+    files = image_files(args.images, max_pixels, skipped)
+    if not files:
+        raise ValueError(_skipped_message(skipped, 0))
     out = Path(args.out_dir or Path("runs") / f"quantize-{time.strftime('%Y%m%d-%H%M%S')}")
+    _check_outputs_spare_inputs(args, files, jobs, out)
     out.mkdir(parents=True, exist_ok=True)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
 
     records, sheet_rows, captions = [], [], []
+    done = 0
     for path in tqdm(files, desc="quantize", unit="image", disable=not args.progress or len(files) < 2,
                      dynamic_ncols=True):
-        image, note = _read_rgb(path)
+        try:
+            image, note = _read_rgb(path, max_pixels)
+        except ValueError as exc:  # corrupt data shows only on decoding: skip this image
+            skipped.append(str(exc))
+            continue
+        done += 1
         if note:
             tqdm.write(f"note: {note}", file=sys.stderr)
         H, W = image.shape[-2:]
-        original = image.float() / 255
-        row, row_captions = [fit_to_cell(image, args.cell_size)], [f"{path.name}\n{W}x{H}"]
+        row, row_captions = [fit_to_cell(image, args.cell_size) if args.sheet else None], [f"{path.name}\n{W}x{H}"]
         for job in jobs:
             index_map, palette = job.run(image)
             png = codecs.encode_palette_png(index_map, palette)
             name = output_name(path.stem, job.method, job.dither, job.k)
-            (out / name).write_bytes(png)
+            atomic_write_bytes(out / name, png)  # replaces a link at out/name, never writes through it
             quantized = palette[index_map].permute(2, 0, 1)  # the PNG's pixels, [3,H,W] uint8
+            del index_map
             record = {
                 "image": str(path), "method": job.method, "dither": "on" if job.dither else "off",
                 "num_colors": job.k, "colors": int(count_colors(quantized[None])[0]), "png_bytes": len(png),
-                "bpp": float(codecs.bits_per_pixel(len(png), H, W)), "psnr": psnr(quantized.float() / 255, original),
+                "bpp": float(codecs.bits_per_pixel(len(png), H, W)), "psnr": _psnr_uint8(quantized, image),
                 "file": str(out / name),
             }
             records.append(record)
-            row.append(fit_to_cell(quantized, args.cell_size))
+            if args.sheet:
+                row.append(fit_to_cell(quantized, args.cell_size))
+            del quantized
             row_captions.append(f"{record['colors']} colours, {record['bpp']:.2f} bpp\n{record['psnr']:.1f} dB PSNR")
+        del image
         sheet_rows.append(row)
         captions.append(row_captions)
 
     print(markdown_table(records))
     print(f"{len(records)} palette PNGs in {out}")
-    if args.sheet:
+    if args.sheet and sheet_rows:
         sheet, _ = labelled_sheet(sheet_rows, ["original"] + [job.label for job in jobs], captions,
                                   cell_size=args.cell_size)
-        sheet.save(out / "sheet.png")
+        buffer = io.BytesIO()
+        sheet.save(buffer, format="PNG")
+        atomic_write_bytes(out / "sheet.png", buffer.getvalue())
         print(f"sheet (rows: images; columns: original, {', '.join(job.label for job in jobs)}): {out / 'sheet.png'}")
+    if skipped:
+        raise ValueError(_skipped_message(skipped, done))
     return records
 
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from .._checkpoint import _short
+from .._io import atomic_write_text, save_atomic
 
 __all__ = ["RunDir", "rng_state", "seed_everything", "set_rng_state"]
 
@@ -88,7 +90,7 @@ class RunDir:
         if self.main:
             self.path.mkdir(parents=True, exist_ok=True)
             settings = {**vars(args), **extra}
-            (self.path / "settings.json").write_text(json.dumps(settings, indent=2, default=str) + "\n")
+            atomic_write_text(self.path / "settings.json", json.dumps(settings, indent=2, default=str) + "\n")
 
     def check_resume_settings(self, args: argparse.Namespace) -> None:
         """``--resume`` continues exactly only with the same settings, except those in :data:`_RESUME_FREE`
@@ -110,15 +112,37 @@ class RunDir:
             self._append("metrics.jsonl", json.dumps(record) + "\n")
 
     def save_state(self, state: dict) -> None:
-        """Write ``last.pt`` atomically."""
+        """Write ``last.pt`` atomically. The trainers append an epoch's metrics line first, so a kill
+        between the two leaves a line ahead of ``last.pt``, which :meth:`load_state` drops."""
         if self.main:
-            tmp = self.last.with_suffix(".pt.tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, self.last)
+            save_atomic(state, self.last)
 
     def load_state(self) -> dict:
-        """Read ``last.pt`` (onto the CPU; ``load_state_dict`` moves it)."""
+        """Read ``last.pt`` (onto the CPU; ``load_state_dict`` moves it), and drop the lines of
+        ``metrics.jsonl`` it does not account for (epochs after its own, a line cut short by a kill):
+        the resumed run writes them again."""
         try:
-            return torch.load(self.last, map_location="cpu", weights_only=True)
+            state = torch.load(self.last, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ValueError(f"cannot read the resume checkpoint {self.last}: {exc}") from exc
+            raise ValueError(f"cannot read the resume checkpoint {self.last}: {_short(exc)}") from exc
+        if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
+            raise ValueError(f"cannot read the resume checkpoint {self.last}: not a resume state of this program")
+        if self.main:
+            self._trim_metrics(state["epoch"])
+        return state
+
+    def _trim_metrics(self, epoch: int) -> None:
+        path = self.path / "metrics.jsonl"
+        if not path.is_file():
+            return
+        text = path.read_text()
+        kept = []
+        for line in text.splitlines(keepends=True):
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short
+                continue
+            if line.endswith("\n") and isinstance(record, dict) and record.get("epoch", 0) <= epoch:
+                kept.append(line)
+        if "".join(kept) != text:
+            atomic_write_text(path, "".join(kept))

@@ -467,6 +467,7 @@ def fit(
             best = metrics["test_acc"]
             if ctx.is_main:
                 save_model(run.path / "best.pt", epoch=epoch + 1, test_acc=best)
+        run.append_metrics(record)  # before last.pt: a resume drops a line ahead of last.pt, never lacks one
         rng = setup.rng_states()  # a collective under torchrun: every rank takes part
         run.save_state({
             "model": model.state_dict(),
@@ -478,7 +479,6 @@ def fit(
             **(state_extra or {}),
             **rng,
         })
-        run.append_metrics(record)
     if ctx.is_main:
         save_model(run.path / "final.pt", epoch=args.epochs, test_acc=record.get("test_acc", best))
     run.log(f"done: best test_acc {best:.4f}; checkpoints in {run.path}")

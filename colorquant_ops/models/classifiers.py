@@ -22,7 +22,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from .._checkpoint import read_checkpoint
+from .._checkpoint import build_checked, read_checkpoint
+from .._io import save_atomic
 from .._validation import check_int as _check_int
 
 __all__ = [
@@ -222,7 +223,7 @@ def save_classifier(model: nn.Module, path, arch: str, num_classes: int, image_s
     clash = sorted(set(extra) & set(_RESERVED))
     if clash:
         raise ValueError(f"extra entries may not use the reserved keys {clash}")
-    torch.save(
+    save_atomic(
         {
             "format": CHECKPOINT_FORMAT,
             # a CifarVGG rebuilt from a layout-1 checkpoint keeps its global max-pool
@@ -259,12 +260,13 @@ def load_classifier(path, map_location="cpu") -> nn.Module:
     if not isinstance(layout, int) or not 1 <= layout <= CLASSIFIER_LAYOUT:
         raise ValueError(f"{path}: classifier layout {layout!r} is newer than this version reads "
                          f"(1..{CLASSIFIER_LAYOUT})")
-    model = build_classifier(ckpt["arch"], ckpt["num_classes"], ckpt["image_size"])
-    if layout == 1 and isinstance(model, CifarVGG):
-        # written before the VGG16 took the paper's global average pooling: its global max-pool
-        model = CifarVGG(ckpt["num_classes"], global_pool="max")
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as exc:
-        raise ValueError(f"weights in {path} do not fit arch {ckpt['arch']!r}: {exc}") from exc
-    return model
+
+    def build() -> nn.Module:
+        model = build_classifier(ckpt["arch"], ckpt["num_classes"], ckpt["image_size"])
+        if layout == 1 and isinstance(model, CifarVGG):
+            # written before the VGG16 took the paper's global average pooling: its global max-pool
+            model = CifarVGG(ckpt["num_classes"], global_pool="max")
+        return model
+
+    # the header sizes the model: checked against the weights' shapes before anything is allocated
+    return build_checked(build, ckpt["state_dict"], path, f"classifier (arch {ckpt['arch']!r})")

@@ -15,7 +15,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from .._checkpoint import read_checkpoint
+from .._checkpoint import build_checked, read_checkpoint
+from .._io import save_atomic
 from .._validation import check_float as _check_float
 from .._validation import check_int as _check_int
 from ..normalization import NORMALIZATION_BEFORE_RECORDING
@@ -288,6 +289,10 @@ class ColorCNN(nn.Module):
 
 _KEEP = object()
 
+#: The entries of :meth:`ColorCNN.config` (a checkpoint's ``config`` may hold only these).
+_CONFIG_KEYS = ("num_colors", "backbone", "width", "in_channels", "temperature", "color_norm", "color_jitter",
+                "eps", "straight_through", "input_normalization")
+
 
 def save_colorcnn(model: ColorCNN, path, *, input_normalization=_KEEP, **extra) -> None:
     """Write ``model`` (its config and weights, plus any ``extra`` entries) to ``path``.
@@ -299,7 +304,7 @@ def save_colorcnn(model: ColorCNN, path, *, input_normalization=_KEEP, **extra) 
     config = model.config()
     if input_normalization is not _KEEP:
         config["input_normalization"] = _check_normalization(input_normalization, model.in_channels)
-    torch.save({"format": CHECKPOINT_FORMAT, "config": config, "state_dict": model.state_dict(), **extra}, path)
+    save_atomic({"format": CHECKPOINT_FORMAT, "config": config, "state_dict": model.state_dict(), **extra}, path)
 
 
 def load_colorcnn(path, map_location="cpu") -> ColorCNN:
@@ -322,10 +327,19 @@ def load_colorcnn_checkpoint(path, map_location="cpu") -> Tuple[ColorCNN, dict]:
     always trained on normalized images.
     """
     ckpt = read_checkpoint(path, CHECKPOINT_FORMAT, "ColorCNN", map_location)
+    missing = [k for k in ("config", "state_dict") if k not in ckpt]
+    if missing or not isinstance(ckpt["config"], dict):
+        raise ValueError(f"{path} is not a ColorCNN checkpoint "
+                         + (f"(missing entries {missing})" if missing else "(its config is not a dict)"))
     config = dict(ckpt["config"])
-    if config.get("input_normalization") is None and ckpt.get("dataset") in NORMALIZATION_BEFORE_RECORDING:
-        config["input_normalization"] = NORMALIZATION_BEFORE_RECORDING[ckpt["dataset"]]
-    model = ColorCNN(**config)
-    model.load_state_dict(ckpt["state_dict"])
+    unknown = sorted(str(k) for k in set(config) - set(_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"{path} is not a ColorCNN checkpoint (unknown config entries {unknown})")
+    dataset = ckpt.get("dataset")
+    if (config.get("input_normalization") is None and isinstance(dataset, str)
+            and dataset in NORMALIZATION_BEFORE_RECORDING):
+        config["input_normalization"] = NORMALIZATION_BEFORE_RECORDING[dataset]
+    # the config sizes the model (width, K): checked against the weights' shapes before building it
+    model = build_checked(lambda: ColorCNN(**config), ckpt["state_dict"], path, "ColorCNN")
     extra = {k: v for k, v in ckpt.items() if k not in ("format", "config", "state_dict")}
     return model, extra

@@ -7,7 +7,6 @@ Decoding 50,000 JPEGs takes a while on a CPU, loading the cached tensor a fracti
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -18,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from ..._io import save_atomic
 from .folders import PathLike
 
 __all__ = ["REPO_ROOT", "TensorImageDataset", "cache_as_tensors", "default_cache_dir"]
@@ -135,13 +135,6 @@ def cache_as_tensors(dataset: Dataset, path: PathLike, transform: Optional[Calla
     classes = getattr(dataset, "classes", None)
     classes = list(classes) if classes is not None else None
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"format": _CACHE_FORMAT, "images": images, "labels": labels, "classes": classes}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_atomic({"format": _CACHE_FORMAT, "images": images, "labels": labels, "classes": classes}, path)
     return TensorImageDataset(images, labels, transform, classes)
 

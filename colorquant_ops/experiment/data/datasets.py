@@ -268,6 +268,10 @@ def _tiny_val(root: Path, classes: list[str], transform) -> ImageFileDataset:
             continue
         if len(fields) < 2 or fields[1] not in class_to_idx:
             raise ValueError(f"{annotations}:{line_no}: expected 'FILE<TAB>WNID...' with a known wnid, got {line!r}")
+        name = fields[0]
+        if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+            # a plain file name in val/images/: nothing outside the data root is read
+            raise ValueError(f"{annotations}:{line_no}: {name!r} is not a file name in {val / 'images'}")
         samples.append((str(val / "images" / fields[0]), class_to_idx[fields[1]]))
     return ImageFileDataset(samples, classes, val, transform)
 
