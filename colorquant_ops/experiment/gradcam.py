@@ -329,7 +329,8 @@ def _caption(prob: float, pred: int, target: int, names, known: bool) -> str:
 
 def run_gradcam(args: argparse.Namespace) -> dict:
     """Run ``colorquant gradcam`` (see the module docstring). Returns ``{"sheet": path, "table": path,
-    "rows": number of sheet rows, "columns": column labels, "records": [...]}``."""
+    "rows": number of sheet rows, "columns": column labels, "boxes": each cell's box on the sheet,
+    "records": [...]}``."""
     methods = _check(args)
     notes: list[str] = []
     classifier_path = _resolve(args.classifier, PRETRAINED_CLASSIFIERS, "classifier")
@@ -417,7 +418,7 @@ def run_gradcam(args: argparse.Namespace) -> dict:
             rows.append(row)
             captions.append(caps)
 
-    sheet, _ = labelled_sheet(rows, columns, captions, cell_size=args.cell_size)
+    sheet, boxes = labelled_sheet(rows, columns, captions, cell_size=args.cell_size)
     sheet_path = out / "gradcam-sheet.png"
     sheet.save(sheet_path, optimize=True)
     lines = ["| image | class | K | method | colours | p(class) | original p | prediction |",
@@ -430,7 +431,7 @@ def run_gradcam(args: argparse.Namespace) -> dict:
     print(table)
     print(f"Grad-CAM sheet (rows: image x K; columns: {', '.join(columns)}): {sheet_path}")
     return {"sheet": sheet_path, "table": out / "gradcam.md", "rows": len(rows), "columns": columns,
-            "records": records}
+            "boxes": boxes, "records": records}
 
 
 COMMAND = Command(
