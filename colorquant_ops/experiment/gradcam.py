@@ -335,8 +335,10 @@ def run_gradcam(args: argparse.Namespace) -> dict:
     notes: list[str] = []
     classifier_path = _resolve(args.classifier, PRETRAINED_CLASSIFIERS, "classifier")
     classifier, (mean, std), dataset, image_size = _classifier_setup(classifier_path, args.dataset)
-    num_classes = classifier(torch.zeros(1, 3, image_size, image_size)).shape[1]
-    _resolve_layer(classifier, args.layer)  # a bad --layer is an argument error, before anything runs
+    probe = torch.zeros(1, 3, image_size, image_size)
+    with torch.no_grad():
+        num_classes = classifier(probe).shape[1]
+    grad_cam(classifier, probe, 0, layer=args.layer)  # a bad --layer is an argument error, before anything runs
     class_names = _CLASS_NAMES.get(dataset) if dataset else None
     if class_names is not None and len(class_names) != num_classes:
         class_names = None
