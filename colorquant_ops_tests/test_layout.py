@@ -16,7 +16,7 @@ PACKAGE = Path(colorquant_ops.__file__).resolve().parent
 EXPERIMENT = "colorquant_ops.experiment"
 # What the `colorquant` command alone uses; each must live in the experiment subpackage.
 COMMAND_LAYER = ("train", "evaluate", "presets", "demo", "quantize_files", "distributed", "data", "sheets", "cli",
-                 "rundir", "commands", "arguments")
+                 "rundir", "commands", "arguments", "gradcam")
 # The entry point `python -m colorquant_ops` is the command, not the library.
 ENTRY_POINTS = {"colorquant_ops.__main__"}
 # Compiled modules: leaves of the graph (whether or not this checkout has built them).

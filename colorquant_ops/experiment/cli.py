@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import commands, data, demo, evaluate, presets, quantize_files, train
+from . import commands, data, demo, evaluate, gradcam, presets, quantize_files, train
 
 __all__ = ["COMMANDS", "build_parser", "error_message", "main", "run_command"]
 
 #: Every ``colorquant`` subcommand, in the order ``--help`` lists them.
 COMMANDS = (demo.COMMAND, train.CLASSIFIER_COMMAND, train.COLORCNN_COMMAND, evaluate.COMMAND,
-            quantize_files.COMMAND, presets.COMMAND)
+            quantize_files.COMMAND, presets.COMMAND, gradcam.COMMAND)
 
 
 def build_parser() -> argparse.ArgumentParser:
