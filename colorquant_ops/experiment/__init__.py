@@ -11,6 +11,7 @@ Nothing in the library (:mod:`colorquant_ops.ops`, :mod:`~colorquant_ops.models`
 * :mod:`.quantize_files` -- ``quantize``: image files to palette PNGs and a picture sheet;
 * :mod:`.presets` -- ``reproduce``: a whole experiment from a named preset, and its report;
 * :mod:`.demo` -- ``demo``: the paper's point on bundled images with bundled weights;
+* :mod:`.gradcam` -- ``gradcam``: class activation maps of the frozen classifier per method and K;
 * :mod:`.rundir` -- a run's directory and the RNG states that ``--resume`` restores;
 * :mod:`.distributed` -- multi-process (torchrun) training pieces;
 * :mod:`.sheets` -- labelled picture sheets;

@@ -6,6 +6,7 @@
 * ``evaluate``: accuracy / colours used / bits per pixel of quantization methods and JPEG.
 * ``quantize``: image files to palette PNGs (any method and K), a table and a side-by-side sheet.
 * ``reproduce``: a named preset of the above, e.g. the paper's CIFAR-10 experiment, in one command.
+* ``gradcam``: what the frozen classifier looks at (Grad-CAM) on the original and each method's image.
 
 The parser is built from each command module's :class:`~.commands.Command`; the command modules
 never import this one. Bad arguments, missing data and unreadable checkpoints end with one
