@@ -164,7 +164,8 @@ sys.exit(cli.main(sys.argv[2:]))
 @pytest.mark.parametrize("step", ["save_state", "append_metrics"])
 def test_kill_between_last_pt_and_metrics_loses_no_line(tmp_path, step):
     out = tmp_path / "run"
-    argv = ["train-classifier", *COMMON, "--cache-dir", tmp_path / "cache", "--out-dir", out]
+    # the step schedule: a one-cycle schedule is fixed to its --epochs and refuses a longer resume
+    argv = ["train-classifier", *COMMON, "--schedule", "step", "--cache-dir", tmp_path / "cache", "--out-dir", out]
     result = _python(_KILL_AFTER, step, *argv, "--epochs", "2")
     assert result.returncode == -signal.SIGKILL, result.stderr
     assert cli.main([str(a) for a in argv] + ["--epochs", "3", "--resume"]) == 0
