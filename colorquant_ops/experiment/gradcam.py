@@ -64,7 +64,7 @@ from ..transforms import METHODS, ColorQuantize
 from . import data
 from .arguments import integer, load_one_line
 from .commands import Command
-from .quantize_files import _load_colorcnns, _read_rgb
+from .quantize_files import _load_colorcnns, _read_rgb, image_files
 from .sheets import fit_to_cell, labelled_sheet
 
 __all__ = ["COMMAND", "GradCamResult", "default_layer", "grad_cam", "overlay_heatmap", "run_gradcam"]
@@ -241,22 +241,6 @@ def add_gradcam_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out-dir", default=None, help="output directory (default: runs/gradcam-<timestamp>)")
 
 
-def _image_files(paths) -> list[Path]:
-    extensions = {ext.lower() for ext in PIL.Image.registered_extensions()}
-    files = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in extensions)
-            if not found:
-                raise ValueError(f"{path}: directory holds no image files")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"image not found: {path}")
-    return files
-
-
 def _resolve(name_or_path: str, table: dict, kind: str) -> Path:
     if name_or_path in table:
         return pretrained_path(name_or_path, kind)
@@ -358,7 +342,7 @@ def run_gradcam(args: argparse.Namespace) -> dict:
         if "colorcnn" in methods and k not in colorcnns:
             notes.append(f"colorcnn has no K={k} network: its cells stay empty")
 
-    files = _image_files(args.images)
+    files = image_files(args.images)  # the same checks as quantize: regular files, pixel limit, unique stems
     images = _load_images(files, image_size, args.resize, notes)
     out = Path(args.out_dir or Path("runs") / f"gradcam-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
