@@ -15,7 +15,7 @@ The network (:class:`AirbenchNet`, built by ``build_classifier("airbench94" | "a
   without bias, and the logits multiplied by 1/9.
 
 Input: images normalized like the project's other CIFAR classifiers (mean (0.4914, 0.4822, 0.4465),
-std (0.2023, 0.1994, 0.2010)), ``[B, 3, H, W]`` with ``H, W >= 17`` (three 2x2 pools after the
+std (0.2023, 0.1994, 0.2010)), ``[B, 3, H, W]`` with ``H, W >= 9`` (three 2x2 pools after the
 2x2 convolution). :meth:`AirbenchNet.init_whitening` computes the whitening filters from training
 images given in that same normalization; :func:`build_classifier` leaves PyTorch's default
 initialization in place (a checkpoint carries the computed filters in its state dict).
@@ -102,7 +102,7 @@ class AirbenchNet(nn.Module):
         logit_scale: factor of the logits.
 
     Shape:
-        - Input: ``[B, in_channels, H, W]`` normalized images, ``H, W >= 17`` for the default kernel.
+        - Input: ``[B, in_channels, H, W]`` normalized images, ``H, W >= 9`` for the default kernel.
         - Output: ``[B, num_classes]`` logits.
     """
 
