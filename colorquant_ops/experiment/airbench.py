@@ -6,7 +6,8 @@ the network :class:`~colorquant_ops.models.airbench.AirbenchNet`:
 * the whole training set as one uint8 tensor (the project's tensor cache), batched augmentation in
   torch: a left-right flip that alternates (each image is flipped on every other epoch, starting
   from a random half) and a random translation by up to 2 pixels (reflect padding);
-* the whitening filters computed from the first 5,000 training images before training; the
+* the whitening filters computed from 5,000 training images (a random sample seeded with ``--seed``:
+  the cached training set is in class order) before training; the
   whitening bias trains for the first 3 epochs (``--whiten-bias-epochs``), the filters never;
 * Nesterov SGD at batch 1024 with decoupled hyperparameters: ``--lr`` (11.5) and ``--weight-decay``
   (0.0153) are per 1024 images, the loss is *summed* over the batch (cross-entropy with label
@@ -283,7 +284,9 @@ def train_airbench(args: argparse.Namespace) -> dict:
     model = build_classifier(args.arch, num_classes, image_size)
     assert isinstance(model, AirbenchNet)
     whiten_started = time.perf_counter()
-    model.init_whitening(_normalize(train_images[:RECIPE["whiten_images"]], mean.cpu(), std.cpu(), "cpu",
+    # a seeded random sample: the cached sets are in class order (ImageFolder), their first images one class
+    sample = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(args.seed))
+    model.init_whitening(_normalize(train_images[sample[:RECIPE["whiten_images"]]], mean.cpu(), std.cpu(), "cpu",
                                     torch.contiguous_format), RECIPE["whiten_eps"])
     whiten_seconds = time.perf_counter() - whiten_started
     model = model.to(device, memory_format=torch.channels_last)
