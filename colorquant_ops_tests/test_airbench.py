@@ -193,6 +193,8 @@ def test_recipe_defaults_apply_only_when_not_given():
     assert (args.lr, args.epochs, args.batch_size, args.momentum) == (0.1, 60, 128, 0.5)
     assert json.loads(json.dumps({"lr": args.lr, "epochs": args.epochs})) == {"lr": 0.1, "epochs": 60}
     assert args.tta_level is None and args.whiten_bias_epochs is None and args.float32 is False
+    recipe.plain_defaults(args)  # what train-classifier does for them: plain numbers, loadable with weights_only
+    assert type(args.lr) is float and type(args.epochs) is int and type(args.batch_size) is int
 
 
 # --------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ from . import data, distributed
 from .rundir import RunDir, seed_everything
 
 __all__ = ["AIRBENCH_ARCHS", "RECIPE", "RECIPE_DEFAULTS", "add_arguments", "alternating_flip", "augment_batch",
-           "lr_factor", "train_airbench"]
+           "lr_factor", "plain_defaults", "train_airbench"]
 
 #: The recipe's values of the generic optimization options (used when those are left at their defaults).
 RECIPE_DEFAULTS = {"epochs": 10, "batch_size": 1024, "lr": 11.5, "momentum": 0.85, "weight_decay": 0.0153}
@@ -102,6 +102,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--whiten-bias-epochs", type=int, default=None,
                    help=f"epochs the whitening bias trains (default: {RECIPE['whiten_bias_epochs']})")
     g.add_argument("--float32", action="store_true", help="train in float32 (default: bfloat16 autocast)")
+
+
+def plain_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Replace the marked defaults in ``args`` (in place) by plain numbers of the same value, for the
+    other architectures: a marked number would reach the optimizer's state dict, and ``last.pt`` must
+    load with ``torch.load(weights_only=True)``. Returns ``args``."""
+    for name in RECIPE_DEFAULTS:
+        value = getattr(args, name, None)
+        if isinstance(value, _DefaultFloat):
+            setattr(args, name, float(value))
+        elif isinstance(value, _DefaultInt):
+            setattr(args, name, int(value))
+    return args
 
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:

@@ -424,6 +424,7 @@ def train_classifier(args: argparse.Namespace) -> dict:
     """Train a full-colour classifier (see the module docstring); returns the last epoch's metrics."""
     if args.arch in airbench.AIRBENCH_ARCHS:  # its own recipe: colorquant_ops.experiment.airbench
         return airbench.train_airbench(args)
+    airbench.plain_defaults(args)  # the recipe's default markers stay out of the checkpoints
     with _session(args, "train-classifier") as setup:
         return _train_classifier(setup)
 
