@@ -56,7 +56,7 @@ from ..losses import ColorCNNLoss
 from ..normalization import NORMALIZATION_BEFORE_RECORDING
 from ..models.classifiers import CifarAlexNet, build_classifier, load_classifier, save_classifier
 from ..models.colorcnn import ColorCNN, load_colorcnn_checkpoint, save_colorcnn
-from . import data, distributed
+from . import airbench, data, distributed
 from .arguments import positive_int
 from .commands import Command
 from .rundir import RunDir, rng_state, seed_everything, set_rng_state
@@ -131,7 +131,7 @@ def add_common_arguments(p: argparse.ArgumentParser, *, epochs: int, lr: float, 
 
 
 def add_classifier_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", default="alexnet", help="alexnet, vgg16, resnet18 or a torchvision model (default: alexnet)")
+    p.add_argument("--arch", default="alexnet", help="alexnet, vgg16, resnet18, airbench94, airbench93 or a torchvision model (default: alexnet)")
     add_common_arguments(p, epochs=60, lr=0.1, batch_size=128)
     p.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="onecycle: the paper's code's torch.optim.lr_scheduler.OneCycleLR, stepped per batch, lr "
@@ -141,6 +141,7 @@ def add_classifier_arguments(p: argparse.ArgumentParser) -> None:
                         "step for runs from before this option)")
     p.add_argument("--lr-steps", type=_lr_steps, default=None,
                    help="--schedule step only: epochs after which the lr is multiplied by 0.1 (default: 20,40)")
+    airbench.add_arguments(p)  # --arch airbench94 / airbench93: the recipe's defaults and options
 
 
 def add_colorcnn_arguments(p: argparse.ArgumentParser) -> None:
@@ -519,6 +520,9 @@ def _sgd(args, params) -> torch.optim.SGD:
 
 def train_classifier(args: argparse.Namespace) -> dict:
     """Train a full-colour classifier (see the module docstring); returns the last epoch's metrics."""
+    if args.arch in airbench.AIRBENCH_ARCHS:  # its own recipe: colorquant_ops.experiment.airbench
+        return airbench.train_airbench(args)
+    airbench.plain_defaults(args)  # the recipe's default markers stay out of the checkpoints
     _resolve_defaults(args)
     with _session(args, "train-classifier") as setup:
         return _train_classifier(setup)

@@ -13,6 +13,9 @@ as in the authors' code (github.com/hou-yz/color_distillation,
 * :func:`cifar_resnet18` -- torchvision's ResNet18 with a 3x3 stride-1 stem and
   no max-pool.
 
+``"airbench94"`` / ``"airbench93"`` are :class:`~colorquant_ops.models.airbench.AirbenchNet`, a
+fast CIFAR network after Keller Jordan's airbench (any image size; see :mod:`.airbench`).
+
 On larger images any torchvision classification model is available by name
 (:func:`build_classifier`), always randomly initialised: nothing here downloads
 weights.
@@ -25,6 +28,7 @@ from torch import Tensor, nn
 from .._checkpoint import build_checked, read_checkpoint
 from .._io import save_atomic
 from .._validation import check_int as _check_int
+from .airbench import AIRBENCH_ARCHS, AIRBENCH_WIDTHS, AirbenchNet
 
 __all__ = [
     "CIFAR_MAX_IMAGE_SIZE",
@@ -189,7 +193,8 @@ def build_classifier(arch: str, num_classes: int, image_size: int = 32) -> nn.Mo
             built with ``torchvision.models.get_model(arch, num_classes=num_classes, weights=None)``.
             Note that above 64 pixels ``"vgg16"`` is torchvision's VGG16
             *without* batch norm; pass ``"vgg16_bn"`` for the variant the
-            paper's code uses on ImageNet.
+            paper's code uses on ImageNet. ``"airbench94"`` / ``"airbench93"``:
+            :class:`~colorquant_ops.models.airbench.AirbenchNet` at any ``image_size``.
         num_classes: number of output logits, >= 1.
         image_size: side of the (square) input images; it only selects the
             CIFAR or the torchvision version, the models accept other sizes.
@@ -201,11 +206,14 @@ def build_classifier(arch: str, num_classes: int, image_size: int = 32) -> nn.Mo
         raise TypeError(f"arch must be a string, got {type(arch).__name__}")
     num_classes = _check_int(num_classes, "num_classes", 1)
     image_size = _check_int(image_size, "image_size", 1)
+    if arch in AIRBENCH_ARCHS:
+        return AirbenchNet(num_classes, AIRBENCH_WIDTHS[arch])
     if arch in _CIFAR_BUILDERS and image_size <= CIFAR_MAX_IMAGE_SIZE:
         return _CIFAR_BUILDERS[arch](num_classes)
     if arch not in _torchvision_archs():
         raise ValueError(
-            f"unknown classifier arch {arch!r}: use one of the CIFAR-sized {list(CLASSIFIER_ARCHS)} "
+            f"unknown classifier arch {arch!r}: use one of the CIFAR-sized {list(CLASSIFIER_ARCHS)}, "
+            f"{' or '.join(AIRBENCH_ARCHS)} "
             "or a torchvision classification model, see "
             "torchvision.models.list_models(module=torchvision.models)"
         )
