@@ -190,11 +190,12 @@ def test_recipe_defaults_apply_only_when_not_given():
     assert (resolved.lr, resolved.epochs, resolved.batch_size) == (0.1, 60, 1024)
     # the other architectures keep train-classifier's defaults, as plain JSON numbers
     args = parser.parse_args(["train-classifier"])
-    assert (args.lr, args.epochs, args.batch_size, args.momentum) == (0.1, 60, 128, 0.5)
+    # (--batch-size: None until train-classifier resolves it per dataset, 128 on CIFAR)
+    assert (args.lr, args.epochs, args.batch_size, args.momentum) == (0.1, 60, None, 0.5)
     assert json.loads(json.dumps({"lr": args.lr, "epochs": args.epochs})) == {"lr": 0.1, "epochs": 60}
     assert args.tta_level is None and args.whiten_bias_epochs is None and args.float32 is False
     recipe.plain_defaults(args)  # what train-classifier does for them: plain numbers, loadable with weights_only
-    assert type(args.lr) is float and type(args.epochs) is int and type(args.batch_size) is int
+    assert type(args.lr) is float and type(args.epochs) is int and args.batch_size is None
 
 
 # --------------------------------------------------------------------------------------------
