@@ -58,7 +58,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..models.classifiers import load_classifier
 from ..models.pretrained import PRETRAINED_CLASSIFIERS, PRETRAINED_COLORCNN, pretrained_path
-from ..normalization import DATASET_NORMALIZATION, NORMALIZATION_BEFORE_RECORDING
+from ..normalization import NORMALIZATION_BEFORE_RECORDING
 from ..quantizers.reference import count_colors
 from ..transforms import METHODS, ColorQuantize
 from . import data
@@ -256,13 +256,11 @@ def _classifier_setup(path: Path, dataset: Optional[str]):
     model = load_one_line(load_classifier, path).eval().requires_grad_(False)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)  # readable: load_classifier read it
     recorded = ckpt.get("dataset")
-    if ckpt.get("input_normalization") is not None or recorded in NORMALIZATION_BEFORE_RECORDING:
-        normalization = data.classifier_normalization(path, recorded or dataset or "cifar10")
-    elif dataset is not None:
-        normalization = DATASET_NORMALIZATION[dataset]
-    else:
+    if ckpt.get("input_normalization") is None and recorded not in NORMALIZATION_BEFORE_RECORDING and dataset is None:
         raise ValueError(f"--classifier {path} records neither its input normalization nor its dataset; "
                          f"pass --dataset (one of {', '.join(data.DATASETS)})")
+    # what the checkpoint records, else its dataset's, else --dataset's
+    normalization = data.classifier_normalization(path, dataset or recorded)
     return model, normalization, recorded or dataset, int(ckpt["image_size"])
 
 

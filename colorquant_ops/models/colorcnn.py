@@ -228,7 +228,9 @@ class ColorCNN(nn.Module):
             bfloat16 under CPU autocast).
         """
         self._check_input(x)
-        norm = self._normalization(x)
+        return self._logits(x, self._normalization(x))
+
+    def _logits(self, x: Tensor, norm) -> Tensor:
         return self.head(self.backbone(x if norm is None else (x - norm[0]) / norm[1]))
 
     def forward(self, x: Tensor) -> ColorCNNOutput:
@@ -244,7 +246,9 @@ class ColorCNN(nn.Module):
             ``None``; in evaluation mode ``quantized``, ``palette`` and
             ``index_map`` carry no gradient.
         """
-        logits = self.logits(x)
+        self._check_input(x)
+        norm = self._normalization(x)
+        logits = self._logits(x, norm)
         # The fused ops need one dtype; quantize in the image's (fp32 under autocast).
         if logits.dtype != x.dtype:
             logits = logits.to(x.dtype)
@@ -265,7 +269,6 @@ class ColorCNN(nn.Module):
         # exactly quantized / color_norm + j: no second pass over the pixels.
         # With an input normalization the tricks act in the normalized space the
         # network was trained in: mean + ((v - mean) / std / color_norm + j) * std.
-        norm = self._normalization(x)
         if self.color_norm != 1.0:
             if norm is None:
                 quantized = quantized / self.color_norm
