@@ -1,7 +1,8 @@
 """The fused ops against the paper's, the eager and the compiled formulations.
 
 ``soft_color_quantize`` forward and forward + backward, ``hard_color_quantize``
-and ``render_index_map`` forward, at CIFAR (B=128, 32x32, K in {2, 8, 64}) and
+and ``render_index_map`` forward, ``palette_distance`` forward and forward +
+backward, at CIFAR (B=128, 32x32, K in {2, 8, 64}) and
 ImageNet (B=32, 224x224, K in {2, 16, 256}) sizes: median time, peak memory and,
 on CUDA, the achieved bandwidth of the fused op against the device's copy
 bandwidth. Every formulation's first result is checked against the fused op's.
@@ -26,7 +27,7 @@ from .common import (
     rotated_buffer_count,
     time_calls,
 )
-from .formulations import FORMULATIONS, OPS, formulation
+from .formulations import FORMULATIONS, OPS, formulation, has_formulation
 
 #: size name -> (B, H, W, Ks)
 SIZES = {
@@ -34,13 +35,14 @@ SIZES = {
     "imagenet": (32, 224, 224, (2, 16, 256)),
 }
 #: (op, pass) pairs measured at every shape
-OP_PASSES = (("soft", "fwd"), ("soft", "fwd+bwd"), ("hard", "fwd"), ("render", "fwd"))
+OP_PASSES = (("soft", "fwd"), ("soft", "fwd+bwd"), ("hard", "fwd"), ("render", "fwd"),
+             ("distance", "fwd"), ("distance", "fwd+bwd"))
 CHANNELS = 3
 
 
 @dataclasses.dataclass(frozen=True)
 class OpCase:
-    op: str  #: "soft", "hard" or "render"
+    op: str  #: "soft", "hard", "render" or "distance"
     mode: str  #: "fwd" or "fwd+bwd"
     B: int
     K: int
@@ -67,6 +69,10 @@ class OpCase:
         BKP, BCP, BKC, BP = self.B * self.K * self.H * self.W, self.B * self.C * self.H * self.W, \
             self.B * self.K * self.C, self.B * self.H * self.W
         index = 8 * BP  # int64 index map
+        if self.op == "distance" and self.mode == "fwd":
+            return s * (BCP + BKC + BKP)  # image, palette -> distances
+        if self.op == "distance":
+            return s * (2 * BCP + 2 * BKC + 2 * BKP)  # image, palette, upstream grad -> out, 2 grads
         if self.op == "soft" and self.mode == "fwd":
             return s * (2 * BKP + 2 * BCP + BKC)  # logits, image -> probs, quantized, palette
         if self.op == "soft":
@@ -120,6 +126,12 @@ def make_inputs(case: OpCase, device: torch.device, n_buffers: Optional[int] = N
             index_map = torch.randint(0, K, (B, H, W), generator=gen, device=device)
             return (index_map, torch.rand(B, K, C, generator=gen, device=device, dtype=dtype))
         grad = case.mode == "fwd+bwd"
+        if case.op == "distance":
+            image = torch.rand(B, C, H, W, generator=gen, device=device, dtype=dtype).requires_grad_(grad)
+            palette = torch.rand(B, K, C, generator=gen, device=device, dtype=dtype).requires_grad_(grad)
+            if not grad:
+                return (image, palette)
+            return (image, palette, torch.randn(B, K, H, W, generator=gen, device=device, dtype=dtype))
         logits = (2 * torch.randn(B, K, H, W, generator=gen, device=device, dtype=dtype)).requires_grad_(grad)
         image = torch.rand(B, C, H, W, generator=gen, device=device, dtype=dtype).requires_grad_(grad)
         if not grad:
@@ -136,16 +148,18 @@ def make_inputs(case: OpCase, device: torch.device, n_buffers: Optional[int] = N
 
 def runner(fn, mode: str):
     """The measured call: the forward alone (no autograd graph), or the forward and
-    the backward from random dense upstream gradients of all three outputs."""
+    the backward from random dense upstream gradients of all outputs (soft: the
+    three outputs w.r.t. logits and image; distance: the distances w.r.t. image
+    and palette)."""
     if mode == "fwd":
         def forward(*args):
             with torch.no_grad():
                 return fn(*args)
         return forward
 
-    def forward_backward(logits, image, grad_quantized, grad_palette, grad_probs):
-        outputs = fn(logits, image)
-        return torch.autograd.grad(outputs, (logits, image), (grad_quantized, grad_palette, grad_probs))
+    def forward_backward(first, second, *upstream):
+        outputs = fn(first, second)
+        return torch.autograd.grad(outputs, (first, second), upstream)
 
     return forward_backward
 
@@ -158,8 +172,12 @@ def _first_image(result):
 _CHECK_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2, torch.float64: 1e-9}
 
 
-def _compare(name: str, got, expected, dtype) -> Optional[str]:
-    names = ("grad_logits", "grad_image") if len(expected) == 2 else [f"output {i}" for i in range(len(expected))]
+#: names of the two gradients of each op's fwd+bwd
+_GRAD_NAMES = {"soft": ("grad_logits", "grad_image"), "distance": ("grad_image", "grad_palette")}
+
+
+def _compare(name: str, got, expected, dtype, op: str = "soft") -> Optional[str]:
+    names = _GRAD_NAMES[op] if len(expected) == 2 else [f"output {i}" for i in range(len(expected))]
     for what, a, b in zip(names, got, expected):
         if a.shape != b.shape:
             return f"{name}: {what} has shape {tuple(a.shape)}, fused {tuple(b.shape)}"
@@ -185,6 +203,22 @@ def paper_bytes_estimate(case: OpCase) -> int:
     return int(1.1 * (2 * bckp + (2 if case.mode == "fwd+bwd" else 1) * bkp))
 
 
+def distance_eager_bytes_estimate(case: OpCase) -> int:
+    """The same for palette_distance's eager broadcast: its ``B x K x C x H x W`` difference
+    and square (fwd+bwd: also the difference saved for the backward and its gradient)."""
+    s = torch.empty((), dtype=case.dtype).element_size()
+    bkcp = case.B * case.K * case.C * case.H * case.W * s
+    return int(1.1 * (4 if case.mode == "fwd+bwd" else 2) * bkcp)
+
+
+def _memory_estimate(case: OpCase, name: str) -> Optional[int]:
+    if name == "paper" and case.op != "distance":
+        return paper_bytes_estimate(case)
+    if name == "eager" and case.op == "distance":
+        return distance_eager_bytes_estimate(case)
+    return None
+
+
 class _Skipped(Exception):
     pass
 
@@ -198,9 +232,15 @@ def run_case(case: OpCase, device: torch.device, policy: TimingPolicy, copy_band
     reference = None
     for name in formulations or FORMULATIONS:
         first = {}
+        if not has_formulation(case.op, name):
+            result.seconds[name] = result.peak_bytes[name] = NotRun("n/a", f"{case.op} has no {name} formulation")
+            if progress is not None:
+                progress.update(1)
+            continue
         try:
-            if name == "paper" and device.type == "cpu":
-                need, avail = paper_bytes_estimate(case), available_memory_bytes(device)
+            need = _memory_estimate(case, name) if device.type == "cpu" else None
+            if need is not None:
+                avail = available_memory_bytes(device)
                 if avail is not None and need > 0.9 * avail:
                     raise _Skipped(f"needs about {need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available")
             try:
@@ -230,7 +270,7 @@ def run_case(case: OpCase, device: torch.device, policy: TimingPolicy, copy_band
             if name == "fused":
                 reference = first["r"]
             elif reference is not None:
-                problem = _compare(name, first["r"], reference, case.dtype)
+                problem = _compare(name, first["r"], reference, case.dtype, case.op)
                 if problem:
                     result.mismatches.append(problem)
                     log(f"{case.label}: MISMATCH {problem}")

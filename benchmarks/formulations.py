@@ -10,6 +10,14 @@
 * ``eager``: the reference in eager PyTorch: batched matrix products for the
   soft and hard ops, a gather for ``render_index_map``.
 * ``compiled``: ``torch.compile`` of ``eager`` (static shapes).
+* ``expanded``: ``palette_distance`` only, the matrix-product expansion
+  ``|x|^2 - 2 x.c + |c|^2`` (an einsum over the channels, no ``B x K x C x H x W``
+  tensor; it loses precision to cancellation where a pixel is close to a colour).
+
+``palette_distance`` has no paper formulation (the seed paper has no such op);
+its ``eager`` formulation is the broadcast
+``((image[:, None] - palette[..., None, None]) ** 2).sum(2)``. A formulation an op
+does not have is reported as not applicable.
 """
 
 import torch
@@ -17,8 +25,8 @@ import torch
 from colorquant_ops import ops
 from colorquant_ops.ops import reference
 
-FORMULATIONS = ("fused", "paper", "eager", "compiled")
-OPS = ("soft", "hard", "render")
+FORMULATIONS = ("fused", "paper", "eager", "compiled", "expanded")
+OPS = ("soft", "hard", "render", "distance")
 
 
 def hard_color_quantize_paper(logits, image):
@@ -40,6 +48,13 @@ def render_index_map_paper(index_map, palette):
     return (onehot.unsqueeze(1) * palette.transpose(1, 2)[:, :, :, None, None]).sum(dim=2)
 
 
+def palette_distance_expanded(image, palette):
+    """``|x|^2 - 2 x.c + |c|^2``: the squared distances through one batched matrix product."""
+    x2 = (image * image).sum(1, keepdim=True)  # [B,1,H,W]
+    c2 = (palette * palette).sum(2)[..., None, None]  # [B,K,1,1]
+    return x2 - 2 * torch.einsum("bchw,bkc->bkhw", image, palette) + c2
+
+
 _EAGER = {
     "soft": {"fused": ops.soft_color_quantize, "paper": reference.soft_color_quantize_paper,
              "eager": reference.soft_color_quantize},
@@ -47,7 +62,15 @@ _EAGER = {
              "eager": reference.hard_color_quantize},
     "render": {"fused": ops.render_index_map, "paper": render_index_map_paper,
                "eager": reference.render_index_map},
+    "distance": {"fused": ops.palette_distance, "eager": reference.palette_distance,
+                 "expanded": palette_distance_expanded},
 }
+
+
+def has_formulation(op: str, name: str) -> bool:
+    """Whether ``op`` is timed in formulation ``name`` (``compiled`` wherever there is an ``eager``)."""
+    table = _EAGER.get(op, {})
+    return name in table or (name == "compiled" and "eager" in table)
 
 
 def formulation(op: str, name: str):
@@ -60,7 +83,8 @@ def formulation(op: str, name: str):
         torch._dynamo.reset()
         return torch.compile(_EAGER[op]["eager"], dynamic=False)
     if name not in _EAGER[op]:
-        raise ValueError(f"formulation must be one of {FORMULATIONS}, got {name!r}")
+        raise ValueError(f"formulation of {op} must be one of "
+                         f"{tuple(n for n in FORMULATIONS if has_formulation(op, n))}, got {name!r}")
     return _EAGER[op][name]
 
 

@@ -6,7 +6,8 @@ by one to two orders of magnitude. Prints "gpu_sanitizer_driver: done" last.
 Shapes: 1x1 images, odd sizes, a tile boundary (1025 pixels), several dither
 passes (H > 1024 rows), C = 1, 3, 5 (register chunk and the generic dither),
 K = 1, 7, 256, palettes too large for shared memory (K = 256, C = 64), empty
-batches and images, every floating dtype, out-of-range indices unchecked.
+batches and images, every floating dtype, out-of-range indices unchecked;
+palette_distance forward and backward on the same shapes and a few of its own.
 """
 
 import sys
@@ -44,6 +45,8 @@ def main() -> int:
             palette = rn(B, K, C, dtype=dtype).requires_grad_(True)
             r = cq.render_index_map(hard.index_map, palette)
             torch.autograd.grad(r, palette, rn(*r.shape, dtype=dtype))
+            d = cq.palette_distance(image, palette)
+            torch.autograd.grad(d, (image, palette), rn(*d.shape, dtype=dtype))
         km = cq.kmeans_palette(ru(2, 3, 17, 19, dtype=dtype), 9, 3, seed=1)
         cq.floyd_steinberg_dither(ru(2, 3, 17, 19, dtype=dtype), km.palette)
         cq.floyd_steinberg_dither(ru(2, 3, 17, 19, dtype=dtype), km.palette, clamp=(0.0, 1.0))
@@ -69,10 +72,17 @@ def main() -> int:
     cq.render_index_map(idx[:0], pal[:0])
     cq.render_index_map(idx[:, :0], pal)
     torch.ops.colorquant.render_index_map_backward(ru(2, 3, 9, 11), idx, pal.detach(), True)
-    # soft / hard with no pixels, and with an empty batch
+    # palette_distance: C above the register chunk, many tiles (warp finish), non-contiguous input
+    for B, K, C, H, W in [(1, 3, 6, 7, 5), (1, 5, 2, 200, 180), (3, 256, 1, 3, 3)]:
+        image, pal = ru(B, C, H, W).requires_grad_(True), ru(B, K, C).requires_grad_(True)
+        d = cq.palette_distance(image.transpose(2, 3), pal)
+        torch.autograd.grad(d, (image, pal), rn(*d.shape))
+    # soft / hard / distance with no pixels, and with an empty batch
     for B, H, W in [(2, 0, 3), (0, 3, 3)]:
         cq.soft_color_quantize(rn(B, 4, H, W), ru(B, 3, H, W))
         cq.hard_color_quantize(rn(B, 4, H, W), ru(B, 3, H, W))
+        image, pal = ru(B, 3, H, W).requires_grad_(True), ru(B, 4, 3).requires_grad_(True)
+        torch.autograd.grad(cq.palette_distance(image, pal).sum(), (image, pal))
     torch.cuda.synchronize()
     print("gpu_sanitizer_driver: done")
     return 0

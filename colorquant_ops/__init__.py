@@ -3,7 +3,8 @@
 The library, what other people's training code imports:
 
 * :mod:`colorquant_ops.ops` -- the fused ops (``torch.ops.colorquant``) and their plain-PyTorch reference;
-* :class:`ColorCNN` -- the seed paper's network, and the classifiers that judge it (:mod:`colorquant_ops.models`);
+* :class:`ColorCNN` -- the seed paper's network; :class:`ColorCNNPlus` -- one network for every number of
+  colours; the classifiers that judge them (:mod:`colorquant_ops.models`);
 * :class:`colorquant_ops.transforms.ColorQuantize` -- a torchvision v2 transform;
 * :mod:`colorquant_ops.quantizers` -- the traditional baselines;
 * :mod:`colorquant_ops.codecs` -- palette PNG / JPEG size accounting;
@@ -15,16 +16,18 @@ which the library never imports.
 """
 
 from . import ops
-from .models import ColorCNN, ColorCNNOutput
-from .ops import hard_color_quantize, render_index_map, soft_color_quantize
+from .models import ColorCNN, ColorCNNOutput, ColorCNNPlus
+from .ops import hard_color_quantize, palette_distance, render_index_map, soft_color_quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ColorCNN",
     "ColorCNNOutput",
+    "ColorCNNPlus",
     "hard_color_quantize",
     "ops",
+    "palette_distance",
     "render_index_map",
     "soft_color_quantize",
 ]

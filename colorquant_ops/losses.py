@@ -21,8 +21,10 @@ from torch import Tensor, nn
 
 from ._validation import check_float as _check_float
 from .models.colorcnn import ColorCNNOutput
+from .ops import palette_distance
 
-__all__ = ["ColorCNNLoss", "color_usage_loss", "color_variance_loss", "soft_palette"]
+__all__ = ["ColorCNNLoss", "ColorCNNPlusLoss", "cluster_imitation_loss", "color_usage_loss", "color_variance_loss",
+           "soft_palette"]
 
 
 def _check_tensor(x, name: str, dim: int) -> None:
@@ -195,3 +197,93 @@ class ColorCNNLoss(nn.Module):
         values = torch.stack([t.detach().float() for t in (total, *terms)]).tolist()  # one device sync
         names = ("total", "cross_entropy", "color_usage", "color_variance", "reconstruction")
         return total, dict(zip(names, values))
+
+
+def cluster_imitation_loss(logits: Tensor, image: Tensor, palette: Tensor) -> Tensor:
+    """ColorCNN+'s cluster-imitation term: the assignment should be a clustering step's.
+
+    The target of pixel ``p`` is the index of the palette colour nearest to its own colour,
+    ``argmin_k |image[b,:,p] - palette[b,k]|^2`` -- the assignment step of k-means, the one thing
+    every clustering quantizer does -- and the loss is the cross-entropy of the assignment logits
+    against it, averaged over pixels. The target is a constant (no gradient through ``image`` or
+    ``palette``), so the term only teaches the network's assignment to imitate it; with the palette
+    made of the pixels' own mean colours, a network that met it everywhere would be at a fixed point
+    of Lloyd's algorithm. (A permutation-free target: no matching between the network's colours and
+    another quantizer's is needed.)
+
+    Args:
+        logits: ``[B, K, H, W]`` assignment logits (e.g. ``ColorCNNPlus(..., return_logits=True)``).
+        image: ``[B, C, H, W]`` the pixels' colours.
+        palette: ``[B, K, C]`` the colours the pixels are recoloured with.
+
+    Returns:
+        A scalar, differentiable w.r.t. ``logits``.
+    """
+    _check_tensor(logits, "logits", 4)
+    _check_tensor(image, "image", 4)
+    _check_tensor(palette, "palette", 3)
+    _check_pair(image, logits)
+    B, K = logits.shape[:2]
+    if tuple(palette.shape) != (B, K, image.shape[1]):
+        raise ValueError(f"palette must have shape [B, K, C] = {(B, K, image.shape[1])}, got {tuple(palette.shape)}")
+    with torch.no_grad():
+        target = palette_distance(image.detach(), palette.detach().to(image.dtype)).argmin(dim=1)
+    return F.cross_entropy(logits.float(), target)
+
+
+class ColorCNNPlusLoss(nn.Module):
+    """The objective of :class:`~colorquant_ops.models.ColorCNNPlus` against a frozen classifier.
+
+    ``total = CE(logits_cls, target) + imitation * log2(K) / 8 * cluster_imitation_loss(logits, image,
+    palette) + alpha * color_usage_loss(probs)``. The imitation weight grows with the number of
+    colours, from ``imitation / 8`` at K = 2 to ``imitation`` at K = 256: at one bit the classifier's
+    signal should decide the structure, at many colours the image's own colours (the aims of the
+    ColorCNN+ paper: network supervision in small colour spaces, clustering in large ones).
+
+    Args:
+        imitation: weight of the cluster-imitation term at K = 256, >= 0 (0: no imitation, the
+            ablation of RESULTS.md).
+        alpha: weight of ColorCNN's colour-usage term, >= 0 (default 0: the k-means centres already
+            use every colour).
+        label_smoothing: passed to :func:`torch.nn.functional.cross_entropy`.
+
+    Returns (forward):
+        ``(total, terms)``: the differentiable total and a dict of Python floats ``{"total",
+        "cross_entropy", "imitation", "color_usage"}`` (unweighted terms).
+    """
+
+    def __init__(self, imitation: float = 1.0, alpha: float = 0.0, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.imitation = _check_float(imitation, "imitation", positive=False)
+        self.alpha = _check_float(alpha, "alpha", positive=False)
+        self.label_smoothing = _check_float(label_smoothing, "label_smoothing", positive=False)
+        if self.label_smoothing > 1:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
+
+    def extra_repr(self) -> str:
+        return f"imitation={self.imitation}, alpha={self.alpha}, label_smoothing={self.label_smoothing}"
+
+    def imitation_weight(self, num_colors: int) -> float:
+        """The weight of the imitation term at ``num_colors`` colours: ``imitation * log2(K) / 8``."""
+        return self.imitation * math.log2(num_colors) / 8
+
+    def forward(self, logits_cls: Tensor, target: Tensor, output: ColorCNNOutput, image: Tensor,
+                logits: Tensor) -> Tuple[Tensor, Dict[str, float]]:
+        if not isinstance(output, ColorCNNOutput):
+            raise TypeError(f"output must be a ColorCNNOutput, got {type(output).__name__}")
+        _check_tensor(logits, "logits", 4)
+        ce = F.cross_entropy(logits_cls, target, label_smoothing=self.label_smoothing)
+        total = ce
+        terms = [ce]
+        for weight, fn in ((self.imitation_weight(logits.shape[1]),
+                            lambda: cluster_imitation_loss(logits, image, output.palette)),
+                           (self.alpha, lambda: color_usage_loss(output.probs))):
+            if weight != 0.0:
+                term = fn()
+                total = total + weight * term
+            else:
+                with torch.no_grad():
+                    term = fn()
+            terms.append(term)
+        values = torch.stack([t.detach().float() for t in (total, *terms)]).tolist()
+        return total, dict(zip(("total", "cross_entropy", "imitation", "color_usage"), values))

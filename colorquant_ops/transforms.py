@@ -9,6 +9,8 @@
     pipeline = v2.Compose([v2.RandomCrop(32, padding=4), ColorQuantize(4, "median_cut"), v2.ToImage(),
                            v2.ToDtype(torch.float32, scale=True)])
     bundled = ColorQuantize(2, "colorcnn", model="cifar10-k2")      # bundled weights, by name
+    plus = ColorCNNPlus.from_pretrained("cifar10-plus")             # one network, any K:
+    q4, q16 = ColorQuantize(4, "colorcnn+", model=plus), ColorQuantize(16, "colorcnn+", model=plus)
     model = nn.Sequential(ColorQuantize(2, "colorcnn", model=colorcnn), classifier)
 """
 
@@ -29,14 +31,17 @@ from torchvision.transforms.v2._utils import is_pure_tensor
 
 from . import ops
 from ._validation import check_int as _check_int
-from .models import ColorCNN, load_colorcnn
-from .models.pretrained import PRETRAINED_COLORCNN
+from .models import ColorCNN, ColorCNNPlus, load_colorcnn, load_colorcnn_plus
+from .models.pretrained import PRETRAINED_COLORCNN, PRETRAINED_COLORCNN_PLUS
 from .quantizers import pil_quantize
 
 __all__ = ["METHODS", "ColorQuantize", "QuantizeResult"]
 
 #: Methods of :class:`ColorQuantize`.
-METHODS = ("median_cut", "octree", "kmeans", "pil_kmeans", "colorcnn")
+METHODS = ("median_cut", "octree", "kmeans", "pil_kmeans", "colorcnn", "colorcnn+")
+#: The learned methods: method -> (model class, bundled names, checkpoint loader).
+_LEARNED = {"colorcnn": (ColorCNN, PRETRAINED_COLORCNN, load_colorcnn),
+            "colorcnn+": (ColorCNNPlus, PRETRAINED_COLORCNN_PLUS, load_colorcnn_plus)}
 _PIL_METHODS = ("median_cut", "octree", "pil_kmeans")
 # ColorQuantize method -> pil_quantize method
 _PIL_NAMES = {"median_cut": "median_cut", "octree": "octree", "pil_kmeans": "kmeans"}
@@ -66,14 +71,16 @@ class ColorQuantize(Transform):
     """Quantize images to at most ``num_colors`` colours.
 
     Args:
-        num_colors: number of colours K, in ``[1, 256]`` (``"colorcnn"``: the model's K).
+        num_colors: number of colours K, in ``[1, 256]`` (``"colorcnn"``: the model's K;
+            ``"colorcnn+"``: 2 to the model's ``max_colors``).
         method: ``"median_cut"``, ``"octree"``, ``"pil_kmeans"`` (PIL, the seed
             paper's baselines; ``pil_kmeans`` is its k-means: ``Image.quantize(K,
             kmeans=2)``, median cut refined by PIL's k-means until at most one
             pixel moves), ``"kmeans"`` (this library's batched k-means op:
             k-means++ seeding and ``kmeans_iters`` Lloyd iterations; another,
-            stronger algorithm than the paper's k-means) or ``"colorcnn"`` (a
-            learned :class:`~colorquant_ops.ColorCNN`).
+            stronger algorithm than the paper's k-means), ``"colorcnn"`` (a
+            learned :class:`~colorquant_ops.ColorCNN`) or ``"colorcnn+"`` (a learned
+            :class:`~colorquant_ops.models.ColorCNNPlus`, one network for every K).
         dither: map the image onto the method's palette with Floyd–Steinberg
             error diffusion (this library's batched op) instead of using the
             method's own index map.
@@ -84,7 +91,11 @@ class ColorQuantize(Transform):
             with ``num_colors`` colours, the name of a bundled network
             (:data:`colorquant_ops.models.PRETRAINED_COLORCNN`, e.g.
             ``"cifar10-k2"``; names take precedence over files) or the path of
-            a checkpoint written by :func:`~colorquant_ops.models.save_colorcnn`.
+            a checkpoint written by :func:`~colorquant_ops.models.save_colorcnn`;
+            for ``method="colorcnn+"`` likewise a :class:`~colorquant_ops.models.ColorCNNPlus`,
+            a name of :data:`~colorquant_ops.models.PRETRAINED_COLORCNN_PLUS` (e.g.
+            ``"cifar10-plus"``) or a :func:`~colorquant_ops.models.save_colorcnn_plus` checkpoint;
+            one model may serve several transforms of different K.
         kmeans_iters: Lloyd iterations of ``method="kmeans"``.
         seed: seed of the k-means++ seeding (results are deterministic given it).
 
@@ -130,7 +141,7 @@ class ColorQuantize(Transform):
         num_colors: int,
         method: str = "median_cut",
         dither: bool = False,
-        model: ColorCNN | str | os.PathLike | None = None,
+        model: ColorCNN | ColorCNNPlus | str | os.PathLike | None = None,
         kmeans_iters: int = 10,
         seed: int = 0,
         dither_clamp: bool = False,
@@ -146,23 +157,27 @@ class ColorQuantize(Transform):
             raise ValueError("dither_clamp=True needs dither=True")
         self.kmeans_iters = _check_int(kmeans_iters, "kmeans_iters", 0)
         self.seed = _check_int(seed, "seed", 0)
-        self.model: Optional[ColorCNN] = None
-        if method == "colorcnn":
+        self.model: Optional[ColorCNN | ColorCNNPlus] = None
+        if method in _LEARNED:
+            cls, bundled, load = _LEARNED[method]
             if model is None:
-                raise ValueError('method="colorcnn" needs model=: a ColorCNN, a bundled name '
-                                 f"({', '.join(sorted(PRETRAINED_COLORCNN))}) or a checkpoint path")
-            if isinstance(model, str) and model in PRETRAINED_COLORCNN:
-                model = ColorCNN.from_pretrained(model)
+                raise ValueError(f'method="{method}" needs model=: a {cls.__name__}, a bundled name '
+                                 f"({', '.join(sorted(bundled))}) or a checkpoint path")
+            if isinstance(model, str) and model in bundled:
+                model = cls.from_pretrained(model)
             elif isinstance(model, (str, os.PathLike)):
-                model = load_colorcnn(model)
-            if not isinstance(model, ColorCNN):
-                raise TypeError(f"model must be a ColorCNN, a bundled name or a checkpoint path, "
-                                f"got {type(model).__name__}")
-            if model.num_colors != self.num_colors:
+                model = load(model)
+            if not isinstance(model, cls):
+                raise TypeError(f"model must be a {cls.__name__} for method={method!r}, a bundled name or a "
+                                f"checkpoint path, got {type(model).__name__}")
+            if method == "colorcnn" and model.num_colors != self.num_colors:
                 raise ValueError(f"model quantizes to {model.num_colors} colours but num_colors={self.num_colors}")
+            if method == "colorcnn+" and not 2 <= self.num_colors <= model.max_colors:
+                raise ValueError(f"num_colors={self.num_colors}: the ColorCNNPlus model serves 2 to "
+                                 f"{model.max_colors} colours")
             self.model = model
         elif model is not None:
-            raise ValueError(f"model= is only used by method='colorcnn', not {method!r}")
+            raise ValueError(f"model= is only used by the methods {tuple(_LEARNED)}, not {method!r}")
         self.training = False  # the transform's own flag only: the model's mode is its owner's
 
     def train(self, mode: bool = True) -> "ColorQuantize":
@@ -176,9 +191,12 @@ class ColorQuantize(Transform):
         text = (f"num_colors={self.num_colors}, method={self.method!r}, dither={self.dither}, "
                 + ("dither_clamp=True, " if self.dither_clamp else "")
                 + f"kmeans_iters={self.kmeans_iters}, seed={self.seed}")
-        if self.model is not None:
+        if isinstance(self.model, ColorCNN):
             m = self.model
             text += f", model=ColorCNN(num_colors={m.num_colors}, backbone={m.backbone_name!r}, width={m.width})"
+        elif self.model is not None:
+            m = self.model
+            text += f", model=ColorCNNPlus(max_colors={m.max_colors}, backbone={m.backbone_name!r}, width={m.width})"
         return text
 
     def __repr__(self) -> str:  # one line: the model is summarized, not printed layer by layer
@@ -214,7 +232,7 @@ class ColorQuantize(Transform):
 
     def _native_channels(self, channels: int) -> bool:
         """Whether the method takes ``channels`` channels as they are (else: RGB with gray/alpha handling)."""
-        if self.method == "colorcnn":
+        if self.method in _LEARNED:
             return channels == self.model.in_channels
         if self.method == "kmeans":
             return channels != 4  # RGBA keeps its alpha out of the clustering
@@ -226,11 +244,11 @@ class ColorQuantize(Transform):
         if self.method in _PIL_METHODS and not is_uint8:
             self._check_unit_range(x)
 
-        if self.method == "colorcnn" and self.training and not is_uint8:
+        if self.method in _LEARNED and self.training and not is_uint8:
             out = self._run_model(x, soft=True)  # soft, differentiable path
             return QuantizeResult(out.quantized, None, out.palette)
 
-        if self.method == "colorcnn":
+        if self.method in _LEARNED:
             with torch.no_grad():
                 out = self._run_model(x, soft=False)
             index_map, palette = out.index_map, out.palette
@@ -265,10 +283,11 @@ class ColorQuantize(Transform):
             )
 
     def _run_model(self, x: Tensor, soft: bool):
-        """ColorCNN on ``x`` in its own device and dtype, in the transform's mode; outputs like ``x``."""
+        """The model on ``x`` in its own device and dtype, in the transform's mode; outputs like ``x``."""
         param = next(self.model.parameters())
+        args = (self.num_colors,) if self.method == "colorcnn+" else ()
         with _running_in_mode(self.model, soft):
-            out = self.model(x.to(device=param.device, dtype=param.dtype))
+            out = self.model(x.to(device=param.device, dtype=param.dtype), *args)
         return type(out)(*(t.to(device=x.device, dtype=x.dtype if t.is_floating_point() else t.dtype)
                            if t is not None else None for t in out))
 

@@ -38,12 +38,37 @@ def one_thread():
 @pytest.mark.parametrize("op,mode", bench_ops.OP_PASSES, ids=["-".join(p) for p in bench_ops.OP_PASSES])
 def test_op_case_runs_and_formulations_agree(op, mode, dtype):
     case = bench_ops.OpCase(op, mode, 2, 5, 8, 8, dtype)
-    result = bench_ops.run_case(case, CPU, POLICY, log=lambda msg: None, formulations=("fused", "paper", "eager"))
+    names = ("fused", "paper", "eager", "expanded")
+    result = bench_ops.run_case(case, CPU, POLICY, log=lambda msg: None, formulations=names)
     assert result.mismatches == []
-    for name in ("fused", "paper", "eager"):
+    for name in names:
+        if not bench_ops.has_formulation(op, name):
+            assert result.seconds[name].reason == "n/a"
+            continue
         assert isinstance(result.seconds[name], float) and result.seconds[name] > 0
         peak = result.peak_bytes[name]
         assert isinstance(peak, NotRun) or peak >= 0
+
+
+def test_distance_formulations():
+    """palette_distance: eager (broadcast) and expanded (einsum) exist, no paper formulation;
+    the expanded form is caught by the check when wrong; min_bytes counts inputs and outputs once."""
+    assert [n for n in bench_ops.FORMULATIONS if bench_ops.has_formulation("distance", n)] == [
+        "fused", "eager", "compiled", "expanded"]
+    assert all(not bench_ops.has_formulation(op, "expanded") for op in ("soft", "hard", "render"))
+    with pytest.raises(ValueError, match="formulation of distance"):
+        bench_ops.formulation("distance", "paper")
+    case = bench_ops.OpCase("distance", "fwd+bwd", 2, 4, 8, 8, torch.float32)
+    (image, palette, grad), = bench_ops.make_inputs(case, CPU, 1)
+    results = {name: bench_ops._first_image(bench_ops.runner(bench_ops.formulation("distance", name), case.mode)(
+        image, palette, grad)) for name in ("fused", "eager", "expanded")}
+    for name in ("eager", "expanded"):
+        assert bench_ops._compare(name, results[name], results["fused"], torch.float32, "distance") is None
+    wrong = (results["expanded"][0], results["expanded"][1] * 1.01)
+    assert "grad_palette differs" in bench_ops._compare("expanded", wrong, results["fused"], torch.float32, "distance")
+    g_x, g_p = bench_ops.runner(bench_ops.formulation("distance", "fused"), "fwd+bwd")(image, palette, grad)
+    out = bench_ops.formulation("distance", "fused")(image, palette)
+    assert case.min_bytes() == sum(t.nbytes for t in (image, palette, grad, out, g_x, g_p))
 
 
 def test_compiled_formulation_is_timed_and_checked(fresh_dynamo):
@@ -204,7 +229,7 @@ def test_ops_filter():
     cases = bench_ops.plan(args.sizes, args.dtypes, args.ops)
     assert {(c.op, c.mode) for c in cases} == {("hard", "fwd"), ("render", "fwd")}
     assert sorted(c.K for c in cases if c.op == "render") == [2, 8, 64]
-    assert len(bench_ops.plan(args.sizes, args.dtypes)) == 4 * 3  # every op by default
+    assert len(bench_ops.plan(args.sizes, args.dtypes)) == 6 * 3  # every op by default
 
 
 def test_bad_arguments_are_rejected():

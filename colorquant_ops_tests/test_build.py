@@ -21,6 +21,8 @@ OPS = [
     "hard_color_quantize",
     "render_index_map",
     "render_index_map_backward",
+    "palette_distance",
+    "palette_distance_backward",
 ]
 
 

@@ -53,9 +53,11 @@ def all_ops(device, B=2, C=3, H=9, W=11, K=5, seed=0, dtype=torch.float32):
     (grad_palette,) = torch.autograd.grad(rendered.square().sum(), palette)
     km = cq.kmeans_palette(image.detach(), K, 4, seed=3)
     dither = cq.floyd_steinberg_dither(image.detach(), km.palette)
+    distance = cq.palette_distance(image, palette)
+    distance_grads = torch.autograd.grad((distance * logits.detach()).sum(), (image, palette))
     out = {
         "soft": soft, "soft_grads": grads, "hard": hard, "render": rendered, "render_grad": grad_palette,
-        "kmeans": km, "dither": dither,
+        "kmeans": km, "dither": dither, "distance": distance, "distance_grads": distance_grads,
     }
     return {name: tuple(t.detach().cpu() for t in v) if isinstance(v, tuple) else v.detach().cpu()
             for name, v in out.items()}

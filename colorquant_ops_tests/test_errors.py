@@ -231,6 +231,8 @@ def test_float8_is_a_type_error_naming_the_argument(device, dtype):
         cq.kmeans_palette(f8(1, 3, 4, 4), 2)
     with pytest.raises(TypeError, match="image " + match):
         cq.floyd_steinberg_dither(f8(1, 3, 4, 4), f8(1, 2, 3))
+    with pytest.raises(TypeError, match="image " + match):
+        cq.palette_distance(f8(1, 3, 4, 4), f8(1, 2, 3))
 
 
 # --------------------------------------------------------------------------- meta == kernels
@@ -257,6 +259,10 @@ _BAD_CALLS = {
     "kmeans-uint8": lambda d: OPS.kmeans_palette(t(1, 3, 4, 4, dtype=torch.uint8, device=d), 2, 10, 0),
     "dither-C": lambda d: OPS.floyd_steinberg_dither(t(1, 3, 4, 4, device=d), t(1, 2, 4, device=d), None, None),
     "dither-clamp": lambda d: OPS.floyd_steinberg_dither(t(1, 3, 4, 4, device=d), t(1, 2, 3, device=d), 1.0, 0.0),
+    "distance-C": lambda d: OPS.palette_distance(t(1, 3, 4, 4, device=d), t(1, 2, 4, device=d)),
+    "distance-dtype": lambda d: OPS.palette_distance(t(1, 3, 4, 4, device=d), t(1, 2, 3, dtype=torch.float16, device=d)),
+    "distance-backward": lambda d: OPS.palette_distance_backward(t(1, 2, 4, 3, device=d), t(1, 3, 4, 4, device=d),
+                                                                 t(1, 2, 3, device=d)),
     "dither-float8": lambda d: OPS.floyd_steinberg_dither(t(1, 3, 4, 4, device=d).to(torch.float8_e5m2),
                                                           t(1, 2, 3, device=d), None, None),
 }

@@ -344,3 +344,101 @@ def test_evaluate_the_trained_checkpoints(tmp_path, cache_dir, classifier_run, c
     assert rows[("colorcnn", 4)]["note"].startswith("skipped")  # only a K=2 ColorCNN was trained
     for name in ("results.csv", "results.md", "accuracy_vs_bits.png", "accuracy_vs_bpp.png"):
         assert (out / name).is_file(), name
+
+
+# --- ColorCNN+ (train --model colorcnn+) ------------------------------------------------------
+
+PLUS = ["--model", "colorcnn+", "--width", "4", "--train-colors", "2", "16", "--eval-colors", "2", "4"]
+
+
+def _train_plus(out_dir, cache_dir, classifier, *extra):
+    return _run("train", *COMMON, "--cache-dir", cache_dir, "--out-dir", out_dir, "--classifier", classifier,
+                *PLUS, *extra)
+
+
+@pytest.fixture(scope="module")
+def plus_run(tmp_path_factory, cache_dir, classifier_run):
+    out = tmp_path_factory.mktemp("runs") / "plus"
+    with _Deterministic():
+        assert _train_plus(out, cache_dir, classifier_run / "final.pt", "--epochs", "2") == 0
+    return out
+
+
+def test_plus_run_writes_artifacts_and_evaluates_every_k(plus_run):
+    from colorquant_ops.models import load_colorcnn_plus
+
+    metrics = _check_artifacts(plus_run, "train")
+    for m in metrics:
+        assert {"test_acc_k2", "test_acc_k4", "test_colors_k2", "test_colors_k4"} <= set(m)
+        assert m["test_acc"] == pytest.approx((m["test_acc_k2"] + m["test_acc_k4"]) / 2)
+        assert 1 <= m["test_colors_k2"] <= 2 and 1 <= m["test_colors_k4"] <= 4
+    settings = json.loads((plus_run / "settings.json").read_text())
+    assert settings["model"] == "colorcnn+" and settings["alpha"] == 0.0 and settings["imitation"] == 1.0
+    model = load_colorcnn_plus(plus_run / "final.pt")
+    assert model.max_colors == 16 and model.width == 4
+    assert model.input_normalization is not None  # trained on normalized images: takes [0, 1] ones
+    # training moved the offsets away from zero (the untrained model is k-means)
+    assert model.head[-1].weight.abs().sum() > 0
+
+
+def test_plus_train_colors_are_a_function_of_seed_and_step():
+    ks = [train.sample_train_colors(0, step, 2, 256) for step in range(2000)]
+    assert ks == [train.sample_train_colors(0, step, 2, 256) for step in range(2000)]
+    assert min(ks) == 2 and max(ks) == 256
+    # log-uniform: about as many steps in [2, 16) as in [16, 128)
+    low, high = sum(k < 16 for k in ks), sum(16 <= k < 128 for k in ks)
+    assert abs(low - high) < 200
+    assert ks != [train.sample_train_colors(1, step, 2, 256) for step in range(2000)]
+    assert {train.sample_train_colors(3, s, 5, 5) for s in range(10)} == {5}
+
+
+def test_plus_resume_is_exact(tmp_path, cache_dir, classifier_run, plus_run):
+    from colorquant_ops.models import load_colorcnn_plus
+
+    out = tmp_path / "run"
+    classifier = classifier_run / "final.pt"
+    assert _train_plus(out, cache_dir, classifier, "--epochs", "1") == 0
+    assert _train_plus(out, cache_dir, classifier, "--epochs", "2", "--resume") == 0
+    _assert_same_run(out, plus_run, load_colorcnn_plus)
+
+
+def test_plus_option_errors(capsys, tmp_path, cache_dir, classifier_run):
+    base = ["--cache-dir", cache_dir, *COMMON, "--epochs", "1", "--classifier", classifier_run / "final.pt"]
+    assert "--num-colors, --straight-through: not an option of --model colorcnn+" in _error(
+        capsys, "train", *base, "--model", "colorcnn+", "--num-colors", "4", "--straight-through",
+        "--out-dir", tmp_path / "a")
+    assert "--train-colors 8 4: need 2 <= MIN <= MAX <= 256" in _error(
+        capsys, "train", *base, "--model", "colorcnn+", "--train-colors", "8", "4", "--out-dir", tmp_path / "b")
+    assert "--eval-colors: K must be in 2..16 (the --train-colors MAX), got 32" in _error(
+        capsys, "train", *base, "--model", "colorcnn+", "--train-colors", "2", "16", "--eval-colors", "32",
+        "--out-dir", tmp_path / "c")
+    assert "--imitation, --eval-colors: options of --model colorcnn+, not of ColorCNN" in _error(
+        capsys, "train", *base, "--imitation", "0.5", "--eval-colors", "2", "--out-dir", tmp_path / "d")
+    for name in "abcd":
+        assert not (tmp_path / name).exists(), name
+
+
+def test_evaluate_colorcnn_plus_rows(tmp_path, cache_dir, classifier_run, plus_run):
+    out = tmp_path / "eval"
+    assert _run("evaluate", "--classifier", classifier_run / "final.pt", "--colorcnn-plus", plus_run / "final.pt",
+                "--methods", "colorcnn+", "colorcnn", "--num-colors", "2", "8", "--jpeg-qualities",
+                "--test-subset", "16", "--batch-size", "16", "--device", "cpu", "--no-progress",
+                "--cache-dir", cache_dir, "--out-dir", out) == 0
+    rows = {(r["method"], r["num_colors"]): r for r in json.loads((out / "results.json").read_text())["rows"]}
+    for k in (2, 8):
+        row = rows[("colorcnn+", k)]
+        assert row["images"] == 16 and 0 <= row["accuracy"] <= 1 and 1 <= row["colors"] <= k and row["bpp"] > 0
+        assert rows[("colorcnn", k)]["note"].startswith("skipped")
+    assert "serves up to 16 colours, --num-colors asks for 32" in _error_evaluate(
+        tmp_path, cache_dir, classifier_run, plus_run)
+
+
+def _error_evaluate(tmp_path, cache_dir, classifier_run, plus_run) -> str:
+    with pytest.raises(ValueError) as info:
+        from colorquant_ops.experiment import evaluate as ev
+        args = cli.build_parser().parse_args([
+            "evaluate", "--classifier", str(classifier_run / "final.pt"), "--colorcnn-plus",
+            str(plus_run / "final.pt"), "--num-colors", "32", "--test-subset", "4", "--device", "cpu",
+            "--cache-dir", str(cache_dir), "--out-dir", str(tmp_path / "bad")])
+        ev.evaluate(args)
+    return str(info.value)

@@ -46,4 +46,10 @@ TORCH_LIBRARY(colorquant, m) {
   m.def(
       "floyd_steinberg_dither(Tensor image, Tensor palette, float? clamp_min=None, "
       "float? clamp_max=None) -> Tensor");
+  // Squared Euclidean distance of every pixel to every palette colour:
+  // out[b,k,h,w] = sum_c (image[b,c,h,w] - palette[b,k,c])^2.
+  m.def("palette_distance(Tensor image, Tensor palette) -> Tensor");
+  m.def(
+      "palette_distance_backward(Tensor grad, Tensor image, Tensor palette) "
+      "-> (Tensor grad_image, Tensor grad_palette)");
 }

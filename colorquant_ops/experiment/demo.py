@@ -1,10 +1,11 @@
 """``colorquant demo``: the paper's point on bundled CIFAR-10 test images with bundled trained weights.
 
 Runs offline in a minute or two on a CPU: a frozen CIFAR AlexNet judges test images quantized by
-ColorCNN and by median cut, octree and k-means (with and without Floyd-Steinberg dithering) at
-K = 2, 4, 8 colours, with JPEG as the comparison; prints the table (``colorquant evaluate`` does the
-work, on the bundled sample) and the gap between ColorCNN and the best traditional method per K,
-and draws a picture sheet. The k-means rows are two: the paper's (``pil_kmeans``, PIL's
+ColorCNN, by ColorCNN+ (one network for every K) and by median cut, octree and k-means (with and
+without Floyd-Steinberg dithering) at K = 2, 4, 8 colours, with JPEG as the comparison; prints the
+table (``colorquant evaluate`` does the work, on the bundled sample) and, per K, the gap between the
+best learned model (ColorCNN or ColorCNN+) and the best traditional method, and draws a picture
+sheet. The k-means rows are two: the paper's (``pil_kmeans``, PIL's
 ``quantize(kmeans=2)``) and this library's k-means++ (``kmeans``); "best traditional" is the best of
 the paper's baselines (median cut, octree, ``pil_kmeans``).
 
@@ -14,6 +15,7 @@ What is bundled (``colorquant_ops/assets/``, about 10 MB):
   ``--test-subset 500`` picks from the project's CIFAR-10 JPEG copy (its class-balanced seeded order);
 * ``weights/alexnet-cifar10.pt``: the classifier of ``colorquant reproduce --preset cifar10-cpu``;
 * ``weights/colorcnn-k{2,4,8}.pt``: the ColorCNN (U-Net width 16) checkpoints of that preset;
+* ``weights/colorcnn-plus.pt``: its ColorCNN+ (U-Net width 16, trained at K = 2..256);
 
 weights stored in float16 (loaded into float32 models). :func:`rebuild_assets` (``colorquant demo
 --rebuild-assets RUN_DIR``) regenerates them from a finished preset run.
@@ -32,7 +34,8 @@ import torch
 from .._io import save_atomic
 from ..models.classifiers import load_classifier
 from ..models.colorcnn import load_colorcnn_checkpoint
-from ..models.pretrained import PRETRAINED_CLASSIFIERS, PRETRAINED_COLORCNN, WEIGHTS
+from ..models.colorcnn_plus import load_colorcnn_plus_checkpoint
+from ..models.pretrained import PRETRAINED_CLASSIFIERS, PRETRAINED_COLORCNN, PRETRAINED_COLORCNN_PLUS, WEIGHTS
 from . import data, evaluate
 from .commands import Command, build_parser
 from .quantize_files import comparison_sheet
@@ -42,6 +45,7 @@ __all__ = ["ASSETS", "COMMAND", "DEMO_KS", "main", "rebuild_assets"]
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 SAMPLE_ROOT = ASSETS / "cifar10-sample"
 CLASSIFIER = WEIGHTS / PRETRAINED_CLASSIFIERS["cifar10-alexnet"]
+PLUS = WEIGHTS / PRETRAINED_COLORCNN_PLUS["cifar10-plus"]
 DEMO_KS = (2, 4, 8)
 SAMPLE_SIZE = 500
 _TRADITIONAL = evaluate.PAPER_BASELINES  # the summary's "best traditional": the paper's baselines
@@ -59,17 +63,19 @@ def _half_state(ckpt: dict) -> dict:
 
 def rebuild_assets(run_dir, data_root=None) -> list[Path]:
     """Regenerate the bundled sample and weights from a finished ``reproduce --preset cifar10-cpu``
-    run directory (its ``classifier/final.pt`` and ``colorcnn-k{2,4,8}/final.pt``); ``data_root``:
+    run directory (its ``classifier/final.pt``, ``colorcnn-k{2,4,8}/final.pt`` and
+    ``colorcnn-plus/final.pt``); ``data_root``:
     the CIFAR-10 copy to take the sample from (default: the project's extracted JPEG copy)."""
     run_dir = Path(run_dir)
     sources = {CLASSIFIER: run_dir / "classifier" / "final.pt"}
     sources.update({_colorcnn_path(k): run_dir / f"colorcnn-k{k}" / "final.pt" for k in DEMO_KS})
+    sources[PLUS] = run_dir / "colorcnn-plus" / "final.pt"
     missing = [str(p) for p in sources.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"--rebuild-assets {run_dir}: missing {', '.join(missing)}")
     checkpoints = {}
     for dest, src in sources.items():  # every checkpoint must load (one-line ValueError) before any is written
-        load_classifier(src) if dest == CLASSIFIER else load_colorcnn_checkpoint(src)
+        {CLASSIFIER: load_classifier, PLUS: load_colorcnn_plus_checkpoint}.get(dest, load_colorcnn_checkpoint)(src)
         checkpoints[dest] = torch.load(src, map_location="cpu", weights_only=True)
     root = Path(data_root) if data_root is not None else data.extract_cifar10_jpeg()
     sample = data.build_dataset("cifar10", root, "test", subset=SAMPLE_SIZE)
@@ -77,7 +83,7 @@ def rebuild_assets(run_dir, data_root=None) -> list[Path]:
     written = []
     WEIGHTS.mkdir(parents=True, exist_ok=True)
     for dest, ckpt in checkpoints.items():
-        if "classifier" in ckpt:  # ColorCNN checkpoints name their classifier
+        if "classifier" in ckpt:  # ColorCNN / ColorCNN+ checkpoints name their classifier
             ckpt["classifier"] = CLASSIFIER.name
         save_atomic(_half_state(ckpt), dest)
         written.append(dest)
@@ -92,7 +98,7 @@ def rebuild_assets(run_dir, data_root=None) -> list[Path]:
 
 
 def _check_assets() -> None:
-    needed = [CLASSIFIER, *(_colorcnn_path(k) for k in DEMO_KS), SAMPLE_ROOT / "test"]
+    needed = [CLASSIFIER, *(_colorcnn_path(k) for k in DEMO_KS), PLUS, SAMPLE_ROOT / "test"]
     missing = [str(p) for p in needed if not p.exists()]
     if missing:
         raise FileNotFoundError(
@@ -101,18 +107,25 @@ def _check_assets() -> None:
             "colorquant demo --rebuild-assets runs/cifar10-cpu")
 
 
+_LEARNED_NAMES = {"colorcnn": "ColorCNN", "colorcnn+": "ColorCNN+"}
+
+
 def _summary(records: list[dict]) -> list[str]:
-    """Per K: ColorCNN's accuracy against the best of the paper's traditional baselines (dithered or not)."""
+    """Per K: the best learned model's accuracy (ColorCNN or ColorCNN+) against the best of the paper's
+    traditional baselines (dithered or not)."""
     lines = []
     full = next(r["accuracy"] for r in records if r["method"] == "full colour")
     for k in DEMO_KS:
-        ours = next((r for r in records if r["method"] == "colorcnn" and r["num_colors"] == k), None)
+        learned = [r for r in records if r["method"] in _LEARNED_NAMES and r["num_colors"] == k
+                   and r["accuracy"] is not None]
         rivals = [r for r in records if r["method"] in _TRADITIONAL and r["num_colors"] == k]
-        if ours is None or ours["accuracy"] is None or not rivals:
+        if not learned or not rivals:
             continue
+        ours = max(learned, key=lambda r: r["accuracy"])  # a tie goes to ColorCNN, listed first
         best = max(rivals, key=lambda r: r["accuracy"])
         name = best["method"] + (" + dither" if best["dither"] == "on" else "")
-        lines.append(f"K={k} ({math.log2(k):g} bit): ColorCNN {100 * ours['accuracy']:.1f}% vs best traditional "
+        lines.append(f"K={k} ({math.log2(k):g} bit): {_LEARNED_NAMES[ours['method']]} {100 * ours['accuracy']:.1f}% "
+                     f"vs best traditional "
                      f"({name}) {100 * best['accuracy']:.1f}%: {100 * (ours['accuracy'] - best['accuracy']):+.1f} "
                      f"points; full colour {100 * full:.1f}%")
     return lines
@@ -123,14 +136,16 @@ def main(out_dir="runs/demo", progress: bool = True, num_images: int = 5) -> lis
     _check_assets()
     out = Path(out_dir)
     ckpts = [str(_colorcnn_path(k)) for k in DEMO_KS]
-    argv = ["evaluate", "--classifier", str(CLASSIFIER), "--colorcnn", *ckpts, "--dataset", "cifar10",
-            "--data-root", str(SAMPLE_ROOT), "--cache-dir", "none", "--methods", "colorcnn", *_METHODS,
+    argv = ["evaluate", "--classifier", str(CLASSIFIER), "--colorcnn", *ckpts, "--colorcnn-plus", str(PLUS),
+            "--dataset", "cifar10", "--data-root", str(SAMPLE_ROOT), "--cache-dir", "none",
+            "--methods", "colorcnn", "colorcnn+", *_METHODS,
             "--dither", "both", "--num-colors", *map(str, DEMO_KS), "--jpeg-qualities", "5", "10", "20", "40",
             "--device", "cpu", "--out-dir", str(out / "evaluate")]
     if not progress:
         argv.append("--no-progress")
     print("colorquant demo: a frozen CIFAR AlexNet on 500 bundled CIFAR-10 test images, quantized to K colours "
-          "by ColorCNN (bundled weights, U-Net width 16, preset cifar10-cpu) and by the traditional quantizers")
+          "by ColorCNN (bundled weights, U-Net width 16, preset cifar10-cpu), by ColorCNN+ (one bundled network "
+          "for every K) and by the traditional quantizers")
     records = evaluate.evaluate(build_parser([evaluate.COMMAND]).parse_args(argv))
     print("\n" + "\n".join(_summary(records)))
 
@@ -139,9 +154,9 @@ def main(out_dir="runs/demo", progress: bool = True, num_images: int = 5) -> lis
     picks = [i * per_class for i in range(min(num_images, len(test_set.classes)))]  # one image per class
     images = torch.stack([data.test_transform("cifar10", normalize=False)(test_set[i][0]) for i in picks])
     sheet = comparison_sheet((images * 255).round().to(torch.uint8), {k: Path(p) for k, p in zip(DEMO_KS, ckpts)},
-                             DEMO_KS)
+                             DEMO_KS, plus_checkpoint=PLUS)
     sheet.save(out / "sheet.png")
-    print(f"picture sheet (rows: image x K; columns: original, ColorCNN, median cut, median cut + dither, "
+    print(f"picture sheet (rows: image x K; columns: original, ColorCNN, ColorCNN+, median cut, median cut + dither, "
           f"octree, k-means): {out / 'sheet.png'}")
     return records
 

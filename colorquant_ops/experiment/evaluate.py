@@ -12,7 +12,8 @@ one table with, per row:
   ``--colorcnn`` checkpoint whose ``num_colors`` is K (argmax path) the same way: the network sees
   the image normalized as in training (the checkpoint's ``input_normalization``; ``--dataset``'s
   for checkpoints that record none) and recolours the [0,1] image; dithering does not apply to it
-  (one row, dither ``off``); a K without a checkpoint is skipped with a note. Dithered rows of the
+  (one row, dither ``off``); a K without a checkpoint is skipped with a note. ``colorcnn+`` runs the one
+  ``--colorcnn-plus`` checkpoint (:class:`~colorquant_ops.models.ColorCNNPlus`) at every K, likewise. Dithered rows of the
   paper's baselines use the authors' dithering (each value clamped to [0, 1] before the nearest-colour
   search: ``ColorQuantize(dither_clamp=True)``); ``kmeans`` + dither the plain error diffusion.
 * ``accuracy``: top-1 accuracy of the classifier (eval mode);
@@ -46,6 +47,7 @@ from .. import codecs
 from .._io import atomic_write, atomic_write_text
 from ..models.classifiers import load_classifier
 from ..models.colorcnn import load_colorcnn
+from ..models.colorcnn_plus import load_colorcnn_plus
 from ..normalization import NORMALIZATION_BEFORE_RECORDING
 from ..quantizers.reference import count_colors
 from ..transforms import METHODS, ColorQuantize
@@ -72,6 +74,8 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
                    help="numbers of colours K, each in 2..256 (default: 2 4 8 16 32 64)")
     p.add_argument("--colorcnn", nargs="+", default=[], help="ColorCNN checkpoints (from train), matched to K "
                    "by their num_colors")
+    p.add_argument("--colorcnn-plus", default=None, metavar="CHECKPOINT",
+                   help="a ColorCNN+ checkpoint (from train --model colorcnn+): the colorcnn+ rows, every K")
     p.add_argument("--jpeg-qualities", nargs="*", type=integer, default=[5, 10, 20, 40, 80],
                    help="JPEG qualities for the comparison rows (default: 5 10 20 40 80; none: no JPEG rows)")
     p.add_argument("--kmeans-iters", type=int, default=10,
@@ -265,6 +269,13 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
     colorcnns = _load_colorcnns(args.colorcnn, args.dataset)
     for _, model in colorcnns.values():
         model.to(device)
+    plus = None
+    if args.colorcnn_plus is not None:
+        plus = load_one_line(load_colorcnn_plus, args.colorcnn_plus).eval().requires_grad_(False).to(device)
+        too_many = [k for k in args.num_colors if k > plus.max_colors]
+        if too_many:
+            raise ValueError(f"--colorcnn-plus {args.colorcnn_plus} serves up to {plus.max_colors} colours, "
+                             f"--num-colors asks for {too_many[0]}")
 
     test_set, root = _test_set(args)
     stats = data.DATASET_STATS[args.dataset]
@@ -300,12 +311,22 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
                 rows.append(row)
                 jobs.append((row, ColorQuantize(k, "colorcnn", model=colorcnns[k][1])))
                 continue
+            if method == "colorcnn+":
+                if plus is None:
+                    rows.append(_Row(method, "off", k, note="skipped: no --colorcnn-plus checkpoint"))
+                    continue
+                row = _Row(method, "off", k)
+                rows.append(row)
+                jobs.append((row, ColorQuantize(k, "colorcnn+", model=plus)))
+                continue
             for dither in dithers:
                 row = _Row(method, "on" if dither else "off", k)
                 rows.append(row)
                 # the paper's baselines dither as the authors' code does (each value clamped to [0, 1])
                 jobs.append((row, ColorQuantize(k, method, dither=dither, kmeans_iters=args.kmeans_iters,
                                                 dither_clamp=dither and method in PAPER_BASELINES)))
+    if "colorcnn+" in args.methods and plus is None:
+        run.log("note: colorcnn+ skipped: no --colorcnn-plus checkpoint")
     for k in sorted(colorcnns):
         if "colorcnn" in args.methods and k not in ks:
             run.log(f"note: --colorcnn {colorcnns[k][0]} (K={k}) unused: K={k} is not in --num-colors")

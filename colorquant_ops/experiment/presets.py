@@ -27,7 +27,8 @@ Presets:
   restarts every 20; K = 2..64); meant for a GPU;
 * ``cifar10-cpu`` -- what a 2-core CPU can do in about four hours: AlexNet 15 epochs (``--schedule step``:
   lr x0.1 at 8 and 12); ColorCNN U-Net width 16 in bfloat16 autocast without colour_norm / colour_jitter,
-  8 epochs at K = 2, 4 at K = 4, 3 at K = 8..64 (one cosine cycle each);
+  8 epochs at K = 2, 4 at K = 4, 3 at K = 8..64 (one cosine cycle each); ColorCNN+ U-Net width 16 in
+  float32, 4 epochs (one cosine cycle) at K drawn from 2..256;
 * ``smoke`` -- a tiny run of every stage (step schedule) (a few hundred images, one epoch, width 4) to check a setup
   in a minute.
 """
@@ -45,7 +46,7 @@ import torch
 
 from .._checkpoint import read_checkpoint
 from .._io import atomic_write_text, save_atomic
-from ..models import classifiers, colorcnn
+from ..models import classifiers, colorcnn, colorcnn_plus
 from . import data, evaluate, train
 from .commands import Command, build_parser, run_command
 from .quantize_files import comparison_sheet
@@ -86,16 +87,32 @@ def _colorcnn(k: int, *options: str) -> Stage:
                                     *options))
 
 
-def _evaluate(ks, *options: str) -> tuple[Stage, Stage]:
+def _evaluate(ks, *options: str, plus: bool = False) -> tuple[Stage, Stage]:
     """Two evaluate stages: the traditional quantizers (with JPEG and full colour; they do not need
-    ColorCNN, so they can run while it trains) and ColorCNN per K. Each row of ``colorquant evaluate``
-    is computed independently, so the two tables are the one table of a single run, split."""
+    ColorCNN, so they can run while it trains) and ColorCNN per K (``plus``: and the preset's ColorCNN+
+    at every K). Each row of ``colorquant evaluate`` is computed independently, so the two tables are
+    the one table of a single run, split."""
     ckpts = [f"{{out}}/colorcnn-k{k}/final.pt" for k in ks]
+    plus_methods = ("colorcnn+",) if plus else ()
+    plus_args = ("--colorcnn-plus", f"{{out}}/{PLUS_STAGE}/final.pt") if plus else ()
     common = ("--classifier", "{out}/classifier/final.pt", "--num-colors", *map(str, ks))
     return (Stage("evaluate-traditional", ("evaluate", *common, "--methods", "median_cut", "octree", "pil_kmeans",
                                            "kmeans", "--dither", "both", *options)),
-            Stage("evaluate-colorcnn", ("evaluate", *common, "--methods", "colorcnn", "--colorcnn", *ckpts,
-                                        "--jpeg-qualities", *options)))
+            Stage("evaluate-colorcnn", ("evaluate", *common, "--methods", "colorcnn", *plus_methods, "--colorcnn",
+                                        *ckpts, *plus_args, "--jpeg-qualities", *options)))
+
+
+#: The run directory of a preset's ColorCNN+ stage.
+PLUS_STAGE = "colorcnn-plus"
+
+
+def _cpu_colorcnn_plus() -> Stage:
+    # one network for K = 2..256 (the default --train-colors); without the imitation term, which cost
+    # 0.3-1.2 points in 4 epochs (RESULTS.md's ablation); per-epoch checks on 2000 test images at
+    # K = 2, 8, 64 (the evaluate stage measures every K on the whole split)
+    return Stage(PLUS_STAGE, ("train", "--model", "colorcnn+", "--classifier", "{out}/classifier/final.pt",
+                              "--width", "16", "--epochs", "4", "--restart-epochs", "4", "--imitation", "0",
+                              "--eval-colors", "2", "8", "64", "--test-subset", "2000", "--seed", "0"))
 
 
 def _cpu_colorcnn(k: int) -> Stage:
@@ -130,7 +147,8 @@ PRESETS: dict[str, Preset] = {
                 Stage("classifier", ("train-classifier", "--arch", "alexnet", "--epochs", "15",
                                      "--schedule", "step", "--lr-steps", "8,12", "--seed", "0")),
                 *(_cpu_colorcnn(k) for k in _KS),
-                *_evaluate(_KS),
+                _cpu_colorcnn_plus(),
+                *_evaluate(_KS, plus=True),
             ),
         ),
         Preset(
@@ -183,11 +201,11 @@ def write_report(preset: Preset, out: Path, data_root=None) -> list[Path]:
     report.mkdir(parents=True, exist_ok=True)
     written = [report / "results.md", report / "results.json"]
     warning = data_warning(data_root)
-    paper = [r for r in rows if r["method"] in ("full colour", "colorcnn", *evaluate.PAPER_BASELINES)]
+    paper = [r for r in rows if r["method"] in ("full colour", "colorcnn", "colorcnn+", *evaluate.PAPER_BASELINES)]
     library = [r for r in rows if r["method"] == "kmeans"]
     parts = [f"**{warning}**"] if warning else []
-    parts.append("ColorCNN and the paper's baselines (median cut, octree, its k-means pil_kmeans = PIL "
-                 "quantize(kmeans=2)):\n\n" + evaluate.pivot_tables(paper))
+    parts.append("ColorCNN (and ColorCNN+, not in the seed paper) and the paper's baselines (median cut, octree, "
+                 "its k-means pil_kmeans = PIL quantize(kmeans=2)):\n\n" + evaluate.pivot_tables(paper))
     if library:
         parts.append("Not in the paper: kmeans, this library's k-means++ op (a stronger k-means than the "
                      "paper's):\n\n" + evaluate.pivot_tables(library))
@@ -205,8 +223,9 @@ def write_report(preset: Preset, out: Path, data_root=None) -> list[Path]:
     images = torch.stack([test_set[i][0] for i in picks])
     names = {stage.name for stage in preset.stages}
     ks = [k for k in SHEET_KS if f"colorcnn-k{k}" in names]
+    plus = out / PLUS_STAGE / "final.pt" if PLUS_STAGE in names else None
     sheet = comparison_sheet((images * 255).round().to(torch.uint8),
-                             {k: out / f"colorcnn-k{k}" / "final.pt" for k in ks}, ks)
+                             {k: out / f"colorcnn-k{k}" / "final.pt" for k in ks}, ks, plus_checkpoint=plus)
     written.append(report / "sheet-1-2-3-bits.png")
     save_atomic(sheet, written[-1], lambda image, f: image.save(f, format="PNG"))
     return written
@@ -234,6 +253,8 @@ def _done(stage: Stage, run: Path) -> bool:
             return isinstance(json.loads(path.read_text()).get("rows"), list)
         if stage.argv[0] == "train-classifier":
             read_checkpoint(path, classifiers.CHECKPOINT_FORMAT, "classifier")
+        elif "colorcnn+" in stage.argv:
+            read_checkpoint(path, colorcnn_plus.CHECKPOINT_FORMAT, "ColorCNN+")
         else:
             read_checkpoint(path, colorcnn.CHECKPOINT_FORMAT, "ColorCNN")
         return True

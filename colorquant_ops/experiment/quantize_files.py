@@ -20,6 +20,8 @@ input; ``OUT/sheet.png`` shows the images as rows and the original plus every ou
   not among an explicit ``--num-colors`` is an error, a K without a checkpoint just has no colorcnn
   output (a note says so), and without ``--num-colors`` the classical methods use the checkpoints'
   Ks. ColorCNN's own index map is its output, so ``--dither`` does not apply to it (as in evaluate).
+* ``colorcnn+``: the ``--colorcnn-plus`` checkpoint (one :class:`~colorquant_ops.models.ColorCNNPlus`
+  for every K) at each ``--num-colors`` K, likewise not dithered.
 * PSNR is computed on the PNG's pixels (uint8 palette) against the RGB input, both scaled to [0, 1].
 
 Bad arguments and unreadable checkpoints raise ``ValueError`` / ``OSError`` before anything is
@@ -55,6 +57,7 @@ from tqdm.auto import tqdm
 from .. import codecs
 from .._io import atomic_write_bytes
 from ..models.colorcnn import load_colorcnn_checkpoint
+from ..models.colorcnn_plus import load_colorcnn_plus
 from ..normalization import DATASET_NORMALIZATION
 from ..quantizers.reference import count_colors
 from ..transforms import METHODS, ColorQuantize
@@ -87,6 +90,8 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: off; a bare --dither is on)")
     p.add_argument("--colorcnn", nargs="+", default=[], metavar="CKPT",
                    help="ColorCNN checkpoints (from train); each gives the colorcnn output at its num_colors")
+    p.add_argument("--colorcnn-plus", default=None, metavar="CKPT",
+                   help="a ColorCNN+ checkpoint (from train --model colorcnn+): the colorcnn+ output at every K")
     p.add_argument("--dataset", default=None,
                    help="normalization (mean/std) ColorCNN inputs get, for checkpoints that do not record "
                         f"their dataset; one of {', '.join(data.DATASETS)}")
@@ -230,18 +235,26 @@ COMPARISON_COLUMNS = (("colorcnn", False, "ColorCNN"), ("median_cut", False, "me
                       ("kmeans", False, "k-means"))
 
 
-def comparison_sheet(images: Tensor, colorcnn_checkpoints: dict, ks, cell_size: int = 96, kmeans_iters: int = 10):
+def comparison_sheet(images: Tensor, colorcnn_checkpoints: dict, ks, cell_size: int = 96, kmeans_iters: int = 10,
+                     plus_checkpoint=None):
     """The seed paper's comparison figure: one row per image and K, columns original, ColorCNN, median
-    cut, median cut + dither, octree, k-means (:data:`COMPARISON_COLUMNS`); captions give K and the
-    colours used. ``images``: uint8 ``[N,3,H,W]``; ``colorcnn_checkpoints``: ``{K: path}`` (a K without
-    one gets an empty ColorCNN cell). Returns the PIL image."""
+    cut, median cut + dither, octree, k-means (:data:`COMPARISON_COLUMNS`), and with ``plus_checkpoint``
+    (a ColorCNN+ checkpoint) a ColorCNN+ column after ColorCNN's; captions give K and the colours used.
+    ``images``: uint8 ``[N,3,H,W]``; ``colorcnn_checkpoints``: ``{K: path}`` (a K without one gets an
+    empty ColorCNN cell). Returns the PIL image."""
     models = _load_colorcnns(list(colorcnn_checkpoints.values()), None, torch.device("cpu"))
+    plus = load_colorcnn_plus(plus_checkpoint).eval() if plus_checkpoint is not None else None
+    columns = list(COMPARISON_COLUMNS)
+    if plus is not None:
+        columns.insert(1, ("colorcnn+", False, "ColorCNN+"))
     rows, captions = [], []
     for image in images:
         for k in ks:
             row, caps = [image], [f"K={k} ({np.log2(k):g} bit)"]
-            for method, dither, _ in COMPARISON_COLUMNS:
-                if method == "colorcnn":
+            for method, dither, _ in columns:
+                if method == "colorcnn+":
+                    job = _Job(method, False, k, ColorQuantize(k, "colorcnn+", model=plus))
+                elif method == "colorcnn":
                     if k not in models:
                         row.append(torch.full_like(image, 255))
                         caps.append("no checkpoint")
@@ -256,7 +269,7 @@ def comparison_sheet(images: Tensor, colorcnn_checkpoints: dict, ks, cell_size: 
                 caps.append(f"{used} colour{'' if used == 1 else 's'}")
             rows.append(row)
             captions.append(caps)
-    sheet, _ = labelled_sheet(rows, ["original"] + [label for *_, label in COMPARISON_COLUMNS], captions, cell_size)
+    sheet, _ = labelled_sheet(rows, ["original"] + [label for *_, label in columns], captions, cell_size)
     return sheet
 
 
@@ -298,7 +311,8 @@ def _jobs(args: argparse.Namespace, notes: list) -> list[_Job]:
         raise ValueError(f"--cell-size must be in 1..{MAX_CELL_SIZE}, got {args.cell_size}")
     if args.max_pixels < 1:
         raise ValueError(f"--max-pixels must be >= 1, got {args.max_pixels}")
-    methods = args.methods or ["median_cut", "octree", "kmeans"] + (["colorcnn"] if args.colorcnn else [])
+    methods = args.methods or (["median_cut", "octree", "kmeans"] + (["colorcnn"] if args.colorcnn else [])
+                               + (["colorcnn+"] if args.colorcnn_plus else []))
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"--method: unknown method {unknown[0]!r}; use any of {', '.join(METHODS)}")
@@ -311,11 +325,18 @@ def _jobs(args: argparse.Namespace, notes: list) -> list[_Job]:
         raise ValueError("--method colorcnn needs --colorcnn CKPT (a checkpoint from colorquant train)")
     if args.colorcnn and "colorcnn" not in methods:
         raise ValueError("--colorcnn is given but colorcnn is not among --method")
+    if "colorcnn+" in methods and not args.colorcnn_plus:
+        raise ValueError("--method colorcnn+ needs --colorcnn-plus CKPT (a checkpoint from colorquant train "
+                         "--model colorcnn+)")
+    if args.colorcnn_plus and "colorcnn+" not in methods:
+        raise ValueError("--colorcnn-plus is given but colorcnn+ is not among --method")
+    plus = load_one_line(load_colorcnn_plus, args.colorcnn_plus).eval() if args.colorcnn_plus else None
 
     colorcnns = _load_colorcnns(args.colorcnn, args.dataset, single_process_device(args.device or "cpu"))
     if args.num_colors is None:
         if not colorcnns:
-            raise ValueError("--num-colors is required (no --colorcnn checkpoint to take K from)")
+            raise ValueError("--num-colors is required (no --colorcnn checkpoint to take K from; "
+                             "a --colorcnn-plus model serves any K)")
         ks = sorted(colorcnns)
     else:
         ks = list(dict.fromkeys(args.num_colors))
@@ -327,15 +348,22 @@ def _jobs(args: argparse.Namespace, notes: list) -> list[_Job]:
     jobs = []
     for method in methods:
         for k in ks:
-            if method != "colorcnn":
+            if method == "colorcnn+":
+                if k > plus.max_colors:
+                    raise ValueError(f"--colorcnn-plus {args.colorcnn_plus} serves up to {plus.max_colors} "
+                                     f"colours, not {k}")
+                jobs.append(_Job(method, False, k, ColorQuantize(k, "colorcnn+", model=plus)))
+            elif method != "colorcnn":
                 jobs += [_Job(method, d, k, ColorQuantize(k, method, dither=d, kmeans_iters=args.kmeans_iters))
                          for d in dithers]
             elif k in colorcnns:
                 jobs.append(_Job(method, False, k, ColorQuantize(k, "colorcnn", model=colorcnns[k][1])))
             else:
                 notes.append(f"colorcnn has no K={k} output: no --colorcnn checkpoint quantizes to {k} colours")
-    if "colorcnn" in methods and True in dithers:
-        notes.append("--dither does not apply to colorcnn (its index map is the network's output): not dithered")
+    for learned in ("colorcnn", "colorcnn+"):
+        if learned in methods and True in dithers:
+            notes.append(f"--dither does not apply to {learned} (its index map is the network's output): "
+                         "not dithered")
     return jobs
 
 

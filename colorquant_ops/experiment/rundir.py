@@ -27,8 +27,8 @@ _RESUME_FREE = frozenset({"epochs", "resume", "progress", "workers", "device", "
                           "data_root", "cache_dir", "classifier", "world_size"})
 
 #: What runs from before an option existed ran with, for a settings.json without it (compared only where
-#: the resumed run has the option): train-classifier's schedule was the step schedule.
-_BEFORE_OPTION = {"schedule": "step"}
+#: the resumed run has the option): train-classifier's schedule was the step schedule, train's model ColorCNN.
+_BEFORE_OPTION = {"schedule": "step", "model": "colorcnn"}
 
 
 def rng_state() -> dict:

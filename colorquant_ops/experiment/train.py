@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import json
 import math
+import random
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -52,10 +53,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from ..losses import ColorCNNLoss
+from ..losses import ColorCNNLoss, ColorCNNPlusLoss
 from ..normalization import NORMALIZATION_BEFORE_RECORDING
 from ..models.classifiers import CifarAlexNet, build_classifier, load_classifier, save_classifier
 from ..models.colorcnn import ColorCNN, load_colorcnn_checkpoint, save_colorcnn
+from ..models.colorcnn_plus import ColorCNNPlus, save_colorcnn_plus
 from . import airbench, data, distributed
 from .arguments import positive_int
 from .commands import Command
@@ -78,6 +80,10 @@ _CIFAR = ("cifar10", "cifar100")
 #: ``train-classifier --schedule``: ``onecycle`` (the paper's code) or ``step`` (lr x0.1 at ``--lr-steps``).
 SCHEDULES = ("onecycle", "step")
 _DEFAULT_LR_STEPS = [20, 40]
+#: ``train --model``: the paper's ColorCNN (one K) or ColorCNN+ (every K).
+MODELS = ("colorcnn", "colorcnn+")
+#: ``train --model colorcnn+`` defaults: the K range trained, the K evaluated each epoch, imitation weight.
+_PLUS_DEFAULTS = {"train_colors": [2, 256], "eval_colors": [2, 8, 64], "imitation": 1.0, "kmeans_iters": 10}
 #: The paper's code forces batch 32 on STL-10 (``grid_downsample.py``, ``color_cnn_downsample.py``).
 _DATASET_BATCH = {"stl10": 32}
 
@@ -146,7 +152,10 @@ def add_classifier_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_colorcnn_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classifier", required=True, help="frozen classifier checkpoint (from train-classifier)")
-    p.add_argument("--num-colors", type=int, default=2, help="number of colours K, 2..256 (default: 2)")
+    p.add_argument("--model", choices=MODELS, default="colorcnn",
+                   help="colorcnn: the paper's network, one K (--num-colors); colorcnn+: one network for every K "
+                        "(--train-colors, --eval-colors, --imitation; default: colorcnn)")
+    p.add_argument("--num-colors", type=int, default=None, help="colorcnn: number of colours K, 2..256 (default: 2)")
     p.add_argument("--backbone", default="unet", choices=("unet", "dncnn"), help="(default: unet)")
     p.add_argument("--width", type=positive_int, default=64, help="backbone width (default: 64, the paper's)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature factor (default: 1)")
@@ -158,12 +167,23 @@ def add_colorcnn_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                    help="start from the weights of this ColorCNN checkpoint (same K, backbone and width), "
                         "e.g. to fine-tune a run with --straight-through; optimizer and schedule start afresh")
-    p.add_argument("--alpha", type=float, default=1.0, help="colour-usage loss weight (default: 1)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="colour-usage loss weight (default: 1; colorcnn+: 0, its k-means centres use every colour)")
     p.add_argument("--beta", type=float, default=0.0, help="colour-variance loss weight (default: 0)")
     p.add_argument("--gamma", type=float, default=0.0, help="reconstruction loss weight (default: 0)")
     add_common_arguments(p, epochs=60, lr=0.01, batch_size=128)
     p.add_argument("--restart-epochs", type=positive_int, default=20,
                    help="period of the cosine warm restarts in epochs (default: 20)")
+    g = p.add_argument_group("colorcnn+ (--model colorcnn+)")
+    g.add_argument("--train-colors", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="each batch trains at one K drawn with log2(K) uniform in [log2 MIN, log2 MAX], a function "
+                        "of --seed and the step (default: 2 256; MAX is the model's max_colors)")
+    g.add_argument("--eval-colors", type=int, nargs="+", default=None, metavar="K",
+                   help="the K evaluated after every epoch; test_acc is their mean (default: 2 8 64)")
+    g.add_argument("--imitation", type=float, default=None,
+                   help="weight of the cluster-imitation term at K=256 (x log2(K)/8 at K; default: 1; 0: off)")
+    g.add_argument("--kmeans-iters", type=int, default=None,
+                   help="Lloyd iterations of the k-means placing the initial centres (default: 10)")
 
 
 def _resolve_defaults(args: argparse.Namespace) -> None:
@@ -435,6 +455,7 @@ def fit(
                    disable=not setup.progress, dynamic_ncols=True)
         for images, labels in bar:
             images, labels = setup.to_device(images, labels)
+            setup.step = step  # the global step, for trainers whose step depends on it (ColorCNN+'s K)
             with setup.autocast():
                 loss, logits = train_step(images, labels)
             optimizer.zero_grad(set_to_none=True)
@@ -557,12 +578,57 @@ def _train_classifier(setup: _Setup) -> dict:
 
 
 def train_colorcnn(args: argparse.Namespace) -> dict:
-    """Train ColorCNN against the frozen ``--classifier`` (see the module docstring); returns the last
-    epoch's metrics (``test_acc``: the classifier's top-1 on the quantized test images, ``test_colors``:
-    mean number of colours used per image)."""
+    """Train ColorCNN (``--model colorcnn``) or ColorCNN+ (``--model colorcnn+``) against the frozen
+    ``--classifier`` (see the module docstring); returns the last epoch's metrics (``test_acc``: the
+    classifier's top-1 on the quantized test images, ``test_colors``: mean number of colours used per
+    image; for ColorCNN+ their means over ``--eval-colors``, and per K ``test_acc_k{K}``, ``test_colors_k{K}``)."""
+    _check_model_options(args)
     _resolve_defaults(args)
     with _session(args, "train") as setup:
-        return _train_colorcnn(setup)
+        return _train_colorcnn_plus(setup) if args.model == "colorcnn+" else _train_colorcnn(setup)
+
+
+def _check_model_options(args: argparse.Namespace) -> None:
+    """Options of the other model are an error (not silently ignored); fill the chosen model's defaults."""
+    model = getattr(args, "model", "colorcnn")
+    if model == "colorcnn+":
+        given = [name for name, set_ in (("--num-colors", args.num_colors is not None),
+                                          ("--temperature", args.temperature != 1.0),
+                                          ("--color-norm", args.color_norm is not None),
+                                          ("--straight-through", args.straight_through),
+                                          ("--init-from", args.init_from is not None),
+                                          ("--beta", args.beta != 0.0), ("--gamma", args.gamma != 0.0)) if set_]
+        if given:
+            raise ValueError(f"{', '.join(given)}: not an option of --model colorcnn+ (it serves every K: "
+                             "--train-colors, --eval-colors)")
+        for key, value in {**_PLUS_DEFAULTS, "alpha": 0.0}.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+        low, high = args.train_colors
+        if not 2 <= low <= high <= 256:
+            raise ValueError(f"--train-colors {low} {high}: need 2 <= MIN <= MAX <= 256")
+        bad = [k for k in args.eval_colors if not 2 <= k <= high]
+        if bad:
+            raise ValueError(f"--eval-colors: K must be in 2..{high} (the --train-colors MAX), got {bad[0]}")
+        if args.imitation < 0 or not math.isfinite(args.imitation):
+            raise ValueError(f"--imitation must be a finite number >= 0, got {args.imitation}")
+        if args.kmeans_iters < 0:
+            raise ValueError(f"--kmeans-iters must be >= 0, got {args.kmeans_iters}")
+        return
+    given = [f"--{key.replace('_', '-')}" for key in _PLUS_DEFAULTS if getattr(args, key, None) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: options of --model colorcnn+, not of ColorCNN")
+    if args.num_colors is None:
+        args.num_colors = 2
+    if args.alpha is None:
+        args.alpha = 1.0
+
+
+def sample_train_colors(seed: int, step: int, low: int, high: int) -> int:
+    """ColorCNN+'s K at training step ``step``: ``round(2 ** u)``, ``u`` uniform in ``[log2 low, log2 high]``,
+    a function of ``(seed, step)`` only, so that ``--resume`` continues with the same sequence."""
+    u = random.Random(seed * 1_000_003 + step).uniform(math.log2(low), math.log2(high))
+    return min(high, max(low, round(2.0 ** u)))
 
 
 def _load_initial_weights(model: ColorCNN, path, dataset: str) -> None:
@@ -625,6 +691,53 @@ def _train_colorcnn(setup: _Setup) -> dict:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
         optimizer, T_0=args.restart_epochs * len(train_loader))
     evaluate = lambda: _evaluate(setup, test_loader, model, predict)  # noqa: E731
+    setup.start()
+    return fit(setup, model, train_step, evaluate, optimizer, scheduler, True, save_model, train_loader)
+
+
+def _train_colorcnn_plus(setup: _Setup) -> dict:
+    args = setup.args
+    classifier = load_classifier(args.classifier).eval().requires_grad_(False)
+    stats = data.DATASET_STATS[args.dataset]
+    low, high = args.train_colors
+    model = ColorCNNPlus(args.backbone, args.width, max_colors=high, kmeans_iters=args.kmeans_iters, seed=args.seed)
+    criterion = ColorCNNPlusLoss(args.imitation, args.alpha)
+    normalization = data.classifier_normalization(args.classifier, args.dataset)
+    train_loader, test_loader, classes = setup.loaders(normalization)
+    num_classes = stats.num_classes or len(classes)
+    with torch.no_grad():
+        out_features = classifier(torch.zeros(1, 3, stats.image_size, stats.image_size)).shape[1]
+    if out_features != num_classes:
+        raise ValueError(f"--classifier {args.classifier} predicts {out_features} classes; {args.dataset} has {num_classes}")
+    classifier = setup.prepare(classifier)
+    model = setup.prepare(model)
+    net, eval_net = setup.parallel(model)
+
+    def train_step(images, labels):
+        k = sample_train_colors(args.seed, setup.step, low, high)
+        out, logits = net(images, k, return_logits=True)
+        cls_logits = classifier(out.quantized)
+        loss, _ = criterion(cls_logits, labels, out, images, logits)
+        return loss, cls_logits
+
+    def evaluate():
+        metrics = {}
+        for k in args.eval_colors:
+            def predict(images, k=k):
+                out = eval_net(images, k)
+                return classifier(out.quantized), F.one_hot(out.index_map.flatten(1), k).amax(1).sum(1)
+            result = _evaluate(setup, test_loader, model, predict)
+            metrics[f"test_acc_k{k}"], metrics[f"test_colors_k{k}"] = result["test_acc"], result["test_colors"]
+        accs = [metrics[f"test_acc_k{k}"] for k in args.eval_colors]
+        return {"test_acc": sum(accs) / len(accs), **metrics}
+
+    def save_model(path, **extra):
+        save_colorcnn_plus(model, path, input_normalization=normalization, dataset=args.dataset,
+                           classifier=str(args.classifier), **extra)
+
+    optimizer = _sgd(args, model.parameters())
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        optimizer, T_0=args.restart_epochs * len(train_loader))
     setup.start()
     return fit(setup, model, train_step, evaluate, optimizer, scheduler, True, save_model, train_loader)
 

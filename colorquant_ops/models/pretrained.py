@@ -19,21 +19,23 @@ from torch import nn
 
 from .classifiers import load_classifier
 
-__all__ = ["PRETRAINED_CLASSIFIERS", "PRETRAINED_COLORCNN", "WEIGHTS", "pretrained_classifier", "pretrained_path"]
+__all__ = ["PRETRAINED_CLASSIFIERS", "PRETRAINED_COLORCNN", "PRETRAINED_COLORCNN_PLUS", "WEIGHTS", "pretrained_classifier", "pretrained_path"]
 
 #: Where the bundled weights live.
 WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "weights"
 
 #: ColorCNN name -> bundled checkpoint file (in :data:`WEIGHTS`).
 PRETRAINED_COLORCNN = {f"cifar10-k{k}": f"colorcnn-k{k}.pt" for k in (2, 4, 8)}
+#: ColorCNN+ name -> bundled checkpoint file (in :data:`WEIGHTS`): one network for every K.
+PRETRAINED_COLORCNN_PLUS = {"cifar10-plus": "colorcnn-plus.pt"}
 #: Classifier name -> bundled checkpoint file (in :data:`WEIGHTS`).
 PRETRAINED_CLASSIFIERS = {"cifar10-alexnet": "alexnet-cifar10.pt"}
 
-_KINDS = {"colorcnn": PRETRAINED_COLORCNN, "classifier": PRETRAINED_CLASSIFIERS}
+_KINDS = {"colorcnn": PRETRAINED_COLORCNN, "colorcnn+": PRETRAINED_COLORCNN_PLUS, "classifier": PRETRAINED_CLASSIFIERS}
 
 
 def pretrained_path(name: str, kind: str = "colorcnn") -> Path:
-    """The bundled checkpoint of ``name`` (``kind``: ``"colorcnn"`` or ``"classifier"``).
+    """The bundled checkpoint of ``name`` (``kind``: ``"colorcnn"``, ``"colorcnn+"`` or ``"classifier"``).
 
     Raises:
         ValueError: ``name`` is not a bundled network of that kind.

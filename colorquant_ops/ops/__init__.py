@@ -10,6 +10,7 @@ from .color_quantize import (
     HardQuantized,
     SoftQuantized,
     hard_color_quantize,
+    palette_distance,
     render_index_map,
     soft_color_quantize,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "floyd_steinberg_dither",
     "hard_color_quantize",
     "kmeans_palette",
+    "palette_distance",
     "render_index_map",
     "soft_color_quantize",
 ]

@@ -135,6 +135,32 @@ def render_index_map(index_map: Tensor, palette: Tensor, *, check_indices: bool 
     return _ops.render_index_map(index_map, palette, bool(check_indices))
 
 
+def palette_distance(image: Tensor, palette: Tensor) -> Tensor:
+    r"""Squared Euclidean distance of every pixel to every palette colour, fused.
+
+    .. math::
+        \text{out}_{bkhw} = \sum_c (\text{image}_{bchw} - \text{palette}_{bkc})^2
+
+    The distance-to-palette softmax of ColorCNN+ (``logits = -beta * out``) and
+    its nearest-colour target (``out.argmin(1)``) are built from it. Computed
+    without the ``[B,K,C,H,W]`` difference tensor, in float32 for float16 /
+    bfloat16 inputs (float64 for float64), deterministic.
+
+    Args:
+        image: ``[B,C,H,W]`` floating-point image, ``C >= 1``.
+        palette: ``[B,K,C]`` palette, ``1 <= K <= 256``, same dtype and device as ``image``.
+
+    Returns:
+        ``[B,K,H,W]`` distances, dtype of ``image``. Differentiable w.r.t. both
+        inputs (closed-form backward kernels), twice as well:
+        ``grad_image[b,c,p] = 2 sum_k grad[b,k,p] (image[b,c,p] - palette[b,k,c])``,
+        ``grad_palette[b,k,c] = -2 sum_p grad[b,k,p] (image[b,c,p] - palette[b,k,c])``.
+    """
+    _require_tensor(image, "image")
+    _require_tensor(palette, "palette")
+    return _ops.palette_distance(image, palette)
+
+
 # --- fake (meta) implementations: output shapes only, so torch.compile traces
 # the ops without graph breaks (outputs are always contiguous, like the kernels').
 
@@ -175,6 +201,21 @@ def _render_fake(index_map, palette, check_indices=True):
 def _render_backward_fake(grad_image, index_map, palette, check_indices=True):
     fake_checks.check_render_backward(grad_image, index_map, palette)
     return torch.empty_like(palette, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("colorquant::palette_distance")
+def _distance_fake(image, palette):
+    fake_checks.check_image_palette(image, palette)
+    B, _, H, W = image.shape
+    return image.new_empty(B, palette.shape[1], H, W)
+
+
+@torch.library.register_fake("colorquant::palette_distance_backward")
+def _distance_backward_fake(grad, image, palette):
+    fake_checks.check_palette_distance_backward(grad, image, palette)
+    return torch.empty_like(image, memory_format=torch.contiguous_format), torch.empty_like(
+        palette, memory_format=torch.contiguous_format
+    )
 
 
 # --- autograd: closed-form backward kernels (see csrc/common/color_math.h).
@@ -256,4 +297,65 @@ def _render_backward_backward(ctx, grad_grad_palette):
 
 torch.library.register_autograd(
     "colorquant::render_index_map_backward", _render_backward_backward, setup_context=_render_backward_setup_context
+)
+
+
+# palette_distance: closed-form backward kernel (csrc/common/palette_math.h).
+def _distance_setup_context(ctx, inputs, output):
+    image, palette = inputs
+    ctx.save_for_backward(image, palette)
+
+
+def _distance_backward(ctx, grad):
+    image, palette = ctx.saved_tensors
+    if not any(ctx.needs_input_grad):
+        return None, None
+    grad_image, grad_palette = _ops.palette_distance_backward(grad, image, palette)
+    return (
+        grad_image if ctx.needs_input_grad[0] else None,
+        grad_palette if ctx.needs_input_grad[1] else None,
+    )
+
+
+torch.library.register_autograd(
+    "colorquant::palette_distance", _distance_backward, setup_context=_distance_setup_context
+)
+
+
+# Double backward: palette_distance_backward is linear in grad and bilinear in
+# (image, palette) differences, so its own gradient is a few contractions in
+# plain torch ops (themselves differentiable). With u = the gradient of grad_image
+# [B,C,H,W], w = that of grad_palette [B,K,C] and d[b,k,c,p] = image[b,c,p] - palette[b,k,c]:
+#   d/dgrad[b,k,p]     = 2 sum_c (u[b,c,p] - w[b,k,c]) d[b,k,c,p]
+#   d/dimage[b,c,p]    = 2 (u[b,c,p] sum_k grad[b,k,p] - sum_k grad[b,k,p] w[b,k,c])
+#   d/dpalette[b,k,c]  = 2 (w[b,k,c] sum_p grad[b,k,p] - sum_p grad[b,k,p] u[b,c,p])
+# (einsums over c, k or p: no [B,K,C,H,W] tensor).
+def _distance_backward_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _distance_backward_backward(ctx, gg_image, gg_palette):
+    grad, image, palette = ctx.saved_tensors
+    need_grad, need_image, need_palette = ctx.needs_input_grad
+    u = torch.zeros_like(image) if gg_image is None else gg_image
+    w = torch.zeros_like(palette) if gg_palette is None else gg_palette
+    d_grad = d_image = d_palette = None
+    if need_grad:
+        d_grad = 2 * (
+            torch.einsum("bchw,bchw->bhw", u, image)[:, None]
+            - torch.einsum("bchw,bkc->bkhw", u, palette)
+            - torch.einsum("bkc,bchw->bkhw", w, image)
+            + (w * palette).sum(-1)[:, :, None, None]
+        )
+    if need_image:
+        d_image = 2 * (u * grad.sum(1, keepdim=True) - torch.einsum("bkhw,bkc->bchw", grad, w))
+    if need_palette:
+        d_palette = 2 * (w * grad.sum((2, 3))[..., None] - torch.einsum("bkhw,bchw->bkc", grad, u))
+    return d_grad, d_image, d_palette
+
+
+torch.library.register_autograd(
+    "colorquant::palette_distance_backward",
+    _distance_backward_backward,
+    setup_context=_distance_backward_setup_context,
 )

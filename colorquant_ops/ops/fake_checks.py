@@ -138,6 +138,11 @@ def check_grad(grad, sizes, forward, name: str) -> None:
     check_floating(grad, name)
 
 
+def check_palette_distance_backward(grad, image, palette) -> None:
+    check_image_palette(image, palette)
+    check_grad(grad, (image.shape[0], palette.shape[1], image.shape[2], image.shape[3]), image, "grad")
+
+
 def check_soft_backward(grad_quantized, grad_palette, grad_probs, probs, image, palette, temperature, eps) -> None:
     check_logits_image(probs, image)
     check_temperature_eps(temperature, eps)

@@ -66,3 +66,8 @@ def hard_color_quantize(logits, image):
     sums.scatter_add_(1, flat.unsqueeze(-1).expand(B, H * W, C), image.reshape(B, C, H * W).transpose(1, 2))
     palette = torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums))
     return render_index_map(index_map, palette), index_map, palette
+
+
+def palette_distance(image, palette):
+    """out[b,k,h,w] = sum_c (image[b,c,h,w] - palette[b,k,c])^2, by broadcasting to ``[B,K,C,H,W]``."""
+    return ((image[:, None] - palette[..., None, None]) ** 2).sum(2)

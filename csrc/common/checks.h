@@ -177,6 +177,17 @@ inline void check_grad(const at::Tensor& grad, const at::Tensor& like,
   check_grad(grad, like.sizes(), like, name);
 }
 
+// palette_distance_backward(grad, image, palette): the forward's arguments
+// (check_image_palette) and grad of the output's shape [B,K,H,W].
+inline void check_palette_distance_backward(const at::Tensor& grad,
+                                            const at::Tensor& image,
+                                            const at::Tensor& palette) {
+  check_image_palette(image, palette);
+  check_grad(grad,
+             {image.size(0), palette.size(1), image.size(2), image.size(3)},
+             image, "grad");
+}
+
 // Arguments of soft_color_quantize_backward: the saved forward tensors
 // (probs [B,K,H,W], image [B,C,H,W], palette [B,K,C]) and one gradient per
 // forward output, each absent (zeros) or of the output's shape. The kernels

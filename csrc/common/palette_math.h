@@ -1,5 +1,5 @@
 // Per-pixel arithmetic of the palette ops (kmeans_palette,
-// floyd_steinberg_dither), shared by the CPU and CUDA kernels in the style of
+// floyd_steinberg_dither, palette_distance), shared by the CPU and CUDA kernels in the style of
 // color_math.h: every formula lives here exactly once, so the CPU tests cover
 // the arithmetic that the CUDA kernels run; the kernels only add loop
 // structure (chunks, wavefronts, indexing).
@@ -129,6 +129,37 @@ struct NearestColour {
     return nearest_colour<kC, acc_t>(x, 1, palette, K, C);
   }
 };
+
+// ---------------------------------------------------------------------------
+// Distance to the palette (palette_distance and its backward).
+//
+//   out[k,p]          =  squared_distance(x[:,p], palette[k])
+//   grad_image[c,p]   =  2 sum_k grad[k,p] (x[c,p] - palette[k,c])
+//   grad_palette[k,c] = -2 sum_p grad[k,p] (x[c,p] - palette[k,c])
+//
+// Both gradients sum the same term, distance_grad_term; the kernels add the
+// terms (from 0, colours in ascending order for grad_image; per pixel chunk /
+// tile for grad_palette) and scale each sum by 2 or -2 once. Scaling by a
+// power of two is exact, so the scaled partial sums of grad_palette add up to
+// exactly the scaled total (barring overflow).
+// ---------------------------------------------------------------------------
+
+template <typename acc_t>
+CQ_HD acc_t distance_grad_term(acc_t grad, acc_t x, acc_t colour) {
+  return mul_rn(grad, sub_rn(x, colour));
+}
+
+// grad_image from sum_k distance_grad_term.
+template <typename acc_t>
+CQ_HD acc_t distance_image_grad(acc_t sum) {
+  return mul_rn(acc_t(2), sum);
+}
+
+// (A partial sum of) grad_palette from (a partial) sum_p distance_grad_term.
+template <typename acc_t>
+CQ_HD acc_t distance_palette_grad(acc_t sum) {
+  return mul_rn(acc_t(-2), sum);
+}
 
 // ---------------------------------------------------------------------------
 // Floyd-Steinberg error diffusion.

@@ -1,0 +1,255 @@
+"""ColorCNN+: one learned quantizer for every number of colours, K chosen at call time.
+
+After Hou, Gould, Zheng, "Scalable Deep Color Quantization: a Cluster Imitation Approach" (TIP
+2024; the TPAMI "Learning to Structure an Image with Few Colors and Beyond" line of work): a network
+that serves several colour-space sizes with one set of weights and learns, through a *cluster
+imitation* loss, to assign colours the way a clustering quantizer does, so that it keeps ColorCNN's
+strength at one or two bits without falling apart at five or six. The papers' text gives the aims,
+not the architecture; this model is this library's own design for them (RESULTS.md says what was
+taken and what was invented):
+
+* **k-means in a learned colour space.** A U-Net (ColorCNN's backbone), told K through one extra
+  input plane (``log2(K) / 8``), predicts a per-pixel offset ``delta`` (its last layer starts at
+  zero) that moves each pixel in colour space: ``features = image + delta``. The palette's centres
+  are k-means on the features (:func:`~colorquant_ops.ops.kmeans_palette`, deterministic, not
+  differentiated) refined by ``refine_steps`` differentiable soft-k-means steps, and every pixel
+  scores each colour by its distance, ``logits = -beta(K) * |features - centre_k|^2``
+  (:func:`~colorquant_ops.ops.palette_distance`), with a learned inverse temperature
+  ``beta(K) = exp(a + b (log2 K - 1))``. So K is just an argument: the same weights serve 2 or 256
+  colours, and untrained (``delta = 0``) the model *is* k-means, the strongest traditional
+  quantizer at large K; training moves pixels across cluster boundaries where the classifier needs
+  structure (edges at one bit) and leaves them where it does not.
+* The recolouring is ColorCNN's: training uses the softmax of the logits and the probability-
+  weighted mean of the *input* pixels (:func:`~colorquant_ops.ops.soft_color_quantize`); evaluation
+  the argmax index map and the mean input colour of each index
+  (:func:`~colorquant_ops.ops.hard_color_quantize`). The palette is always made of the image's own
+  colours; the features only decide who goes with whom.
+* The cluster-imitation term (:func:`colorquant_ops.losses.cluster_imitation_loss`) asks each
+  pixel's assignment to be that of a clustering step: the palette colour nearest to the pixel's own
+  colour.
+"""
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .._checkpoint import build_checked, read_checkpoint
+from .._io import save_atomic
+from .._validation import check_float as _check_float
+from .._validation import check_int as _check_int
+from ..ops import hard_color_quantize, kmeans_palette, palette_distance, soft_color_quantize
+from .backbones import DnCNN, UNet
+from .colorcnn import ColorCNNOutput, _check_normalization
+from .pretrained import pretrained_path
+
+__all__ = ["ColorCNNPlus", "load_colorcnn_plus", "load_colorcnn_plus_checkpoint", "save_colorcnn_plus"]
+
+#: Tag of the checkpoint format written by :func:`save_colorcnn_plus`.
+CHECKPOINT_FORMAT = "colorquant_ops.ColorCNNPlus/1"
+
+_BACKBONES = {"unet": UNet, "dncnn": DnCNN}
+
+#: Hidden channels of the 1x1-conv offset head.
+HEAD_CHANNELS = 64
+
+#: Initial inverse temperature at K = 2 and its growth per doubling of K. Measured on CIFAR-10 test
+#: images in the normalized space ``colorquant train`` works in, k-means at K = 2, 4, ..., 64: the
+#: mean squared distance of a pixel to its nearest centre is 0.70, 0.23, 0.096, 0.045, 0.023, 0.012,
+#: about 2.2x less per doubling; these make it about 3 logits at every K (beta(2) = 4, beta(64) = 210).
+INITIAL_LOG_BETA = math.log(4.0)
+INITIAL_LOG_BETA_SLOPE = math.log(2.2)
+
+
+class ColorCNNPlus(nn.Module):
+    """ColorCNN+: k-means in a learned colour space, one set of weights for every K in
+    ``[2, max_colors]`` (see the module docstring for the design).
+
+    ``model(x, num_colors)`` quantizes ``x`` to ``num_colors`` colours and returns a
+    :class:`~colorquant_ops.models.ColorCNNOutput` like :class:`~colorquant_ops.ColorCNN`'s: in
+    training mode the soft, differentiable recolouring (``index_map`` None), in evaluation mode the
+    argmax index map and its mean-colour palette. ``input_normalization=(mean, std)`` works as for
+    ColorCNN: the network sees ``(x - mean) / std`` (and clusters in that space), recolours from the
+    input pixels, and takes images in ``[0, 1]``.
+
+    Args:
+        backbone: ``"unet"`` (default) or ``"dncnn"``.
+        width: channel width of the backbone (64 as ColorCNN's paper; 16 or 32 suit CPU runs).
+        in_channels: channels C of the input image.
+        max_colors: the largest K the model accepts, in ``[2, 256]``.
+        kmeans_iters: Lloyd iterations of the k-means that places the initial centres, >= 0.
+        refine_steps: differentiable soft-k-means steps after it, >= 0.
+        seed: seed of the k-means++ seeding (the model is a deterministic function of its input).
+        eps: added to each colour's total probability in the soft palette, >= 0.
+        input_normalization: ``None`` or ``(mean, std)``, ``in_channels`` values each.
+
+    Shape:
+        - Input: ``[B, C, H, W]`` floating point, any ``H, W >= 1``; ``num_colors`` an int.
+        - Output: ``quantized [B, C, H, W]``, ``probs [B, K, H, W]``, ``palette [B, K, C]``,
+          ``index_map [B, H, W]`` (``None`` in training mode).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "unet",
+        width: int = 64,
+        in_channels: int = 3,
+        max_colors: int = 256,
+        kmeans_iters: int = 10,
+        refine_steps: int = 1,
+        seed: int = 0,
+        eps: float = 1e-8,
+        input_normalization: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
+    ) -> None:
+        super().__init__()
+        if backbone not in _BACKBONES:
+            raise ValueError(f"backbone must be one of {sorted(_BACKBONES)}, got {backbone!r}")
+        self.backbone_name = backbone
+        self.width = _check_int(width, "width", 1)
+        self.in_channels = _check_int(in_channels, "in_channels", 1)
+        self.max_colors = _check_int(max_colors, "max_colors", 2, 256)
+        self.kmeans_iters = _check_int(kmeans_iters, "kmeans_iters", 0)
+        self.refine_steps = _check_int(refine_steps, "refine_steps", 0)
+        self.seed = _check_int(seed, "seed", 0)
+        self.eps = _check_float(eps, "eps", positive=False)
+        self.input_normalization = _check_normalization(input_normalization, self.in_channels)
+
+        # one more input plane: log2(K) / 8, so that the offsets can depend on K
+        self.backbone = _BACKBONES[backbone](in_channels=self.in_channels + 1, width=self.width)
+        self.head = nn.Sequential(
+            nn.Conv2d(self.backbone.out_channels, HEAD_CHANNELS, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(HEAD_CHANNELS, self.in_channels, 1),
+        )
+        # zero offsets at the start: the untrained model is k-means (+ refine_steps soft steps)
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+        self.log_beta = nn.Parameter(torch.tensor(INITIAL_LOG_BETA))
+        self.log_beta_slope = nn.Parameter(torch.tensor(INITIAL_LOG_BETA_SLOPE))
+
+    # --- configuration ------------------------------------------------------------------
+
+    def config(self) -> dict:
+        """The constructor arguments, enough to rebuild the model (see :func:`save_colorcnn_plus`)."""
+        return dict(backbone=self.backbone_name, width=self.width, in_channels=self.in_channels,
+                    max_colors=self.max_colors, kmeans_iters=self.kmeans_iters, refine_steps=self.refine_steps,
+                    seed=self.seed, eps=self.eps, input_normalization=self.input_normalization)
+
+    @classmethod
+    def from_pretrained(cls, name: str, map_location="cpu") -> "ColorCNNPlus":
+        """A bundled pretrained network by name (:data:`colorquant_ops.models.PRETRAINED_COLORCNN_PLUS`,
+        e.g. ``"cifar10-plus"``), in eval mode, with the input normalization it was trained with."""
+        return load_colorcnn_plus(pretrained_path(name, "colorcnn+"), map_location).eval()
+
+    def extra_repr(self) -> str:
+        return (f"backbone={self.backbone_name!r}, width={self.width}, in_channels={self.in_channels}, "
+                f"max_colors={self.max_colors}, kmeans_iters={self.kmeans_iters}, "
+                f"refine_steps={self.refine_steps}, seed={self.seed}, eps={self.eps}"
+                + (f", input_normalization={self.input_normalization}" if self.input_normalization else ""))
+
+    # --- the model ----------------------------------------------------------------------
+
+    def inverse_temperature(self, num_colors: int) -> Tensor:
+        """``beta(K) = exp(log_beta + log_beta_slope * (log2 K - 1))``, a 0-d tensor."""
+        return torch.exp(self.log_beta + self.log_beta_slope * (math.log2(num_colors) - 1.0))
+
+    def _check_input(self, x, num_colors) -> int:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"ColorCNNPlus input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"ColorCNNPlus input must be 4-D [B, C, H, W], got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"ColorCNNPlus input must have in_channels={self.in_channels} channels, "
+                             f"got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"ColorCNNPlus input must be a floating-point tensor, got {x.dtype}")
+        if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(f"ColorCNNPlus input must be non-empty in B, H and W, got shape {tuple(x.shape)}")
+        return _check_int(num_colors, "num_colors", 2, self.max_colors)
+
+    def _normalized(self, x: Tensor) -> Tensor:
+        if self.input_normalization is None:
+            return x
+        mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+                     for v in self.input_normalization)
+        return (x - mean) / std
+
+    def features(self, x: Tensor, num_colors: int) -> Tensor:
+        """The pixels moved in colour space, ``normalized(x) + delta(x, K)``, ``[B, C, H, W]`` in x's dtype:
+        the space the colours are clustered in."""
+        num_colors = self._check_input(x, num_colors)
+        return self._features(self._normalized(x), num_colors)
+
+    def _features(self, xn: Tensor, num_colors: int) -> Tensor:
+        plane = xn.new_full((xn.shape[0], 1, *xn.shape[2:]), math.log2(num_colors) / 8)
+        delta = self.head(self.backbone(torch.cat([xn, plane], dim=1)))
+        return xn + delta.to(xn.dtype)  # under autocast the head computes in bfloat16
+
+    def forward(self, x: Tensor, num_colors: int, *, return_logits: bool = False
+                ) -> Union[ColorCNNOutput, Tuple[ColorCNNOutput, Tensor]]:
+        """Quantize ``x`` to ``num_colors`` colours.
+
+        Returns:
+            :class:`~colorquant_ops.models.ColorCNNOutput` ``(quantized, probs, palette, index_map)``,
+            and with ``return_logits=True`` also the ``[B, K, H, W]`` logits (what the imitation
+            loss takes).
+        """
+        num_colors = self._check_input(x, num_colors)
+        features = self._features(self._normalized(x), num_colors)
+        beta = self.inverse_temperature(num_colors).to(x.dtype)
+        centres = kmeans_palette(features, num_colors, self.kmeans_iters, self.seed).palette
+        logits = palette_distance(features, centres) * -beta
+        for _ in range(self.refine_steps):
+            centres = soft_color_quantize(logits, features, 1.0, self.eps).palette
+            logits = palette_distance(features, centres) * -beta
+        if self.training:
+            soft = soft_color_quantize(logits, x, 1.0, self.eps)
+            out = ColorCNNOutput(soft.quantized, soft.probs, soft.palette, None)
+        else:
+            hard = hard_color_quantize(logits, x)
+            out = ColorCNNOutput(hard.quantized, torch.softmax(logits, dim=1), hard.palette, hard.index_map)
+        return (out, logits) if return_logits else out
+
+
+# --- checkpoints ------------------------------------------------------------------------
+
+_KEEP = object()
+_CONFIG_KEYS = ("backbone", "width", "in_channels", "max_colors", "kmeans_iters", "refine_steps", "seed", "eps",
+                "input_normalization")
+
+
+def save_colorcnn_plus(model: ColorCNNPlus, path, *, input_normalization=_KEEP, **extra) -> None:
+    """Write ``model`` (config, weights and any ``extra`` entries) to ``path``; ``input_normalization``
+    as for :func:`~colorquant_ops.models.save_colorcnn`."""
+    config = model.config()
+    if input_normalization is not _KEEP:
+        config["input_normalization"] = _check_normalization(input_normalization, model.in_channels)
+    save_atomic({"format": CHECKPOINT_FORMAT, "config": config, "state_dict": model.state_dict(), **extra}, path)
+
+
+def load_colorcnn_plus(path, map_location="cpu") -> ColorCNNPlus:
+    """Rebuild a :class:`ColorCNNPlus` from a checkpoint written by :func:`save_colorcnn_plus`.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a readable ColorCNN+ checkpoint.
+    """
+    return load_colorcnn_plus_checkpoint(path, map_location)[0]
+
+
+def load_colorcnn_plus_checkpoint(path, map_location="cpu") -> Tuple[ColorCNNPlus, dict]:
+    """:func:`load_colorcnn_plus`, plus the ``extra`` entries the checkpoint holds (``dataset``,
+    ``classifier``, ... from ``colorquant train --model colorcnn+``)."""
+    ckpt = read_checkpoint(path, CHECKPOINT_FORMAT, "ColorCNN+", map_location)
+    missing = [k for k in ("config", "state_dict") if k not in ckpt]
+    if missing or not isinstance(ckpt["config"], dict):
+        raise ValueError(f"{path} is not a ColorCNN+ checkpoint "
+                         + (f"(missing entries {missing})" if missing else "(its config is not a dict)"))
+    config = dict(ckpt["config"])
+    unknown = sorted(str(k) for k in set(config) - set(_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"{path} is not a ColorCNN+ checkpoint (unknown config entries {unknown})")
+    model = build_checked(lambda: ColorCNNPlus(**config), ckpt["state_dict"], path, "ColorCNN+")
+    extra = {k: v for k, v in ckpt.items() if k not in ("format", "config", "state_dict")}
+    return model, extra
