@@ -123,6 +123,23 @@ def color_variance_loss(image: Tensor, probs: Tensor, palette: Optional[Tensor] 
     return sq.mean()
 
 
+def _weighted_total(cross_entropy: Tensor, terms) -> Tuple[Tensor, Dict[str, float]]:
+    """``cross_entropy + sum weight * term`` over ``terms`` (``(name, weight, compute)``) and the log dict
+    ``{"total", "cross_entropy", name...}`` of unweighted values. A term with weight 0 is computed for
+    the log without gradient and not added, so with every weight 0 the total is the cross-entropy."""
+    total, values = cross_entropy, [cross_entropy]
+    for _, weight, compute in terms:
+        if weight != 0.0:
+            term = compute()
+            total = total + weight * term
+        else:
+            with torch.no_grad():
+                term = compute()
+        values.append(term)
+    floats = torch.stack([t.detach().float() for t in (total, *values)]).tolist()  # one device sync
+    return total, dict(zip(("total", "cross_entropy", *(name for name, _, _ in terms)), floats))
+
+
 class ColorCNNLoss(nn.Module):
     """The objective of ColorCNN against a frozen classifier.
 
@@ -180,23 +197,11 @@ class ColorCNNLoss(nn.Module):
                 "must have the same shape"
             )
         ce = F.cross_entropy(logits_cls, target, label_smoothing=self.label_smoothing)
-        total = ce
-        terms = [ce]
-        for weight, fn in (
-            (self.alpha, lambda: color_usage_loss(output.probs)),
-            (self.beta, lambda: color_variance_loss(image, output.probs)),
-            (self.gamma, lambda: F.mse_loss(output.quantized, image)),
-        ):
-            if weight != 0.0:
-                term = fn()
-                total = total + weight * term
-            else:
-                with torch.no_grad():
-                    term = fn()
-            terms.append(term)
-        values = torch.stack([t.detach().float() for t in (total, *terms)]).tolist()  # one device sync
-        names = ("total", "cross_entropy", "color_usage", "color_variance", "reconstruction")
-        return total, dict(zip(names, values))
+        return _weighted_total(ce, (
+            ("color_usage", self.alpha, lambda: color_usage_loss(output.probs)),
+            ("color_variance", self.beta, lambda: color_variance_loss(image, output.probs)),
+            ("reconstruction", self.gamma, lambda: F.mse_loss(output.quantized, image)),
+        ))
 
 
 def cluster_imitation_loss(logits: Tensor, image: Tensor, palette: Tensor) -> Tensor:
@@ -273,17 +278,8 @@ class ColorCNNPlusLoss(nn.Module):
             raise TypeError(f"output must be a ColorCNNOutput, got {type(output).__name__}")
         _check_tensor(logits, "logits", 4)
         ce = F.cross_entropy(logits_cls, target, label_smoothing=self.label_smoothing)
-        total = ce
-        terms = [ce]
-        for weight, fn in ((self.imitation_weight(logits.shape[1]),
-                            lambda: cluster_imitation_loss(logits, image, output.palette)),
-                           (self.alpha, lambda: color_usage_loss(output.probs))):
-            if weight != 0.0:
-                term = fn()
-                total = total + weight * term
-            else:
-                with torch.no_grad():
-                    term = fn()
-            terms.append(term)
-        values = torch.stack([t.detach().float() for t in (total, *terms)]).tolist()
-        return total, dict(zip(("total", "cross_entropy", "imitation", "color_usage"), values))
+        return _weighted_total(ce, (
+            ("imitation", self.imitation_weight(logits.shape[1]),
+             lambda: cluster_imitation_loss(logits, image, output.palette)),
+            ("color_usage", self.alpha, lambda: color_usage_loss(output.probs)),
+        ))

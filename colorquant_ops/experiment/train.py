@@ -646,10 +646,38 @@ def _load_initial_weights(model: ColorCNN, path, dataset: str) -> None:
     model.load_state_dict(source.state_dict())
 
 
+def _quantizer_run(setup: _Setup, classifier: nn.Module, model: nn.Module):
+    """What ColorCNN's and ColorCNN+'s trainers share: the loaders, normalized as the frozen classifier
+    expects (STL-10 classifiers from before it was recorded: STL-10's statistics), the check that the
+    classifier predicts the dataset's classes, both models on the device and the training / evaluation
+    nets. Returns ``(classifier, model, net, eval_net, normalization, train_loader, test_loader)``."""
+    args = setup.args
+    stats = data.DATASET_STATS[args.dataset]
+    normalization = data.classifier_normalization(args.classifier, args.dataset)
+    train_loader, test_loader, classes = setup.loaders(normalization)
+    num_classes = stats.num_classes or len(classes)
+    with torch.no_grad():
+        out_features = classifier(torch.zeros(1, 3, stats.image_size, stats.image_size)).shape[1]
+    if out_features != num_classes:
+        raise ValueError(f"--classifier {args.classifier} predicts {out_features} classes; {args.dataset} has {num_classes}")
+    classifier = setup.prepare(classifier)
+    model = setup.prepare(model)
+    net, eval_net = setup.parallel(model)
+    return classifier, model, net, eval_net, normalization, train_loader, test_loader
+
+
+def _colors_used(index_map: Tensor, num_colors: int) -> Tensor:
+    """Per image, how many of the ``num_colors`` indices the ``[B, H, W]`` index map uses."""
+    return F.one_hot(index_map.flatten(1), num_colors).amax(1).sum(1)
+
+
+def _cosine_restarts(args: argparse.Namespace, optimizer, train_loader):
+    return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=args.restart_epochs * len(train_loader))
+
+
 def _train_colorcnn(setup: _Setup) -> dict:
     args = setup.args
     classifier = load_classifier(args.classifier).eval().requires_grad_(False)
-    stats = data.DATASET_STATS[args.dataset]
     color_norm = args.color_norm if args.color_norm is not None else _color_norm(args, classifier)
     if not args.resume:
         args.color_norm = color_norm  # settings.json records it
@@ -659,17 +687,8 @@ def _train_colorcnn(setup: _Setup) -> dict:
     if args.init_from is not None:
         _load_initial_weights(model, args.init_from, args.dataset)
     criterion = ColorCNNLoss(args.alpha, args.beta, args.gamma)
-    # the classifier's normalization (STL-10 classifiers from before it was recorded: STL-10's statistics)
-    normalization = data.classifier_normalization(args.classifier, args.dataset)
-    train_loader, test_loader, classes = setup.loaders(normalization)
-    num_classes = stats.num_classes or len(classes)
-    with torch.no_grad():
-        out_features = classifier(torch.zeros(1, 3, stats.image_size, stats.image_size)).shape[1]
-    if out_features != num_classes:
-        raise ValueError(f"--classifier {args.classifier} predicts {out_features} classes; {args.dataset} has {num_classes}")
-    classifier = setup.prepare(classifier)
-    model = setup.prepare(model)
-    net, eval_net = setup.parallel(model)
+    classifier, model, net, eval_net, normalization, train_loader, test_loader = _quantizer_run(
+        setup, classifier, model)
 
     def train_step(images, labels):
         out = net(images)
@@ -679,8 +698,7 @@ def _train_colorcnn(setup: _Setup) -> dict:
 
     def predict(images):
         out = eval_net(images)
-        used = F.one_hot(out.index_map.flatten(1), model.num_colors).amax(1).sum(1)
-        return classifier(out.quantized), used
+        return classifier(out.quantized), _colors_used(out.index_map, model.num_colors)
 
     def save_model(path, **extra):
         # trained on normalized images: the checkpoint says so, and a loaded model takes [0, 1] images
@@ -688,8 +706,7 @@ def _train_colorcnn(setup: _Setup) -> dict:
                       classifier=str(args.classifier), **extra)
 
     optimizer = _sgd(args, model.parameters())
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-        optimizer, T_0=args.restart_epochs * len(train_loader))
+    scheduler = _cosine_restarts(args, optimizer, train_loader)
     evaluate = lambda: _evaluate(setup, test_loader, model, predict)  # noqa: E731
     setup.start()
     return fit(setup, model, train_step, evaluate, optimizer, scheduler, True, save_model, train_loader)
@@ -698,20 +715,11 @@ def _train_colorcnn(setup: _Setup) -> dict:
 def _train_colorcnn_plus(setup: _Setup) -> dict:
     args = setup.args
     classifier = load_classifier(args.classifier).eval().requires_grad_(False)
-    stats = data.DATASET_STATS[args.dataset]
     low, high = args.train_colors
     model = ColorCNNPlus(args.backbone, args.width, max_colors=high, kmeans_iters=args.kmeans_iters, seed=args.seed)
     criterion = ColorCNNPlusLoss(args.imitation, args.alpha)
-    normalization = data.classifier_normalization(args.classifier, args.dataset)
-    train_loader, test_loader, classes = setup.loaders(normalization)
-    num_classes = stats.num_classes or len(classes)
-    with torch.no_grad():
-        out_features = classifier(torch.zeros(1, 3, stats.image_size, stats.image_size)).shape[1]
-    if out_features != num_classes:
-        raise ValueError(f"--classifier {args.classifier} predicts {out_features} classes; {args.dataset} has {num_classes}")
-    classifier = setup.prepare(classifier)
-    model = setup.prepare(model)
-    net, eval_net = setup.parallel(model)
+    classifier, model, net, eval_net, normalization, train_loader, test_loader = _quantizer_run(
+        setup, classifier, model)
 
     def train_step(images, labels):
         k = sample_train_colors(args.seed, setup.step, low, high)
@@ -725,7 +733,7 @@ def _train_colorcnn_plus(setup: _Setup) -> dict:
         for k in args.eval_colors:
             def predict(images, k=k):
                 out = eval_net(images, k)
-                return classifier(out.quantized), F.one_hot(out.index_map.flatten(1), k).amax(1).sum(1)
+                return classifier(out.quantized), _colors_used(out.index_map, k)
             result = _evaluate(setup, test_loader, model, predict)
             metrics[f"test_acc_k{k}"], metrics[f"test_colors_k{k}"] = result["test_acc"], result["test_colors"]
         accs = [metrics[f"test_acc_k{k}"] for k in args.eval_colors]
@@ -736,8 +744,7 @@ def _train_colorcnn_plus(setup: _Setup) -> dict:
                            classifier=str(args.classifier), **extra)
 
     optimizer = _sgd(args, model.parameters())
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-        optimizer, T_0=args.restart_epochs * len(train_loader))
+    scheduler = _cosine_restarts(args, optimizer, train_loader)
     setup.start()
     return fit(setup, model, train_step, evaluate, optimizer, scheduler, True, save_model, train_loader)
 

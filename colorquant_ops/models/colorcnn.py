@@ -69,6 +69,45 @@ def _check_normalization(value, channels: int):
     return mean, std
 
 
+def normalization_tensors(normalization, x: Tensor):
+    """``normalization`` (``None`` or ``(mean, std)``) as two ``[1, C, 1, 1]`` tensors like ``x``, or None."""
+    if normalization is None:
+        return None
+    mean, std = normalization
+    return (torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1),
+            torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1))
+
+
+def check_image_input(x, in_channels: int, model: str) -> None:
+    """The input checks of the learned quantizers (``model`` names the class in the messages); checked
+    up front because the first convolution's errors would not name the cause."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{model} input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{model} input must be 4-D [B, C, H, W], got shape {tuple(x.shape)}")
+    if x.shape[1] != in_channels:
+        raise ValueError(f"{model} input must have in_channels={in_channels} channels, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{model} input must be a floating-point tensor, got {x.dtype}")
+    if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"{model} input must be non-empty in B, H and W, got shape {tuple(x.shape)}")
+
+
+def read_model_checkpoint(path, fmt: str, what: str, config_keys, map_location="cpu") -> Tuple[dict, dict]:
+    """A learned quantizer's checkpoint: ``(checkpoint, config)`` after the checks every such format
+    shares (``config`` and ``state_dict`` entries, a dict config with only ``config_keys``)."""
+    ckpt = read_checkpoint(path, fmt, what, map_location)
+    missing = [k for k in ("config", "state_dict") if k not in ckpt]
+    if missing or not isinstance(ckpt["config"], dict):
+        raise ValueError(f"{path} is not a {what} checkpoint "
+                         + (f"(missing entries {missing})" if missing else "(its config is not a dict)"))
+    config = dict(ckpt["config"])
+    unknown = sorted(str(k) for k in set(config) - set(config_keys))
+    if unknown:
+        raise ValueError(f"{path} is not a {what} checkpoint (unknown config entries {unknown})")
+    return ckpt, config
+
+
 class ColorCNN(nn.Module):
     """ColorCNN colour quantizer from `Learning to Structure an Image with Few Colors
     <https://arxiv.org/abs/2003.07848>`_.
@@ -195,27 +234,10 @@ class ColorCNN(nn.Module):
 
     def _normalization(self, x: Tensor):
         """``(mean, std)`` as ``[1, C, 1, 1]`` tensors like ``x``, or None."""
-        if self.input_normalization is None:
-            return None
-        mean, std = self.input_normalization
-        return (torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1),
-                torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1))
+        return normalization_tensors(self.input_normalization, x)
 
     def _check_input(self, x) -> None:
-        # Checked here because the first convolution's errors would not name the cause.
-        if not isinstance(x, Tensor):
-            raise TypeError(f"ColorCNN input must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"ColorCNN input must be 4-D [B, C, H, W], got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"ColorCNN input must have in_channels={self.in_channels} channels, "
-                f"got shape {tuple(x.shape)}"
-            )
-        if not x.is_floating_point():
-            raise TypeError(f"ColorCNN input must be a floating-point tensor, got {x.dtype}")
-        if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
-            raise ValueError(f"ColorCNN input must be non-empty in B, H and W, got shape {tuple(x.shape)}")
+        check_image_input(x, self.in_channels, "ColorCNN")
 
     def logits(self, x: Tensor) -> Tensor:
         """Raw colour scores, before the temperature and the softmax.
@@ -290,24 +312,31 @@ class ColorCNN(nn.Module):
         return ColorCNNOutput(quantized, soft.probs, palette, None)
 
 
-_KEEP = object()
+#: ``input_normalization`` default of the checkpoint writers: keep the model's own.
+KEEP_NORMALIZATION = object()
 
 #: The entries of :meth:`ColorCNN.config` (a checkpoint's ``config`` may hold only these).
 _CONFIG_KEYS = ("num_colors", "backbone", "width", "in_channels", "temperature", "color_norm", "color_jitter",
                 "eps", "straight_through", "input_normalization")
 
 
-def save_colorcnn(model: ColorCNN, path, *, input_normalization=_KEEP, **extra) -> None:
+def save_colorcnn(model: ColorCNN, path, *, input_normalization=KEEP_NORMALIZATION, **extra) -> None:
     """Write ``model`` (its config and weights, plus any ``extra`` entries) to ``path``.
 
     ``input_normalization``: record this ``(mean, std)`` in the checkpoint's config instead of the
     model's own, e.g. for a network trained on normalized images (``colorquant train``), so that the
     loaded model takes images in ``[0, 1]``.
     """
+    write_model_checkpoint(model, CHECKPOINT_FORMAT, path, input_normalization, extra)
+
+
+def write_model_checkpoint(model: nn.Module, fmt: str, path, input_normalization, extra: dict) -> None:
+    """The checkpoint of a learned quantizer (its ``config()``, weights and ``extra`` entries, tagged
+    ``fmt``); ``input_normalization`` replaces the config's unless it is ``KEEP_NORMALIZATION``."""
     config = model.config()
-    if input_normalization is not _KEEP:
+    if input_normalization is not KEEP_NORMALIZATION:
         config["input_normalization"] = _check_normalization(input_normalization, model.in_channels)
-    save_atomic({"format": CHECKPOINT_FORMAT, "config": config, "state_dict": model.state_dict(), **extra}, path)
+    save_atomic({"format": fmt, "config": config, "state_dict": model.state_dict(), **extra}, path)
 
 
 def load_colorcnn(path, map_location="cpu") -> ColorCNN:
@@ -329,15 +358,7 @@ def load_colorcnn_checkpoint(path, map_location="cpu") -> Tuple[ColorCNN, dict]:
     (:data:`~colorquant_ops.normalization.NORMALIZATION_BEFORE_RECORDING`): ``colorquant train``
     always trained on normalized images.
     """
-    ckpt = read_checkpoint(path, CHECKPOINT_FORMAT, "ColorCNN", map_location)
-    missing = [k for k in ("config", "state_dict") if k not in ckpt]
-    if missing or not isinstance(ckpt["config"], dict):
-        raise ValueError(f"{path} is not a ColorCNN checkpoint "
-                         + (f"(missing entries {missing})" if missing else "(its config is not a dict)"))
-    config = dict(ckpt["config"])
-    unknown = sorted(str(k) for k in set(config) - set(_CONFIG_KEYS))
-    if unknown:
-        raise ValueError(f"{path} is not a ColorCNN checkpoint (unknown config entries {unknown})")
+    ckpt, config = read_model_checkpoint(path, CHECKPOINT_FORMAT, "ColorCNN", _CONFIG_KEYS, map_location)
     dataset = ckpt.get("dataset")
     if (config.get("input_normalization") is None and isinstance(dataset, str)
             and dataset in NORMALIZATION_BEFORE_RECORDING):

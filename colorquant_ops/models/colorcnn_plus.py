@@ -35,13 +35,13 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .._checkpoint import build_checked, read_checkpoint
-from .._io import save_atomic
+from .._checkpoint import build_checked
 from .._validation import check_float as _check_float
 from .._validation import check_int as _check_int
 from ..ops import hard_color_quantize, kmeans_palette, palette_distance, soft_color_quantize
 from .backbones import DnCNN, UNet
-from .colorcnn import ColorCNNOutput, _check_normalization
+from .colorcnn import (KEEP_NORMALIZATION, ColorCNNOutput, _check_normalization, check_image_input, normalization_tensors,
+                       read_model_checkpoint, write_model_checkpoint)
 from .pretrained import pretrained_path
 
 __all__ = ["ColorCNNPlus", "load_colorcnn_plus", "load_colorcnn_plus_checkpoint", "save_colorcnn_plus"]
@@ -155,25 +155,12 @@ class ColorCNNPlus(nn.Module):
         return torch.exp(self.log_beta + self.log_beta_slope * (math.log2(num_colors) - 1.0))
 
     def _check_input(self, x, num_colors) -> int:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"ColorCNNPlus input must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"ColorCNNPlus input must be 4-D [B, C, H, W], got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"ColorCNNPlus input must have in_channels={self.in_channels} channels, "
-                             f"got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"ColorCNNPlus input must be a floating-point tensor, got {x.dtype}")
-        if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
-            raise ValueError(f"ColorCNNPlus input must be non-empty in B, H and W, got shape {tuple(x.shape)}")
+        check_image_input(x, self.in_channels, "ColorCNNPlus")
         return _check_int(num_colors, "num_colors", 2, self.max_colors)
 
     def _normalized(self, x: Tensor) -> Tensor:
-        if self.input_normalization is None:
-            return x
-        mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-                     for v in self.input_normalization)
-        return (x - mean) / std
+        norm = normalization_tensors(self.input_normalization, x)
+        return x if norm is None else (x - norm[0]) / norm[1]
 
     def features(self, x: Tensor, num_colors: int) -> Tensor:
         """The pixels moved in colour space, ``normalized(x) + delta(x, K)``, ``[B, C, H, W]`` in x's dtype:
@@ -214,18 +201,14 @@ class ColorCNNPlus(nn.Module):
 
 # --- checkpoints ------------------------------------------------------------------------
 
-_KEEP = object()
 _CONFIG_KEYS = ("backbone", "width", "in_channels", "max_colors", "kmeans_iters", "refine_steps", "seed", "eps",
                 "input_normalization")
 
 
-def save_colorcnn_plus(model: ColorCNNPlus, path, *, input_normalization=_KEEP, **extra) -> None:
+def save_colorcnn_plus(model: ColorCNNPlus, path, *, input_normalization=KEEP_NORMALIZATION, **extra) -> None:
     """Write ``model`` (config, weights and any ``extra`` entries) to ``path``; ``input_normalization``
     as for :func:`~colorquant_ops.models.save_colorcnn`."""
-    config = model.config()
-    if input_normalization is not _KEEP:
-        config["input_normalization"] = _check_normalization(input_normalization, model.in_channels)
-    save_atomic({"format": CHECKPOINT_FORMAT, "config": config, "state_dict": model.state_dict(), **extra}, path)
+    write_model_checkpoint(model, CHECKPOINT_FORMAT, path, input_normalization, extra)
 
 
 def load_colorcnn_plus(path, map_location="cpu") -> ColorCNNPlus:
@@ -241,15 +224,7 @@ def load_colorcnn_plus(path, map_location="cpu") -> ColorCNNPlus:
 def load_colorcnn_plus_checkpoint(path, map_location="cpu") -> Tuple[ColorCNNPlus, dict]:
     """:func:`load_colorcnn_plus`, plus the ``extra`` entries the checkpoint holds (``dataset``,
     ``classifier``, ... from ``colorquant train --model colorcnn+``)."""
-    ckpt = read_checkpoint(path, CHECKPOINT_FORMAT, "ColorCNN+", map_location)
-    missing = [k for k in ("config", "state_dict") if k not in ckpt]
-    if missing or not isinstance(ckpt["config"], dict):
-        raise ValueError(f"{path} is not a ColorCNN+ checkpoint "
-                         + (f"(missing entries {missing})" if missing else "(its config is not a dict)"))
-    config = dict(ckpt["config"])
-    unknown = sorted(str(k) for k in set(config) - set(_CONFIG_KEYS))
-    if unknown:
-        raise ValueError(f"{path} is not a ColorCNN+ checkpoint (unknown config entries {unknown})")
+    ckpt, config = read_model_checkpoint(path, CHECKPOINT_FORMAT, "ColorCNN+", _CONFIG_KEYS, map_location)
     model = build_checked(lambda: ColorCNNPlus(**config), ckpt["state_dict"], path, "ColorCNN+")
     extra = {k: v for k, v in ckpt.items() if k not in ("format", "config", "state_dict")}
     return model, extra
