@@ -46,3 +46,38 @@ def test_soft_vs_hard_counts_what_it_says():
         model.head[-1].weight.mul_(1e6)
     r = soft_vs_hard(model, classifier, loader)
     assert r["soft"] == r["hard"] == 9 / 12 and r["max_prob"] > 0.99
+
+
+def _run_dir(path, classifier, rows):
+    import json
+
+    path.mkdir()
+    (path / "settings.json").write_text(json.dumps({"classifier": classifier}))
+    (path / "results.json").write_text(json.dumps({"rows": rows}))
+    return path
+
+
+def _row(method, k, accuracy, dither="off"):
+    return {"method": method, "dither": dither if k else None, "num_colors": k, "bits": None if k is None else k.bit_length() - 1,
+            "accuracy": accuracy, "colors": k, "bpp": None if k is None else 0.5 * k, "images": 10, "note": ""}
+
+
+def test_merge_evaluations_joins_runs_and_refuses_mixed_classifiers(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import pytest
+
+    main = _script("merge_evaluations").main
+    a = _run_dir(tmp_path / "a", "clf.pt", [_row("full colour", None, 0.9), _row("kmeans", 2, 0.4)])
+    b = _run_dir(tmp_path / "b", "clf.pt", [_row("full colour", None, 0.1), _row("colorcnn+", 2, 0.5, None)])
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["merge", str(a), str(b), "--out", str(out)])
+    main()
+    table = (out / "results.md").read_text()
+    assert "| full colour | 90.0 |" in table  # the first run's full-colour row, once
+    assert "| kmeans | 40.0 |" in table and "| colorcnn+ | 50.0 |" in table
+    assert (out / "accuracy_vs_bits.png").stat().st_size > 0 and (out / "accuracy_vs_bpp.png").stat().st_size > 0
+    c = _run_dir(tmp_path / "c", "other.pt", [_row("octree", 2, 0.3)])
+    monkeypatch.setattr(sys, "argv", ["merge", str(a), str(c), "--out", str(out)])
+    with pytest.raises(SystemExit, match="different classifiers"):
+        main()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from typing import Optional
 
 import torch
 
+from ..models.colorcnn import load_colorcnn_checkpoint
+from ..normalization import NORMALIZATION_BEFORE_RECORDING
 from . import distributed
 
-__all__ = ["integer", "load_one_line", "positive_int", "single_process_device"]
+__all__ = ["integer", "load_colorcnns", "load_one_line", "positive_int", "single_process_device"]
 
 
 def integer(text: str) -> int:
@@ -42,3 +45,27 @@ def load_one_line(loader, path):
         head, sep, _ = text.partition(" (cannot read it:")
         cause = type(exc.__cause__).__name__ if exc.__cause__ is not None else ""
         raise ValueError(f"{head} (cannot read it: {cause})" if sep and cause else " ".join(text.split())) from exc
+
+
+def load_colorcnns(paths, dataset: Optional[str], device: torch.device = torch.device("cpu")) -> dict:
+    """``{K: (path, model)}`` for ``--colorcnn`` checkpoints, in evaluation mode on ``device``; each model
+    takes [0, 1] images. A checkpoint trained on another dataset than ``dataset`` is refused; one that
+    records neither its normalization nor its dataset gets ``dataset``'s normalization of then
+    (:data:`~colorquant_ops.normalization.NORMALIZATION_BEFORE_RECORDING`: ``colorquant train`` always
+    trained on normalized images), and without ``dataset`` it is refused."""
+    models = {}
+    for path in paths:
+        model, extra = load_one_line(load_colorcnn_checkpoint, path)
+        recorded = extra.get("dataset")
+        if recorded is not None and dataset is not None and recorded != dataset:
+            raise ValueError(f"--colorcnn {path} was trained on {recorded} images, not --dataset {dataset}")
+        if model.input_normalization is None:
+            if dataset is None:
+                raise ValueError(f"--colorcnn {path} does not record the normalization it expects; "
+                                 f"pass --dataset (one of {', '.join(NORMALIZATION_BEFORE_RECORDING)})")
+            model.input_normalization = NORMALIZATION_BEFORE_RECORDING[dataset]
+        if model.num_colors in models:
+            raise ValueError(f"--colorcnn: two checkpoints quantize to {model.num_colors} colours "
+                             f"({models[model.num_colors][0]} and {path})")
+        models[model.num_colors] = (path, model.eval().requires_grad_(False).to(device))
+    return models

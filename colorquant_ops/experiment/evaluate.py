@@ -46,17 +46,16 @@ from tqdm.auto import tqdm
 from .. import codecs
 from .._io import atomic_write, atomic_write_text
 from ..models.classifiers import load_classifier
-from ..models.colorcnn import load_colorcnn
 from ..models.colorcnn_plus import load_colorcnn_plus
-from ..normalization import NORMALIZATION_BEFORE_RECORDING
 from ..quantizers.reference import count_colors
 from ..transforms import METHODS, ColorQuantize
 from . import data
-from .arguments import integer, load_one_line, positive_int, single_process_device
+from .arguments import integer, load_colorcnns, load_one_line, positive_int, single_process_device
 from .commands import Command
 from .rundir import RunDir
 
-__all__ = ["COMMAND", "add_evaluate_arguments", "evaluate", "markdown_table", "pivot_tables", "plot_results"]
+__all__ = ["COMMAND", "add_evaluate_arguments", "evaluate", "markdown_table", "merge_rows", "pivot_tables",
+           "plot_results"]
 
 _DITHERED = ("median_cut", "octree", "kmeans", "pil_kmeans")
 #: The paper's traditional baselines (its comparison tables and "best traditional").
@@ -124,22 +123,6 @@ def _test_set(args: argparse.Namespace):
     return data.build_dataset(args.dataset, root, "test", transform, subset=args.test_subset, cache_dir=cache), root
 
 
-def _load_colorcnns(paths, dataset: str) -> dict:
-    """``{K: (path, model)}``; a model whose checkpoint records no input normalization is taken to
-    expect ``dataset``'s of then (``colorquant train`` always trained on normalized images; see
-    :data:`~colorquant_ops.normalization.NORMALIZATION_BEFORE_RECORDING`)."""
-    models = {}
-    for path in paths:
-        model = load_one_line(load_colorcnn, path)
-        if model.input_normalization is None:
-            model.input_normalization = NORMALIZATION_BEFORE_RECORDING[dataset]
-        if model.num_colors in models:
-            raise ValueError(f"--colorcnn: two checkpoints quantize to {model.num_colors} colours "
-                             f"({models[model.num_colors][0]} and {path})")
-        models[model.num_colors] = (path, model.eval().requires_grad_(False))
-    return models
-
-
 class _Row:
     def __init__(self, method, dither, k, note=""):
         self.method, self.dither, self.k, self.note = method, dither, k, note
@@ -186,6 +169,19 @@ def markdown_table(records: list[dict]) -> str:
                      f"{_fmt(r['accuracy'], '.4f')} | {_fmt(r['colors'], '.2f')} | {_fmt(r['bpp'], '.3f')} | "
                      f"{r['note'] or ''} |")
     return "\n".join(lines)
+
+
+def merge_rows(run_dirs) -> list[dict]:
+    """The rows of several evaluate run directories' ``results.json``, in order, each (method, dither, K,
+    note) once: the first run's row wins (e.g. the full-colour row, which every run measures)."""
+    rows, seen = [], set()
+    for run_dir in run_dirs:
+        for row in json.loads((Path(run_dir) / "results.json").read_text())["rows"]:
+            key = (row["method"], row["dither"], row["num_colors"], row["note"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
+    return rows
 
 
 def pivot_tables(records: list[dict]) -> str:
@@ -266,7 +262,7 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
     dithers = _check_args(args)
     device = single_process_device(args.device)
     classifier = load_one_line(load_classifier, args.classifier).eval().requires_grad_(False).to(device)
-    colorcnns = _load_colorcnns(args.colorcnn, args.dataset)
+    colorcnns = load_colorcnns(args.colorcnn, args.dataset)
     for _, model in colorcnns.values():
         model.to(device)
     plus = None

@@ -62,9 +62,9 @@ from ..normalization import NORMALIZATION_BEFORE_RECORDING
 from ..quantizers.reference import count_colors
 from ..transforms import METHODS, ColorQuantize
 from . import data
-from .arguments import integer, load_one_line
+from .arguments import integer, load_colorcnns, load_one_line
 from .commands import Command
-from .quantize_files import _load_colorcnns, _read_rgb, image_files
+from .quantize_files import _read_rgb, image_files
 from .sheets import fit_to_cell, labelled_sheet
 
 __all__ = ["COMMAND", "GradCamResult", "default_layer", "grad_cam", "overlay_heatmap", "run_gradcam"]
@@ -329,7 +329,7 @@ def run_gradcam(args: argparse.Namespace) -> dict:
     if "colorcnn" in methods:
         sources = args.colorcnn if args.colorcnn is not None else _DEFAULT_COLORCNN
         paths = [_resolve(s, PRETRAINED_COLORCNN, "colorcnn") for s in sources]
-        colorcnns = _load_colorcnns(paths, args.dataset, torch.device("cpu"))
+        colorcnns = load_colorcnns(paths, args.dataset, torch.device("cpu"))
     if args.num_colors is not None:
         ks = list(dict.fromkeys(args.num_colors))
     elif colorcnns:

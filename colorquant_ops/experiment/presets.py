@@ -52,7 +52,7 @@ from .commands import Command, build_parser, run_command
 from .quantize_files import comparison_sheet
 
 __all__ = ["COMMAND", "PRESETS", "Preset", "Stage", "add_reproduce_arguments", "data_warning", "reproduce",
-           "write_report"]
+           "sheet_images", "write_report"]
 
 _KS = (2, 4, 8, 16, 32, 64)
 
@@ -185,18 +185,20 @@ def data_warning(data_root=None) -> Optional[str]:
             "--data-root with the original CIFAR-10 (torchvision's cifar-10-batches-py) to reproduce it.")
 
 
+def sheet_images(data_root=None) -> torch.Tensor:
+    """The picture sheet's images: the first CIFAR-10 test image of each of :data:`SHEET_CLASSES`, uint8
+    ``[N,3,32,32]`` (the project's JPEG copy unless ``data_root``)."""
+    root, cache = data.data_locations(argparse.Namespace(data_root=data_root, dataset="cifar10", cache_dir=None))
+    test_set = data.build_dataset("cifar10", root, "test", data.test_transform("cifar10", normalize=False),
+                                  cache_dir=cache)
+    picks = [test_set.targets.index(test_set.classes.index(name)) for name in SHEET_CLASSES]
+    return (torch.stack([test_set[i][0] for i in picks]) * 255).round().to(torch.uint8)
+
+
 def write_report(preset: Preset, out: Path, data_root=None) -> list[Path]:
     """Gather a finished preset run's evaluate stages into ``out/report`` (see the module docstring);
     ``data_root`` as the stages' ``--data-root``. Returns the files written."""
-    rows, seen = [], set()
-    for stage in preset.stages:
-        if stage.argv[0] != "evaluate":
-            continue
-        for row in json.loads((out / stage.name / "results.json").read_text())["rows"]:
-            key = (row["method"], row["dither"], row["num_colors"], row["note"])
-            if key not in seen:  # e.g. the full-colour row, which every stage measures
-                seen.add(key)
-                rows.append(row)
+    rows = evaluate.merge_rows(out / stage.name for stage in preset.stages if stage.argv[0] == "evaluate")
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
     written = [report / "results.md", report / "results.json"]
@@ -215,17 +217,11 @@ def write_report(preset: Preset, out: Path, data_root=None) -> list[Path]:
                                              indent=2) + "\n")
     written += evaluate.plot_results(rows, report)
 
-    root, cache = data.data_locations(argparse.Namespace(data_root=data_root, dataset="cifar10", cache_dir=None))
-    test_set = data.build_dataset("cifar10", root, "test", data.test_transform("cifar10", normalize=False),
-                                  cache_dir=cache)
-    targets = test_set.targets
-    picks = [targets.index(test_set.classes.index(name)) for name in SHEET_CLASSES]
-    images = torch.stack([test_set[i][0] for i in picks])
     names = {stage.name for stage in preset.stages}
     ks = [k for k in SHEET_KS if f"colorcnn-k{k}" in names]
     plus = out / PLUS_STAGE / "final.pt" if PLUS_STAGE in names else None
-    sheet = comparison_sheet((images * 255).round().to(torch.uint8),
-                             {k: out / f"colorcnn-k{k}" / "final.pt" for k in ks}, ks, plus_checkpoint=plus)
+    sheet = comparison_sheet(sheet_images(data_root), {k: out / f"colorcnn-k{k}" / "final.pt" for k in ks}, ks,
+                             plus_checkpoint=plus)
     written.append(report / "sheet-1-2-3-bits.png")
     save_atomic(sheet, written[-1], lambda image, f: image.save(f, format="PNG"))
     return written

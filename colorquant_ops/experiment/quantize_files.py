@@ -56,13 +56,11 @@ from tqdm.auto import tqdm
 
 from .. import codecs
 from .._io import atomic_write_bytes
-from ..models.colorcnn import load_colorcnn_checkpoint
 from ..models.colorcnn_plus import load_colorcnn_plus
-from ..normalization import DATASET_NORMALIZATION
 from ..quantizers.reference import count_colors
 from ..transforms import METHODS, ColorQuantize
 from . import data
-from .arguments import integer, load_one_line, single_process_device
+from .arguments import integer, load_colorcnns, load_one_line, single_process_device
 from .commands import Command
 from .sheets import fit_to_cell, labelled_sheet
 
@@ -242,7 +240,7 @@ def comparison_sheet(images: Tensor, colorcnn_checkpoints: dict, ks, cell_size: 
     (a ColorCNN+ checkpoint) a ColorCNN+ column after ColorCNN's; captions give K and the colours used.
     ``images``: uint8 ``[N,3,H,W]``; ``colorcnn_checkpoints``: ``{K: path}`` (a K without one gets an
     empty ColorCNN cell). Returns the PIL image."""
-    models = _load_colorcnns(list(colorcnn_checkpoints.values()), None, torch.device("cpu"))
+    models = load_colorcnns(list(colorcnn_checkpoints.values()), None, torch.device("cpu"))
     plus = load_colorcnn_plus(plus_checkpoint).eval() if plus_checkpoint is not None else None
     columns = list(COMPARISON_COLUMNS)
     if plus is not None:
@@ -278,27 +276,6 @@ def output_name(stem: str, method: str, dither: bool, k: int) -> str:
     return f"{stem}-{method}{'-dither' if dither else ''}-k{k}.png"
 
 
-def _load_colorcnns(paths, dataset: Optional[str], device: torch.device) -> dict:
-    """``{K: (path, model)}`` for the ``--colorcnn`` checkpoints; each model takes [0, 1] images (a
-    checkpoint that records no input normalization gets ``dataset``'s)."""
-    models = {}
-    for path in paths:
-        model, extra = load_one_line(load_colorcnn_checkpoint, path)
-        recorded = extra.get("dataset")
-        if recorded is not None and dataset is not None and recorded != dataset:
-            raise ValueError(f"--colorcnn {path} was trained on {recorded} images, not --dataset {dataset}")
-        if model.input_normalization is None:
-            if dataset is None:
-                raise ValueError(f"--colorcnn {path} does not record the normalization it expects; "
-                                 f"pass --dataset (one of {', '.join(data.DATASETS)})")
-            model.input_normalization = DATASET_NORMALIZATION[dataset]
-        if model.num_colors in models:
-            raise ValueError(f"--colorcnn: two checkpoints quantize to {model.num_colors} colours "
-                             f"({models[model.num_colors][0]} and {path})")
-        models[model.num_colors] = (path, model.eval().requires_grad_(False).to(device))
-    return models
-
-
 def _jobs(args: argparse.Namespace, notes: list) -> list[_Job]:
     """The quantizers in output order (method, K, dither), after checking the arguments."""
     if args.dither not in _DITHER_CHOICES:
@@ -332,7 +309,7 @@ def _jobs(args: argparse.Namespace, notes: list) -> list[_Job]:
         raise ValueError("--colorcnn-plus is given but colorcnn+ is not among --method")
     plus = load_one_line(load_colorcnn_plus, args.colorcnn_plus).eval() if args.colorcnn_plus else None
 
-    colorcnns = _load_colorcnns(args.colorcnn, args.dataset, single_process_device(args.device or "cpu"))
+    colorcnns = load_colorcnns(args.colorcnn, args.dataset, single_process_device(args.device or "cpu"))
     if args.num_colors is None:
         if not colorcnns:
             raise ValueError("--num-colors is required (no --colorcnn checkpoint to take K from; "
