@@ -262,9 +262,7 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
     dithers = _check_args(args)
     device = single_process_device(args.device)
     classifier = load_one_line(load_classifier, args.classifier).eval().requires_grad_(False).to(device)
-    colorcnns = load_colorcnns(args.colorcnn, args.dataset)
-    for _, model in colorcnns.values():
-        model.to(device)
+    colorcnns = load_colorcnns(args.colorcnn, args.dataset, device)
     plus = None
     if args.colorcnn_plus is not None:
         plus = load_one_line(load_colorcnn_plus, args.colorcnn_plus).eval().requires_grad_(False).to(device)
