@@ -65,6 +65,21 @@ __device__ __forceinline__ int64_t min_i64(int64_t a, int64_t b) {
   return a < b ? a : b;
 }
 
+// Stages channels [c0, c0 + cc) of pixels [p0, p0 + n) of image b of a
+// [B, C, P] tensor into a shared tile, converted to acc_t: the tile kernels
+// re-read it once per colour. Every thread of the block takes part; the
+// caller synchronises before reading the tile.
+template <typename scalar_t, typename acc_t, int kWidth>
+__device__ __forceinline__ void stage_channel_tile(acc_t (&tile)[kChunk][kWidth],
+                                                   const scalar_t* __restrict__ src, int64_t b,
+                                                   int64_t C, int64_t c0, int cc, int64_t P,
+                                                   int64_t p0, int n) {
+  for (int j = 0; j < cc; ++j) {
+    const scalar_t* row = src + (b * C + c0 + j) * P + p0;
+    for (int i = threadIdx.x; i < n; i += kThreads) tile[j][i] = static_cast<acc_t>(row[i]);
+  }
+}
+
 // Correctly rounded products that nvcc may not contract into an FMA: where a
 // formula names an intermediate (z = temperature * logits), it is rounded
 // exactly as on the CPU.
@@ -263,12 +278,7 @@ __global__ void __launch_bounds__(kThreads)
       const int n = static_cast<int>(min_i64(kTile, P - p0));
       for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
         const int cc = static_cast<int>(min_i64(kChunk, C - c0));
-        for (int j = 0; j < cc; ++j) {
-          const scalar_t* y_row = y + (b * C + c0 + j) * P + p0;
-          for (int i = threadIdx.x; i < n; i += kThreads) {
-            y_tile[j][i] = static_cast<acc_t>(y_row[i]);
-          }
-        }
+        stage_channel_tile(y_tile, y, b, C, c0, cc, P, p0, n);
         __syncthreads();
 
         // Warp per colour, lanes over pixels: the fixed lane-strided order and
@@ -349,12 +359,7 @@ __global__ void __launch_bounds__(kThreads)
       if (writer) out[0] = static_cast<acc_t>(end - begin);
       for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
         const int cc = static_cast<int>(min_i64(kChunk, C - c0));
-        for (int j = 0; j < cc; ++j) {
-          const scalar_t* y_row = y + (b * C + c0 + j) * P + p0;
-          for (int i = threadIdx.x; i < n; i += kThreads) {
-            y_tile[j][i] = static_cast<acc_t>(y_row[i]);
-          }
-        }
+        stage_channel_tile(y_tile, y, b, C, c0, cc, P, p0, n);
         __syncthreads();
         acc_t s[kChunk];
 #pragma unroll

@@ -166,10 +166,7 @@ __global__ void __launch_bounds__(kThreads)
       if (k < K) counts[btk] = end - begin;
       for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
         const int cc = static_cast<int>(min_i64(kChunk, C - c0));
-        for (int j = 0; j < cc; ++j) {
-          const scalar_t* row = image + (b * C + c0 + j) * P + p0;
-          for (int i = threadIdx.x; i < n; i += kThreads) x_tile[j][i] = static_cast<acc_t>(row[i]);
-        }
+        stage_channel_tile(x_tile, image, b, C, c0, cc, P, p0, n);
         __syncthreads();
         acc_t s[kChunk];
 #pragma unroll

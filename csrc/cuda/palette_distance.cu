@@ -124,10 +124,7 @@ __global__ void __launch_bounds__(kThreads)
       const int n = static_cast<int>(min_i64(kTile, P - p0));
       for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
         const int cc = static_cast<int>(min_i64(kChunk, C - c0));
-        for (int j = 0; j < cc; ++j) {
-          const scalar_t* x_row = image + (b * C + c0 + j) * P + p0;
-          for (int i = threadIdx.x; i < n; i += kThreads) x_tile[j][i] = static_cast<acc_t>(x_row[i]);
-        }
+        stage_channel_tile(x_tile, image, b, C, c0, cc, P, p0, n);
         __syncthreads();
         for (int64_t k = warp; k < K; k += kWarps) {
           const scalar_t* g_row = grad + (b * K + k) * P + p0;
