@@ -86,6 +86,6 @@ def test_no_data_warning_with_a_data_root(tmp_path, capsys):
 def test_the_paper_preset_trains_the_classifier_with_the_one_cycle_schedule():
     argv = {s.name: s.argv for s in PRESETS["cifar10-paper"].stages}["classifier"]
     assert argv[argv.index("--schedule") + 1] == "onecycle" and "--lr-steps" not in argv
-    for preset in ("cifar10-cpu", "smoke"):  # as they ran before --schedule: their runs resume
+    for preset in ("cifar10-cpu-alexnet", "smoke"):  # as they ran before --schedule: their runs resume
         argv = {s.name: s.argv for s in PRESETS[preset].stages}["classifier"]
         assert argv[argv.index("--schedule") + 1] == "step"

@@ -402,6 +402,32 @@ def test_plus_resume_is_exact(tmp_path, cache_dir, classifier_run, plus_run):
     _assert_same_run(out, plus_run, load_colorcnn_plus)
 
 
+def test_plus_init_from_starts_from_the_checkpoint(capsys, tmp_path, cache_dir, classifier_run, plus_run,
+                                                  colorcnn_run):
+    from colorquant_ops.models import load_colorcnn_plus
+    # lr 0: SGD leaves the parameters where --init-from put them; another K range and k-means
+    # iteration count are fine-tuning options, not the architecture
+    out = tmp_path / "tuned"
+    assert _train_plus(out, cache_dir, classifier_run / "final.pt", "--epochs", "1", "--lr", "0", "--init-from",
+                       plus_run / "final.pt", "--train-colors", "2", "8", "--kmeans-iters", "3") == 0
+    source, tuned = load_colorcnn_plus(plus_run / "final.pt"), load_colorcnn_plus(out / "final.pt")
+    assert tuned.max_colors == 8 and tuned.kmeans_iters == 3
+    params = dict(tuned.named_parameters())
+    for name, value in source.named_parameters():
+        torch.testing.assert_close(params[name], value, rtol=0, atol=0, msg=name)
+    fresh = tmp_path / "fresh"  # without --init-from the weights start elsewhere: the check above has teeth
+    assert _train_plus(fresh, cache_dir, classifier_run / "final.pt", "--epochs", "1", "--lr", "0") == 0
+    assert any(not torch.equal(p, params[n]) for n, p in load_colorcnn_plus(fresh / "final.pt").named_parameters())
+    base = ["--epochs", "1", "--init-from"]
+    err = _error(capsys, "train", *COMMON, "--cache-dir", cache_dir, "--classifier", classifier_run / "final.pt",
+                 *PLUS[:2], "--width", "8", *PLUS[4:], *base, plus_run / "final.pt", "--out-dir", tmp_path / "a")
+    assert "does not fit this run: width 4 (this run: 8)" in err
+    err = _error(capsys, "train", *COMMON, "--cache-dir", cache_dir, "--classifier", classifier_run / "final.pt",
+                 *PLUS, *base, colorcnn_run / "final.pt", "--out-dir", tmp_path / "b")
+    assert "is not a ColorCNN+ checkpoint" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_plus_option_errors(capsys, tmp_path, cache_dir, classifier_run):
     base = ["--cache-dir", cache_dir, *COMMON, "--epochs", "1", "--classifier", classifier_run / "final.pt"]
     assert "--num-colors, --straight-through: not an option of --model colorcnn+" in _error(

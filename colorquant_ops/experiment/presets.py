@@ -25,10 +25,14 @@ Presets:
 * ``cifar10-paper`` -- the seed paper's CIFAR-10 configuration (CIFAR AlexNet 60 epochs with the
   authors' one-cycle schedule, ``--schedule onecycle``; ColorCNN U-Net width 64, 60 epochs, cosine
   restarts every 20; K = 2..64); meant for a GPU;
-* ``cifar10-cpu`` -- what a 2-core CPU can do in about four hours: AlexNet 15 epochs (``--schedule step``:
-  lr x0.1 at 8 and 12); ColorCNN U-Net width 16 in bfloat16 autocast without colour_norm / colour_jitter,
-  8 epochs at K = 2, 4 at K = 4, 3 at K = 8..64 (one cosine cycle each); ColorCNN+ U-Net width 16 in
-  float32, 4 epochs (one cosine cycle) at K drawn from 2..256;
+* ``cifar10-cpu`` -- the run the bundled demo weights come from: what a 2-core CPU with native
+  bfloat16 (AVX512-BF16 / AMX) does in about three hours: the airbench93 classifier, 12 epochs (88 %
+  full colour in 7.5 min on such a CPU); ColorCNN U-Net width 16 in bfloat16 autocast, channels-last,
+  without colour_norm / colour_jitter, 6 epochs at K = 2, 3 at K = 4..64 (one cosine cycle each);
+  ColorCNN+ U-Net width 16, likewise, 4 epochs at lr 0.03 at K drawn from 2..256;
+* ``cifar10-cpu-alexnet`` -- the same experiment as ``cifar10-cpu`` ran until session 10: the CIFAR
+  AlexNet, 15 epochs (``--schedule step``: lr x0.1 at 8 and 12); ColorCNN 8 epochs at K = 2, 4 at
+  K = 4, 3 at K = 8..64, float32 channels-first ColorCNN+ at lr 0.01 (RESULTS.md's first tables);
 * ``smoke`` -- a tiny run of every stage (step schedule) (a few hundred images, one epoch, width 4) to check a setup
   in a minute.
 """
@@ -106,23 +110,23 @@ def _evaluate(ks, *options: str, plus: bool = False) -> tuple[Stage, Stage]:
 PLUS_STAGE = "colorcnn-plus"
 
 
-def _cpu_colorcnn_plus() -> Stage:
+def _cpu_colorcnn_plus(*options: str) -> Stage:
     # one network for K = 2..256 (the default --train-colors); without the imitation term, which cost
     # 0.3-1.2 points in 4 epochs (RESULTS.md's ablation); per-epoch checks on 2000 test images at
     # K = 2, 8, 64 (the evaluate stage measures every K on the whole split)
     return Stage(PLUS_STAGE, ("train", "--model", "colorcnn+", "--classifier", "{out}/classifier/final.pt",
                               "--width", "16", "--epochs", "4", "--restart-epochs", "4", "--imitation", "0",
-                              "--eval-colors", "2", "8", "64", "--test-subset", "2000", "--seed", "0"))
+                              "--eval-colors", "2", "8", "64", "--test-subset", "2000", "--seed", "0", *options))
 
 
-def _cpu_colorcnn(k: int) -> Stage:
+def _cpu_colorcnn(k: int, epochs: dict, *options: str) -> Stage:
     # Without the paper's colour_norm 4 / colour_jitter 1: in a few epochs they cost K=2 about
-    # 10 points of test accuracy (the ablation in RESULTS.md).
-    common = ("--width", "16", "--amp", "--color-norm", "1", "--color-jitter", "0", "--seed", "0")
-    # Most of the budget where the paper's headline is; 3 epochs from K = 8 up (one epoch left
-    # K = 16..64 using too few of their colours: RESULTS.md).
-    epochs = {2: "8", 4: "4"}.get(k, "3")
-    return _colorcnn(k, *common, "--epochs", epochs, "--restart-epochs", epochs)
+    # 10 points of test accuracy (the ablation in RESULTS.md). Most of the budget where the paper's
+    # headline is (K = 2); 3 epochs where ``epochs`` says nothing (one epoch left K = 16..64 using too
+    # few of their colours).
+    common = ("--width", "16", "--amp", "--color-norm", "1", "--color-jitter", "0", "--seed", "0", *options)
+    n = str(epochs.get(k, 3))
+    return _colorcnn(k, *common, "--epochs", n, "--restart-epochs", n)
 
 
 PRESETS: dict[str, Preset] = {
@@ -141,12 +145,23 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "cifar10-cpu",
-            "a 2-core CPU's configuration: AlexNet 15 epochs, ColorCNN width 16 (bf16, no colour norm/jitter), "
-            "8/4/3 epochs, K=2..64",
+            "a 2-core bf16 CPU's configuration: airbench93 12 epochs, ColorCNN width 16 (bf16, no colour "
+            "norm/jitter), 6/3 epochs, K=2..64, ColorCNN+ 4 epochs",
+            (
+                Stage("classifier", ("train-classifier", "--arch", "airbench93", "--epochs", "12", "--seed", "0")),
+                *(_cpu_colorcnn(k, {2: 6}, "--channels-last", "--test-subset", "2000") for k in _KS),
+                _cpu_colorcnn_plus("--amp", "--channels-last", "--lr", "0.03"),
+                *_evaluate(_KS, plus=True),
+            ),
+        ),
+        Preset(
+            "cifar10-cpu-alexnet",
+            "cifar10-cpu until session 10: AlexNet 15 epochs, ColorCNN width 16 (bf16, no colour norm/jitter), "
+            "8/4/3 epochs, K=2..64, ColorCNN+ (float32) 4 epochs",
             (
                 Stage("classifier", ("train-classifier", "--arch", "alexnet", "--epochs", "15",
                                      "--schedule", "step", "--lr-steps", "8,12", "--seed", "0")),
-                *(_cpu_colorcnn(k) for k in _KS),
+                *(_cpu_colorcnn(k, {2: 8, 4: 4}) for k in _KS),
                 _cpu_colorcnn_plus(),
                 *_evaluate(_KS, plus=True),
             ),

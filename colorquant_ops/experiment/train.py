@@ -57,7 +57,7 @@ from ..losses import ColorCNNLoss, ColorCNNPlusLoss
 from ..normalization import NORMALIZATION_BEFORE_RECORDING
 from ..models.classifiers import CifarAlexNet, build_classifier, load_classifier, save_classifier
 from ..models.colorcnn import ColorCNN, load_colorcnn_checkpoint, save_colorcnn
-from ..models.colorcnn_plus import ColorCNNPlus, save_colorcnn_plus
+from ..models.colorcnn_plus import ColorCNNPlus, load_colorcnn_plus_checkpoint, save_colorcnn_plus
 from . import airbench, data, distributed
 from .arguments import positive_int
 from .commands import Command
@@ -166,7 +166,9 @@ def add_colorcnn_arguments(p: argparse.ArgumentParser) -> None:
                    help="train on the argmax image, with the soft image's gradient (not in the paper)")
     p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                    help="start from the weights of this ColorCNN checkpoint (same K, backbone and width), "
-                        "e.g. to fine-tune a run with --straight-through; optimizer and schedule start afresh")
+                        "e.g. to fine-tune a run with --straight-through, or with --model colorcnn+ of this "
+                        "ColorCNN+ checkpoint (same backbone and width), e.g. against another classifier; "
+                        "optimizer and schedule start afresh")
     p.add_argument("--alpha", type=float, default=None,
                    help="colour-usage loss weight (default: 1; colorcnn+: 0, its k-means centres use every colour)")
     p.add_argument("--beta", type=float, default=0.0, help="colour-variance loss weight (default: 0)")
@@ -596,7 +598,6 @@ def _check_model_options(args: argparse.Namespace) -> None:
                                           ("--temperature", args.temperature != 1.0),
                                           ("--color-norm", args.color_norm is not None),
                                           ("--straight-through", args.straight_through),
-                                          ("--init-from", args.init_from is not None),
                                           ("--beta", args.beta != 0.0), ("--gamma", args.gamma != 0.0)) if set_]
         if given:
             raise ValueError(f"{', '.join(given)}: not an option of --model colorcnn+ (it serves every K: "
@@ -631,14 +632,17 @@ def sample_train_colors(seed: int, step: int, low: int, high: int) -> int:
     return min(high, max(low, round(2.0 ** u)))
 
 
-def _load_initial_weights(model: ColorCNN, path, dataset: str) -> None:
-    """``--init-from``: copy the weights of another run's checkpoint into ``model``. The architecture
-    (K, backbone, width) and the dataset (its normalization) must match; the training options
-    (temperature, palette tricks, straight-through) may differ: that is what fine-tuning changes."""
-    source, extra = load_colorcnn_checkpoint(path)
+def _load_initial_weights(model: nn.Module, path, dataset: str) -> None:
+    """``--init-from``: copy the weights of another run's checkpoint (ColorCNN into a ColorCNN, ColorCNN+
+    into a ColorCNN+) into ``model``. The architecture (ColorCNN: K, backbone, width; ColorCNN+: backbone,
+    width) and the dataset (its normalization) must match; the training options (temperature, palette
+    tricks, straight-through; ColorCNN+'s K range and k-means iterations) may differ: that is what
+    fine-tuning changes."""
+    plus = isinstance(model, ColorCNNPlus)
+    source, extra = (load_colorcnn_plus_checkpoint if plus else load_colorcnn_checkpoint)(path)
     theirs, ours = source.config(), model.config()
-    differ = [f"{k} {theirs[k]} (this run: {ours[k]})" for k in ("num_colors", "backbone", "width", "in_channels")
-              if theirs[k] != ours[k]]
+    keys = ("backbone", "width", "in_channels") if plus else ("num_colors", "backbone", "width", "in_channels")
+    differ = [f"{k} {theirs[k]} (this run: {ours[k]})" for k in keys if theirs[k] != ours[k]]
     if extra.get("dataset", dataset) != dataset:
         differ.append(f"dataset {extra['dataset']} (this run: {dataset})")
     if differ:
@@ -717,6 +721,8 @@ def _train_colorcnn_plus(setup: _Setup) -> dict:
     classifier = load_classifier(args.classifier).eval().requires_grad_(False)
     low, high = args.train_colors
     model = ColorCNNPlus(args.backbone, args.width, max_colors=high, kmeans_iters=args.kmeans_iters, seed=args.seed)
+    if args.init_from is not None:
+        _load_initial_weights(model, args.init_from, args.dataset)
     criterion = ColorCNNPlusLoss(args.imitation, args.alpha)
     classifier, model, net, eval_net, normalization, train_loader, test_loader = _quantizer_run(
         setup, classifier, model)
