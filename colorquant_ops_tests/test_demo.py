@@ -4,8 +4,8 @@ The bundled checkpoints come from ``colorquant reproduce --preset cifar10-cpu`` 
 RESULTS.md). Checked here: the bundled files are what the demo module says it bundles, the table has
 every method and K, the bundled ColorCNN is a trained one (far above the 10 % of chance, every colour
 in use), and the paper's point at one bit: ColorCNN ahead of every traditional method at K = 2 (by
-8.4 points on this sample when the weights were bundled; the CPU run is not long enough for the
-paper's margin, nor to lead at K = 4 and 8).
+10.2 points on this sample when the session-12 weights were bundled; the CPU run is not long enough
+for the paper's margin; at K = 4 and 8 the best learned model is ColorCNN+, level with k-means).
 """
 
 from pathlib import Path

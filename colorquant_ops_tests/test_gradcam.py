@@ -101,10 +101,11 @@ def test_hooks_removed_on_error():
 
 
 def test_frozen_bundled_classifier():
-    model = pretrained_classifier("cifar10-alexnet")
+    model = pretrained_classifier("cifar10-airbench93")
     assert not any(p.requires_grad for p in model.parameters())
-    assert default_layer(model) is model.features[10]
-    assert default_layer(CifarAlexNet()) is not None
+    assert default_layer(model) is model.groups[2].conv2
+    alexnet = CifarAlexNet()
+    assert default_layer(alexnet) is alexnet.features[10]
     x = torch.randn(4, 3, 32, 32)
     result = grad_cam(model, x, [0, 1, 2, 3])
     assert result.cam.shape == (4, 32, 32)
@@ -140,22 +141,27 @@ def test_command_end_to_end(tmp_path, capsys):
     assert "gradcam-sheet.png" in captured.out
     sheet = Image.open(out / "gradcam-sheet.png")
     assert sheet.mode == "RGB"
-    # the same run as a function, for the layout: rows = images x K, columns = original + 5 methods
+    # the same run as a function, for the layout: rows = images x K, columns = original + 6 methods
     result = run_gradcam(cli.build_parser().parse_args(argv))
     assert result["rows"] == 4
-    assert result["columns"] == ["original", "ColorCNN", "median cut", "octree", "k-means (PIL)", "k-means++"]
+    assert result["columns"] == ["original", "ColorCNN", "ColorCNN+", "median cut", "octree", "k-means (PIL)",
+                                 "k-means++"]
     boxes = result["boxes"]
-    assert len(boxes) == 4 and all(len(row) == 6 for row in boxes)
+    assert len(boxes) == 4 and all(len(row) == 7 for row in boxes)
     assert all((r - l, b - t) == (96, 96) for row in boxes for (l, t, r, b) in row)
     assert sheet.size == Image.open(result["sheet"]).size
     width, height = sheet.size
     assert max(r for row in boxes for (_, _, r, _) in row) < width and boxes[-1][0][3] < height
-    assert width >= 6 * 96 and height >= 4 * 96
+    assert width >= 7 * 96 and height >= 4 * 96
     pixels = np.asarray(sheet)
     l, t, r, b = boxes[0][0]
     assert pixels[t:b, l:r].std() > 10  # a heat map, not an empty cell
     records = result["records"]
-    assert len(records) == 2 * 2 * 5
+    assert len(records) == 2 * 2 * 6
+    # the bundled ColorCNN+ (the default --colorcnn-plus) serves both K with one network
+    plus = [r for r in records if r["method"] == "colorcnn+"]
+    assert sorted(r["num_colors"] for r in plus) == [2, 2, 4, 4]
+    assert all(1 <= r["colors"] <= r["num_colors"] for r in plus)
     assert {r["true_class"] for r in records} == {"bird", "ship"}
     assert all(0 <= r["probability"] <= 1 for r in records)
     assert (out / "gradcam.md").read_text().count("\n") == 2 + len(records)
@@ -172,6 +178,9 @@ def _error(argv, capsys):
     (["--methods", "posterize"], "unknown method 'posterize'"),
     (["--classifier", "nothing.pt"], "--classifier: nothing.pt is neither a file nor a bundled name"),
     (["--colorcnn", "cifar10-k2", "--methods", "octree"], "--colorcnn is given but colorcnn is not among"),
+    (["--colorcnn-plus", "cifar10-plus", "--methods", "octree"], "--colorcnn-plus is given but colorcnn+ is not among"),
+    (["--colorcnn-plus", "nothing.pt", "--methods", "colorcnn+", "--num-colors", "2"],
+     "--colorcnn-plus: nothing.pt is neither a file nor a bundled name"),
     (["--layer", "features.99", "--methods", "octree", "--num-colors", "2"], "layer 'features.99' is not a module"),
     (["--alpha", "2"], "--alpha must be in [0, 1]"),
 ])
@@ -200,4 +209,4 @@ def test_other_sizes_resized_with_a_note_or_refused(tmp_path, capsys):
 def test_parser_lists_the_command():
     parser = cli.build_parser()
     args = parser.parse_args(["gradcam", "x.jpg"])
-    assert isinstance(args, argparse.Namespace) and args.classifier == "cifar10-alexnet" and args.cell_size == 96
+    assert isinstance(args, argparse.Namespace) and args.classifier == "cifar10-airbench93" and args.cell_size == 96

@@ -193,7 +193,7 @@ def _bundled_images(per_class=10):
 @torch.no_grad()
 def test_bundled_colorcnn_by_path_and_by_name_takes_unit_range_images():
     images, labels = _bundled_images()
-    judge = nn.Sequential(v2.Normalize(*DATASET_NORMALIZATION["cifar10"]), pretrained_classifier("cifar10-alexnet"))
+    judge = nn.Sequential(v2.Normalize(*DATASET_NORMALIZATION["cifar10"]), pretrained_classifier("cifar10-airbench93"))
     path = Path(colorquant_ops.__file__).resolve().parent / "assets" / "weights" / "colorcnn-k2.pt"
     by_path, by_name = ColorQuantize(2, "colorcnn", model=path), ColorQuantize(2, "colorcnn", model="cifar10-k2")
     assert by_path.model.input_normalization == DATASET_NORMALIZATION["cifar10"]
@@ -205,11 +205,11 @@ def test_bundled_colorcnn_by_path_and_by_name_takes_unit_range_images():
     assert torch.equal(out.index_map, legacy.head(legacy.backbone(normed)).argmax(1))
     assert torch.equal(out.palette, ops.hard_color_quantize(legacy.head(legacy.backbone(normed)), images).palette)
     assert 0 <= float(out.quantized.min()) and float(out.quantized.max()) <= 1
-    # and it recognises them: above k-means at one bit (measured on these 100 images: 0.55 against 0.46;
-    # without the normalization the transform gave about 0.2)
+    # and it recognises them: above k-means at one bit (measured on these 100 images with the session-12
+    # bundle: 0.49 against 0.31; fed unnormalized images the network gives 0.10, chance)
     accuracy = float((judge(out.quantized).argmax(1) == labels).float().mean())
     kmeans = float((judge(ColorQuantize(2, "kmeans")(images)).argmax(1) == labels).float().mean())
-    assert accuracy > kmeans and accuracy >= 0.45, (accuracy, kmeans)
+    assert accuracy > kmeans and accuracy >= 0.40, (accuracy, kmeans)
 
 
 def test_pretrained_names():

@@ -1,6 +1,6 @@
 """``colorquant demo``: the paper's point on bundled CIFAR-10 test images with bundled trained weights.
 
-Runs offline in a minute or two on a CPU: a frozen CIFAR AlexNet judges test images quantized by
+Runs offline in a minute or two on a CPU: a frozen airbench93 classifier judges test images quantized by
 ColorCNN, by ColorCNN+ (one network for every K) and by median cut, octree and k-means (with and
 without Floyd-Steinberg dithering) at K = 2, 4, 8 colours, with JPEG as the comparison; prints the
 table (``colorquant evaluate`` does the work, on the bundled sample) and, per K, the gap between the
@@ -13,7 +13,8 @@ What is bundled (``colorquant_ops/assets/``, about 10 MB):
 
 * ``cifar10-sample/test/<class>/*.jpg``: 500 CIFAR-10 test images, 50 per class, the same files as
   ``--test-subset 500`` picks from the project's CIFAR-10 JPEG copy (its class-balanced seeded order);
-* ``weights/alexnet-cifar10.pt``: the classifier of ``colorquant reproduce --preset cifar10-cpu``;
+* ``weights/airbench93-cifar10.pt``: the classifier of ``colorquant reproduce --preset cifar10-cpu``
+  (airbench93, 88 % full colour on the JPEG copy's test split);
 * ``weights/colorcnn-k{2,4,8}.pt``: the ColorCNN (U-Net width 16) checkpoints of that preset;
 * ``weights/colorcnn-plus.pt``: its ColorCNN+ (U-Net width 16, trained at K = 2..256);
 
@@ -44,7 +45,7 @@ __all__ = ["ASSETS", "COMMAND", "DEMO_KS", "main", "rebuild_assets"]
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 SAMPLE_ROOT = ASSETS / "cifar10-sample"
-CLASSIFIER = WEIGHTS / PRETRAINED_CLASSIFIERS["cifar10-alexnet"]
+CLASSIFIER = WEIGHTS / PRETRAINED_CLASSIFIERS["cifar10-airbench93"]
 PLUS = WEIGHTS / PRETRAINED_COLORCNN_PLUS["cifar10-plus"]
 DEMO_KS = (2, 4, 8)
 SAMPLE_SIZE = 500
@@ -143,7 +144,7 @@ def main(out_dir="runs/demo", progress: bool = True, num_images: int = 5) -> lis
             "--device", "cpu", "--out-dir", str(out / "evaluate")]
     if not progress:
         argv.append("--no-progress")
-    print("colorquant demo: a frozen CIFAR AlexNet on 500 bundled CIFAR-10 test images, quantized to K colours "
+    print("colorquant demo: a frozen airbench93 classifier on 500 bundled CIFAR-10 test images, quantized to K colours "
           "by ColorCNN (bundled weights, U-Net width 16, preset cifar10-cpu), by ColorCNN+ (one bundled network "
           "for every K) and by the traditional quantizers")
     records = evaluate.evaluate(build_parser([evaluate.COMMAND]).parse_args(argv))

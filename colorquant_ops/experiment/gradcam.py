@@ -18,7 +18,7 @@ The command, in order:
 
 * Images are read as RGB (as ``colorquant quantize`` reads them; a directory stands for the image
   files directly inside it). The classifier sees images of the size its checkpoint records
-  (``image_size``, 32 for the bundled CIFAR AlexNet): an image of another size is resized (shorter
+  (``image_size``, 32 for the bundled airbench93): an image of another size is resized (shorter
   side to that size, bilinear with antialiasing, then centre-cropped to a square), with a note on
   stderr; ``--no-resize`` makes that an error instead.
 * The true class is the name of the image's folder when it is one of the classifier's classes
@@ -27,13 +27,15 @@ The command, in order:
   Class names come from the dataset the checkpoint records (CIFAR-10, STL-10); others are numbers.
 * Each method quantizes the ``[0, 1]`` images with :class:`~colorquant_ops.transforms.ColorQuantize`
   (as ``colorquant evaluate`` does); ColorCNN runs each ``--colorcnn`` network at its own K (a
-  bundled name such as ``cifar10-k4`` or a checkpoint path). The classifier then sees them
+  bundled name such as ``cifar10-k4`` or a checkpoint path), ColorCNN+ its one ``--colorcnn-plus``
+  network at every K (default: the bundled ``cifar10-plus``). The classifier then sees them
   normalized as in its training: the checkpoint's ``input_normalization``, else its ``dataset``'s,
   else ``--dataset``'s.
 * Grad-CAM targets the true class in every column, so the maps compare where the classifier finds
-  evidence for the same class. The default layer is the network's last ``Conv2d`` (for the CIFAR
-  AlexNet a 4x4 map; its output before the ReLU), ``--layer NAME`` any module by its
-  ``named_modules`` name (e.g. ``features.11``, the ReLU after it: the rectified maps).
+  evidence for the same class. The default layer is the network's last ``Conv2d`` (for the bundled
+  airbench93 ``groups.2.conv2``, a 3x3 map before its BatchNorm and GELU; for the CIFAR AlexNet
+  ``features.10``, 4x4), ``--layer NAME`` any module by its ``named_modules`` name (e.g.
+  ``groups.1.conv2``, airbench93's 7x7 map).
 * Writes ``OUT/gradcam-sheet.png`` and ``OUT/gradcam.md`` (per image, K and method: the true class's
   probability and the prediction) and prints the table.
 
@@ -57,7 +59,9 @@ from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
 from ..models.classifiers import load_classifier
-from ..models.pretrained import PRETRAINED_CLASSIFIERS, PRETRAINED_COLORCNN, pretrained_path
+from ..models.colorcnn_plus import load_colorcnn_plus
+from ..models.pretrained import (PRETRAINED_CLASSIFIERS, PRETRAINED_COLORCNN, PRETRAINED_COLORCNN_PLUS,
+                                 pretrained_path)
 from ..normalization import NORMALIZATION_BEFORE_RECORDING
 from ..quantizers.reference import count_colors
 from ..transforms import METHODS, ColorQuantize
@@ -204,9 +208,10 @@ def overlay_heatmap(image: PIL.Image.Image, cam: Tensor, alpha: float = 0.5, col
 # --- command --------------------------------------------------------------------------------
 
 _DEFAULT_COLORCNN = ["cifar10-k2", "cifar10-k4", "cifar10-k8"]
-_DEFAULT_METHODS = ["colorcnn", "median_cut", "octree", "pil_kmeans", "kmeans"]
-_LABELS = {"colorcnn": "ColorCNN", "median_cut": "median cut", "octree": "octree", "pil_kmeans": "k-means (PIL)",
-           "kmeans": "k-means++"}
+_DEFAULT_COLORCNN_PLUS = "cifar10-plus"
+_DEFAULT_METHODS = ["colorcnn", "colorcnn+", "median_cut", "octree", "pil_kmeans", "kmeans"]
+_LABELS = {"colorcnn": "ColorCNN", "colorcnn+": "ColorCNN+", "median_cut": "median cut", "octree": "octree",
+           "pil_kmeans": "k-means (PIL)", "kmeans": "k-means++"}
 _CLASS_NAMES = {"cifar10": data.CIFAR10_CLASSES, "stl10": data.STL10_CLASSES}
 
 
@@ -214,12 +219,15 @@ def add_gradcam_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE",
                    help="image files or directories of them (not recursive); the folder name gives the true "
                         "class (ImageFolder layout), e.g. colorquant_ops/assets/cifar10-sample/test/bird/0047.jpg")
-    p.add_argument("--classifier", default="cifar10-alexnet", metavar="CKPT|NAME",
+    p.add_argument("--classifier", default="cifar10-airbench93", metavar="CKPT|NAME",
                    help="the frozen classifier: a checkpoint (from train-classifier) or a bundled name "
                         f"({', '.join(sorted(PRETRAINED_CLASSIFIERS))}; the default)")
     p.add_argument("--colorcnn", nargs="+", default=None, metavar="CKPT|NAME",
                    help="ColorCNN checkpoints or bundled names, one per K (default: "
                         f"{' '.join(_DEFAULT_COLORCNN)})")
+    p.add_argument("--colorcnn-plus", default=None, metavar="CKPT|NAME",
+                   help="the ColorCNN+ network of the colorcnn+ column (one network for every K): a checkpoint "
+                        f"(from train --model colorcnn+) or a bundled name (default: {_DEFAULT_COLORCNN_PLUS})")
     p.add_argument("--num-colors", nargs="+", type=integer, default=None, metavar="K",
                    help="numbers of colours K, each in 2..256 (default: the Ks of the ColorCNN networks)")
     p.add_argument("--method", "--methods", dest="methods", nargs="+", default=None, metavar="METHOD",
@@ -241,12 +249,12 @@ def add_gradcam_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out-dir", default=None, help="output directory (default: runs/gradcam-<timestamp>)")
 
 
-def _resolve(name_or_path: str, table: dict, kind: str) -> Path:
+def _resolve(name_or_path: str, table: dict, kind: str, flag: Optional[str] = None) -> Path:
     if name_or_path in table:
         return pretrained_path(name_or_path, kind)
     path = Path(name_or_path)
     if not path.is_file():
-        raise FileNotFoundError(f"--{kind}: {name_or_path} is neither a file nor a bundled name "
+        raise FileNotFoundError(f"--{flag or kind}: {name_or_path} is neither a file nor a bundled name "
                                 f"({', '.join(sorted(table))})")
     return path
 
@@ -279,6 +287,8 @@ def _check(args: argparse.Namespace) -> list[str]:
         raise ValueError(f"--method: unknown method {unknown[0]!r}; use any of {', '.join(METHODS)}")
     if args.colorcnn is not None and "colorcnn" not in methods:
         raise ValueError("--colorcnn is given but colorcnn is not among --method")
+    if args.colorcnn_plus is not None and "colorcnn+" not in methods:
+        raise ValueError("--colorcnn-plus is given but colorcnn+ is not among --method")
     if args.num_colors is not None:
         bad = [k for k in args.num_colors if not 2 <= k <= 256]
         if bad:
@@ -330,6 +340,11 @@ def run_gradcam(args: argparse.Namespace) -> dict:
         sources = args.colorcnn if args.colorcnn is not None else _DEFAULT_COLORCNN
         paths = [_resolve(s, PRETRAINED_COLORCNN, "colorcnn") for s in sources]
         colorcnns = load_colorcnns(paths, args.dataset, torch.device("cpu"))
+    plus = None
+    if "colorcnn+" in methods:
+        plus_path = _resolve(args.colorcnn_plus or _DEFAULT_COLORCNN_PLUS, PRETRAINED_COLORCNN_PLUS, "colorcnn+",
+                             "colorcnn-plus")
+        plus = load_one_line(load_colorcnn_plus, plus_path).eval().requires_grad_(False)
     if args.num_colors is not None:
         ks = list(dict.fromkeys(args.num_colors))
     elif colorcnns:
@@ -339,6 +354,8 @@ def run_gradcam(args: argparse.Namespace) -> dict:
     for k in ks:
         if "colorcnn" in methods and k not in colorcnns:
             notes.append(f"colorcnn has no K={k} network: its cells stay empty")
+        if plus is not None and k > plus.max_colors:
+            raise ValueError(f"--colorcnn-plus serves up to {plus.max_colors} colours, got --num-colors {k}")
 
     files = image_files(args.images)  # the same checks as quantize: regular files, pixel limit, unique stems
     images = _load_images(files, image_size, args.resize, notes)
@@ -374,8 +391,12 @@ def run_gradcam(args: argparse.Namespace) -> dict:
         for method in methods:
             if method == "colorcnn" and k not in colorcnns:
                 continue
-            quantizer = (ColorQuantize(k, "colorcnn", model=colorcnns[k][1]) if method == "colorcnn"
-                         else ColorQuantize(k, method, kmeans_iters=args.kmeans_iters))
+            if method == "colorcnn":
+                quantizer = ColorQuantize(k, "colorcnn", model=colorcnns[k][1])
+            elif method == "colorcnn+":
+                quantizer = ColorQuantize(k, "colorcnn+", model=plus)
+            else:
+                quantizer = ColorQuantize(k, method, kmeans_iters=args.kmeans_iters)
             with torch.no_grad():
                 q = quantizer.quantize(originals).quantized.clamp(0, 1)
             quantized[k, method] = (q, judge(q, targets))
