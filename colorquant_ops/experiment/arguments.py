@@ -8,10 +8,12 @@ from typing import Optional
 import torch
 
 from ..models.colorcnn import load_colorcnn_checkpoint
+from ..models.colorcnn_plus import load_colorcnn_plus
 from ..normalization import NORMALIZATION_BEFORE_RECORDING
 from . import distributed
 
-__all__ = ["integer", "load_colorcnns", "load_one_line", "positive_int", "single_process_device"]
+__all__ = ["integer", "load_colorcnn_plus_for", "load_colorcnns", "load_one_line", "positive_int",
+           "single_process_device"]
 
 
 def integer(text: str) -> int:
@@ -69,3 +71,14 @@ def load_colorcnns(paths, dataset: Optional[str], device: torch.device = torch.d
                              f"({models[model.num_colors][0]} and {path})")
         models[model.num_colors] = (path, model.eval().requires_grad_(False).to(device))
     return models
+
+
+def load_colorcnn_plus_for(path, ks, device: torch.device = torch.device("cpu")):
+    """The ``--colorcnn-plus`` checkpoint's network, in evaluation mode and frozen on ``device``; refused
+    (one-line ValueError) when it cannot serve every K of ``ks``."""
+    plus = load_one_line(load_colorcnn_plus, path).eval().requires_grad_(False).to(device)
+    too_many = [k for k in ks if k > plus.max_colors]
+    if too_many:
+        raise ValueError(f"--colorcnn-plus {path} serves up to {plus.max_colors} colours, "
+                         f"--num-colors asks for {too_many[0]}")
+    return plus

@@ -46,11 +46,11 @@ from tqdm.auto import tqdm
 from .. import codecs
 from .._io import atomic_write, atomic_write_text
 from ..models.classifiers import load_classifier
-from ..models.colorcnn_plus import load_colorcnn_plus
 from ..quantizers.reference import count_colors
 from ..transforms import METHODS, ColorQuantize
 from . import data
-from .arguments import integer, load_colorcnns, load_one_line, positive_int, single_process_device
+from .arguments import (integer, load_colorcnn_plus_for, load_colorcnns, load_one_line, positive_int,
+                        single_process_device)
 from .commands import Command
 from .rundir import RunDir
 
@@ -263,13 +263,7 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
     device = single_process_device(args.device)
     classifier = load_one_line(load_classifier, args.classifier).eval().requires_grad_(False).to(device)
     colorcnns = load_colorcnns(args.colorcnn, args.dataset, device)
-    plus = None
-    if args.colorcnn_plus is not None:
-        plus = load_one_line(load_colorcnn_plus, args.colorcnn_plus).eval().requires_grad_(False).to(device)
-        too_many = [k for k in args.num_colors if k > plus.max_colors]
-        if too_many:
-            raise ValueError(f"--colorcnn-plus {args.colorcnn_plus} serves up to {plus.max_colors} colours, "
-                             f"--num-colors asks for {too_many[0]}")
+    plus = None if args.colorcnn_plus is None else load_colorcnn_plus_for(args.colorcnn_plus, args.num_colors, device)
 
     test_set, root = _test_set(args)
     stats = data.DATASET_STATS[args.dataset]

@@ -59,14 +59,13 @@ from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
 from ..models.classifiers import load_classifier
-from ..models.colorcnn_plus import load_colorcnn_plus
 from ..models.pretrained import (PRETRAINED_CLASSIFIERS, PRETRAINED_COLORCNN, PRETRAINED_COLORCNN_PLUS,
                                  pretrained_path)
 from ..normalization import NORMALIZATION_BEFORE_RECORDING
 from ..quantizers.reference import count_colors
 from ..transforms import METHODS, ColorQuantize
 from . import data
-from .arguments import integer, load_colorcnns, load_one_line
+from .arguments import integer, load_colorcnn_plus_for, load_colorcnns, load_one_line
 from .commands import Command
 from .quantize_files import _read_rgb, image_files
 from .sheets import fit_to_cell, labelled_sheet
@@ -340,11 +339,6 @@ def run_gradcam(args: argparse.Namespace) -> dict:
         sources = args.colorcnn if args.colorcnn is not None else _DEFAULT_COLORCNN
         paths = [_resolve(s, PRETRAINED_COLORCNN, "colorcnn") for s in sources]
         colorcnns = load_colorcnns(paths, args.dataset, torch.device("cpu"))
-    plus = None
-    if "colorcnn+" in methods:
-        plus_path = _resolve(args.colorcnn_plus or _DEFAULT_COLORCNN_PLUS, PRETRAINED_COLORCNN_PLUS, "colorcnn+",
-                             "colorcnn-plus")
-        plus = load_one_line(load_colorcnn_plus, plus_path).eval().requires_grad_(False)
     if args.num_colors is not None:
         ks = list(dict.fromkeys(args.num_colors))
     elif colorcnns:
@@ -354,8 +348,11 @@ def run_gradcam(args: argparse.Namespace) -> dict:
     for k in ks:
         if "colorcnn" in methods and k not in colorcnns:
             notes.append(f"colorcnn has no K={k} network: its cells stay empty")
-        if plus is not None and k > plus.max_colors:
-            raise ValueError(f"--colorcnn-plus serves up to {plus.max_colors} colours, got --num-colors {k}")
+    plus = None
+    if "colorcnn+" in methods:
+        plus_path = _resolve(args.colorcnn_plus or _DEFAULT_COLORCNN_PLUS, PRETRAINED_COLORCNN_PLUS, "colorcnn+",
+                             "colorcnn-plus")
+        plus = load_colorcnn_plus_for(plus_path, ks)
 
     files = image_files(args.images)  # the same checks as quantize: regular files, pixel limit, unique stems
     images = _load_images(files, image_size, args.resize, notes)
