@@ -6,10 +6,12 @@ ColorCNN is trained end to end through a frozen classifier ``f``::
          + alpha * color_usage_loss(probs)                  # paper's R, default 1
          + beta  * color_variance_loss(image, probs)        # code only, default 0
          + gamma * MSE(quantized, image)                    # code only, default 0
+         + boundary * boundary_loss(probs)                  # this library's, default 0
 
 as in the authors' code (github.com/hou-yz/color_distillation,
 ``color_distillation/trainer.py``, ``CNNTrainer.train``; defaults
-``--alpha 1 --beta 0 --gamma 0`` in ``color_cnn_downsample.py``).
+``--alpha 1 --beta 0 --gamma 0`` in ``color_cnn_downsample.py``). The boundary term
+(:func:`boundary_loss`, not in the papers) trades a little detail for smaller palette PNGs.
 """
 
 import math
@@ -23,7 +25,7 @@ from ._validation import check_float as _check_float
 from .models.colorcnn import ColorCNNOutput
 from .ops import palette_distance
 
-__all__ = ["ColorCNNLoss", "ColorCNNPlusLoss", "cluster_imitation_loss", "color_usage_loss", "color_variance_loss",
+__all__ = ["ColorCNNLoss", "ColorCNNPlusLoss", "boundary_loss", "cluster_imitation_loss", "color_usage_loss", "color_variance_loss",
            "soft_palette"]
 
 
@@ -57,6 +59,32 @@ def color_usage_loss(probs: Tensor) -> Tensor:
     _check_tensor(probs, "probs", 4)
     num_colors = probs.shape[1]
     return math.log2(num_colors) * (1 - probs.amax(dim=(2, 3)).mean())
+
+
+def boundary_loss(probs: Tensor) -> Tensor:
+    """The expected fraction of colour boundaries in the index map: what a palette PNG pays for.
+
+    If every pixel drew its colour index from its probabilities, two neighbouring pixels ``p, q``
+    would get different indices with probability ``1 - sum_k probs[k, p] * probs[k, q]``; this is
+    its mean over the horizontally and over the vertically neighbouring pairs, averaged over the two
+    directions (a direction without pairs, ``W = 1`` or ``H = 1``, is left out; 0 for a single
+    pixel). On one-hot probabilities it is the index map's boundary fraction, the quantity deflate's
+    match lengths and therefore the PNG's size follow; minimizing it merges small regions and
+    straightens edges.
+
+    Args:
+        probs: ``[B, K, H, W]`` per-pixel colour probabilities (softmax over K).
+
+    Returns:
+        A scalar in ``[0, 1]``, differentiable w.r.t. ``probs``.
+    """
+    _check_tensor(probs, "probs", 4)
+    terms = []
+    if probs.shape[3] > 1:
+        terms.append(1 - (probs[..., 1:] * probs[..., :-1]).sum(dim=1).mean())
+    if probs.shape[2] > 1:
+        terms.append(1 - (probs[:, :, 1:] * probs[:, :, :-1]).sum(dim=1).mean())
+    return torch.stack(terms).mean() if terms else probs.sum() * 0
 
 
 def soft_palette(image: Tensor, probs: Tensor, eps: float = 1e-8) -> Tensor:
@@ -144,8 +172,9 @@ class ColorCNNLoss(nn.Module):
     """The objective of ColorCNN against a frozen classifier.
 
     ``total = CE(logits_cls, target) + alpha * color_usage_loss(probs)
-    + beta * color_variance_loss(image, probs) + gamma * MSE(quantized, image)``
-    with the paper's defaults ``alpha=1, beta=0, gamma=0``.
+    + beta * color_variance_loss(image, probs) + gamma * MSE(quantized, image)
+    + boundary * boundary_loss(probs)``
+    with the paper's defaults ``alpha=1, beta=0, gamma=0`` (and ``boundary=0``).
 
     * The colour-variance term measures the pixels against :func:`soft_palette`
       ``(image, probs)``, not ``output.palette``: in training the latter is
@@ -165,25 +194,29 @@ class ColorCNNLoss(nn.Module):
         alpha: weight of the colour-usage term, >= 0.
         beta: weight of the colour-variance term, >= 0.
         gamma: weight of the reconstruction MSE, >= 0.
+        boundary: weight of :func:`boundary_loss`, >= 0 (not in the paper: smaller palette PNGs).
         label_smoothing: passed to :func:`torch.nn.functional.cross_entropy`.
 
     Returns (forward):
         ``(total, terms)``: ``total`` a differentiable scalar; ``terms`` a dict
         of Python floats ``{"total", "cross_entropy", "color_usage",
-        "color_variance", "reconstruction"}`` (unweighted terms) for logging.
+        "color_variance", "reconstruction", "boundary"}`` (unweighted terms) for logging.
     """
 
-    def __init__(self, alpha: float = 1.0, beta: float = 0.0, gamma: float = 0.0, label_smoothing: float = 0.0) -> None:
+    def __init__(self, alpha: float = 1.0, beta: float = 0.0, gamma: float = 0.0, label_smoothing: float = 0.0,
+                 boundary: float = 0.0) -> None:
         super().__init__()
         self.alpha = _check_float(alpha, "alpha", positive=False)
         self.beta = _check_float(beta, "beta", positive=False)
         self.gamma = _check_float(gamma, "gamma", positive=False)
+        self.boundary = _check_float(boundary, "boundary", positive=False)
         self.label_smoothing = _check_float(label_smoothing, "label_smoothing", positive=False)
         if self.label_smoothing > 1:
             raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, label_smoothing={self.label_smoothing}"
+        return (f"alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, label_smoothing={self.label_smoothing}, "
+                f"boundary={self.boundary}")
 
     def forward(
         self, logits_cls: Tensor, target: Tensor, output: ColorCNNOutput, image: Tensor
@@ -201,6 +234,7 @@ class ColorCNNLoss(nn.Module):
             ("color_usage", self.alpha, lambda: color_usage_loss(output.probs)),
             ("color_variance", self.beta, lambda: color_variance_loss(image, output.probs)),
             ("reconstruction", self.gamma, lambda: F.mse_loss(output.quantized, image)),
+            ("boundary", self.boundary, lambda: boundary_loss(output.probs)),
         ))
 
 
@@ -240,7 +274,7 @@ class ColorCNNPlusLoss(nn.Module):
     """The objective of :class:`~colorquant_ops.models.ColorCNNPlus` against a frozen classifier.
 
     ``total = CE(logits_cls, target) + imitation * log2(K) / 8 * cluster_imitation_loss(logits, image,
-    palette) + alpha * color_usage_loss(probs)``. The imitation weight grows with the number of
+    palette) + alpha * color_usage_loss(probs) + boundary * boundary_loss(probs)``. The imitation weight grows with the number of
     colours, from ``imitation / 8`` at K = 2 to ``imitation`` at K = 256: at one bit the classifier's
     signal should decide the structure, at many colours the image's own colours (the aims of the
     ColorCNN+ paper: network supervision in small colour spaces, clustering in large ones).
@@ -251,22 +285,27 @@ class ColorCNNPlusLoss(nn.Module):
         alpha: weight of ColorCNN's colour-usage term, >= 0 (default 0: the k-means centres already
             use every colour).
         label_smoothing: passed to :func:`torch.nn.functional.cross_entropy`.
+        boundary: weight of :func:`boundary_loss`, >= 0 (default 0; it makes the index maps cheaper
+            to store, see RESULTS.md).
 
     Returns (forward):
         ``(total, terms)``: the differentiable total and a dict of Python floats ``{"total",
-        "cross_entropy", "imitation", "color_usage"}`` (unweighted terms).
+        "cross_entropy", "imitation", "color_usage", "boundary"}`` (unweighted terms).
     """
 
-    def __init__(self, imitation: float = 1.0, alpha: float = 0.0, label_smoothing: float = 0.0) -> None:
+    def __init__(self, imitation: float = 1.0, alpha: float = 0.0, label_smoothing: float = 0.0,
+                 boundary: float = 0.0) -> None:
         super().__init__()
         self.imitation = _check_float(imitation, "imitation", positive=False)
         self.alpha = _check_float(alpha, "alpha", positive=False)
+        self.boundary = _check_float(boundary, "boundary", positive=False)
         self.label_smoothing = _check_float(label_smoothing, "label_smoothing", positive=False)
         if self.label_smoothing > 1:
             raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
 
     def extra_repr(self) -> str:
-        return f"imitation={self.imitation}, alpha={self.alpha}, label_smoothing={self.label_smoothing}"
+        return (f"imitation={self.imitation}, alpha={self.alpha}, label_smoothing={self.label_smoothing}, "
+                f"boundary={self.boundary}")
 
     def imitation_weight(self, num_colors: int) -> float:
         """The weight of the imitation term at ``num_colors`` colours: ``imitation * log2(K) / 8``."""
@@ -282,4 +321,5 @@ class ColorCNNPlusLoss(nn.Module):
             ("imitation", self.imitation_weight(logits.shape[1]),
              lambda: cluster_imitation_loss(logits, image, output.palette)),
             ("color_usage", self.alpha, lambda: color_usage_loss(output.probs)),
+            ("boundary", self.boundary, lambda: boundary_loss(output.probs)),
         ))

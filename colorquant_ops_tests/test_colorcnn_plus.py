@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from colorquant_ops import ColorCNNPlus
-from colorquant_ops.losses import ColorCNNPlusLoss, cluster_imitation_loss, color_usage_loss
+from colorquant_ops.losses import ColorCNNPlusLoss, boundary_loss, cluster_imitation_loss, color_usage_loss
 from colorquant_ops.models import ColorCNNOutput, load_colorcnn_plus, save_colorcnn_plus
 from colorquant_ops.models.colorcnn_plus import load_colorcnn_plus_checkpoint
 from colorquant_ops.ops import kmeans_palette, palette_distance, render_index_map
@@ -308,13 +308,13 @@ def test_plus_loss_weights():
     out, logits = model(x, 16, return_logits=True)
     cls = torch.randn(2, 10)
     target = torch.tensor([1, 2])
-    crit = ColorCNNPlusLoss(imitation=2.0, alpha=0.5)
+    crit = ColorCNNPlusLoss(imitation=2.0, alpha=0.5, boundary=0.25)
     total, terms = crit(cls, target, out, x, logits)
     assert crit.imitation_weight(16) == pytest.approx(2.0 * 4 / 8)
     expected = (F.cross_entropy(cls, target) + 1.0 * cluster_imitation_loss(logits, x, out.palette)
-                + 0.5 * color_usage_loss(out.probs))
+                + 0.5 * color_usage_loss(out.probs) + 0.25 * boundary_loss(out.probs))
     torch.testing.assert_close(total, expected)
-    assert set(terms) == {"total", "cross_entropy", "imitation", "color_usage"}
+    assert set(terms) == {"total", "cross_entropy", "imitation", "color_usage", "boundary"}
     off, off_terms = ColorCNNPlusLoss(imitation=0.0)(cls, target, out, x, logits)
     torch.testing.assert_close(off, F.cross_entropy(cls, target))  # terms with weight 0 are logged only
     assert off_terms["imitation"] == pytest.approx(terms["imitation"])

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from colorquant_ops.models.classifiers import CifarAlexNet
-from colorquant_ops.losses import ColorCNNLoss, color_usage_loss, color_variance_loss, soft_palette
+from colorquant_ops.losses import ColorCNNLoss, boundary_loss, color_usage_loss, color_variance_loss, soft_palette
 from colorquant_ops.models import ColorCNN
 
 
@@ -143,27 +143,82 @@ def test_zero_weights_is_cross_entropy():
     logits = classifier(out.quantized)
     total, terms = ColorCNNLoss(alpha=0, beta=0, gamma=0)(logits, y, out, x)
     assert torch.equal(total, F.cross_entropy(logits, y))
-    assert set(terms) == {"total", "cross_entropy", "color_usage", "color_variance", "reconstruction"}
+    assert set(terms) == {"total", "cross_entropy", "color_usage", "color_variance", "reconstruction", "boundary"}
     assert all(isinstance(v, float) for v in terms.values())
     assert terms["total"] == terms["cross_entropy"] == pytest.approx(total.item())
     assert terms["color_usage"] > 0 and terms["color_variance"] > 0 and terms["reconstruction"] > 0
+    assert 0 < terms["boundary"] < 1
 
 
 def test_total_is_weighted_sum():
     model, classifier, x, y = _setup()
     out = model(x)
     logits = classifier(out.quantized)
-    alpha, beta, gamma = 0.7, 0.3, 2.0
-    total, terms = ColorCNNLoss(alpha, beta, gamma)(logits, y, out, x)
+    alpha, beta, gamma, boundary = 0.7, 0.3, 2.0, 1.5
+    total, terms = ColorCNNLoss(alpha, beta, gamma, boundary=boundary)(logits, y, out, x)
     expected = (
         F.cross_entropy(logits, y)
         + alpha * color_usage_loss(out.probs)
         + beta * color_variance_loss(x, out.probs, soft_palette(x, out.probs))
         + gamma * F.mse_loss(out.quantized, x)
+        + boundary * boundary_loss(out.probs)
     )
     torch.testing.assert_close(total, expected)
     weighted = terms["cross_entropy"] + alpha * terms["color_usage"] + beta * terms["color_variance"]
-    assert terms["total"] == pytest.approx(weighted + gamma * terms["reconstruction"], rel=1e-5)
+    weighted += gamma * terms["reconstruction"] + boundary * terms["boundary"]
+    assert terms["total"] == pytest.approx(weighted, rel=1e-5)
+    with pytest.raises(ValueError, match="boundary must be a finite number >= 0"):
+        ColorCNNLoss(boundary=-0.1)
+
+
+# ----------------------------------------------------------------------------- boundary_loss
+
+
+def _boundary_reference(probs):
+    """The definition, pair by pair in float64: P(two neighbours draw different indices)."""
+    p = probs.double()
+    B, K, H, W = p.shape
+    sums = []
+    for pairs in ([((i, j), (i, j + 1)) for i in range(H) for j in range(W - 1)],
+                  [((i, j), (i + 1, j)) for i in range(H - 1) for j in range(W)]):
+        if pairs:
+            sums.append(sum(1 - (p[:, :, a[0], a[1]] * p[:, :, b[0], b[1]]).sum(1) for a, b in pairs).mean()
+                        / len(pairs))
+    return sum(sums) / len(sums) if sums else torch.zeros((), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 2, 1, 6), (3, 4, 5, 1), (2, 5, 1, 1), (1, 7, 3, 3)])
+def test_boundary_loss_matches_the_definition(shape):
+    probs = torch.softmax(torch.randn(shape, dtype=torch.float64) * 3, dim=1)
+    torch.testing.assert_close(boundary_loss(probs), _boundary_reference(probs))
+    torch.testing.assert_close(boundary_loss(probs.float()), _boundary_reference(probs).float())
+
+
+def test_boundary_loss_is_the_edge_fraction_of_one_hot_maps():
+    idx, probs = _one_hot_regions(3, 4, 6, 7)
+    horizontal = (idx[:, :, 1:] != idx[:, :, :-1]).double().mean()
+    vertical = (idx[:, 1:] != idx[:, :-1]).double().mean()
+    torch.testing.assert_close(boundary_loss(probs.double()), (horizontal + vertical) / 2)
+    flat = F.one_hot(torch.zeros(2, 5, 5, dtype=torch.long), 3).permute(0, 3, 1, 2).float()
+    assert float(boundary_loss(flat)) == 0.0  # one colour: no boundary
+    for K in (2, 8):  # uniform probabilities: every pair differs with probability 1 - 1/K
+        assert float(boundary_loss(torch.full((1, K, 4, 4), 1 / K))) == pytest.approx(1 - 1 / K)
+
+
+def test_boundary_loss_gradcheck():
+    probs = torch.softmax(torch.randn(2, 3, 4, 5, dtype=torch.float64), dim=1).requires_grad_()
+    assert torch.autograd.gradcheck(boundary_loss, (probs,))
+    single = torch.full((1, 2, 1, 1), 0.5, dtype=torch.float64, requires_grad=True)
+    out = boundary_loss(single)
+    out.backward()
+    assert float(out) == 0.0 and single.grad is not None
+
+
+def test_boundary_loss_bad_input():
+    with pytest.raises(ValueError, match="probs must be 4-D"):
+        boundary_loss(torch.rand(2, 3, 4))
+    with pytest.raises(TypeError, match="probs must be a floating-point tensor"):
+        boundary_loss(torch.ones(1, 2, 3, 3, dtype=torch.long))
 
 
 @pytest.mark.parametrize("weights", [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0.5, 0.5)])

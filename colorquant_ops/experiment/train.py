@@ -173,6 +173,9 @@ def add_colorcnn_arguments(p: argparse.ArgumentParser) -> None:
                    help="colour-usage loss weight (default: 1; colorcnn+: 0, its k-means centres use every colour)")
     p.add_argument("--beta", type=float, default=0.0, help="colour-variance loss weight (default: 0)")
     p.add_argument("--gamma", type=float, default=0.0, help="reconstruction loss weight (default: 0)")
+    p.add_argument("--boundary", type=float, default=0.0,
+                   help="weight of the colour-boundary term (losses.boundary_loss: smaller palette PNGs; not in "
+                        "the paper; default: 0)")
     add_common_arguments(p, epochs=60, lr=0.01, batch_size=128)
     p.add_argument("--restart-epochs", type=positive_int, default=20,
                    help="period of the cosine warm restarts in epochs (default: 20)")
@@ -593,6 +596,9 @@ def train_colorcnn(args: argparse.Namespace) -> dict:
 def _check_model_options(args: argparse.Namespace) -> None:
     """Options of the other model are an error (not silently ignored); fill the chosen model's defaults."""
     model = getattr(args, "model", "colorcnn")
+    boundary = getattr(args, "boundary", 0.0)
+    if boundary < 0 or not math.isfinite(boundary):
+        raise ValueError(f"--boundary must be a finite number >= 0, got {boundary}")
     if model == "colorcnn+":
         given = [name for name, set_ in (("--num-colors", args.num_colors is not None),
                                           ("--temperature", args.temperature != 1.0),
@@ -690,7 +696,7 @@ def _train_colorcnn(setup: _Setup) -> dict:
                      straight_through=args.straight_through)
     if args.init_from is not None:
         _load_initial_weights(model, args.init_from, args.dataset)
-    criterion = ColorCNNLoss(args.alpha, args.beta, args.gamma)
+    criterion = ColorCNNLoss(args.alpha, args.beta, args.gamma, boundary=args.boundary)
     classifier, model, net, eval_net, normalization, train_loader, test_loader = _quantizer_run(
         setup, classifier, model)
 
@@ -723,7 +729,7 @@ def _train_colorcnn_plus(setup: _Setup) -> dict:
     model = ColorCNNPlus(args.backbone, args.width, max_colors=high, kmeans_iters=args.kmeans_iters, seed=args.seed)
     if args.init_from is not None:
         _load_initial_weights(model, args.init_from, args.dataset)
-    criterion = ColorCNNPlusLoss(args.imitation, args.alpha)
+    criterion = ColorCNNPlusLoss(args.imitation, args.alpha, boundary=args.boundary)
     classifier, model, net, eval_net, normalization, train_loader, test_loader = _quantizer_run(
         setup, classifier, model)
 
