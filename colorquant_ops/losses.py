@@ -274,7 +274,7 @@ class ColorCNNPlusLoss(nn.Module):
     """The objective of :class:`~colorquant_ops.models.ColorCNNPlus` against a frozen classifier.
 
     ``total = CE(logits_cls, target) + imitation * log2(K) / 8 * cluster_imitation_loss(logits, image,
-    palette) + alpha * color_usage_loss(probs) + boundary * boundary_loss(probs)``. The imitation weight grows with the number of
+    palette) + alpha * color_usage_loss(probs) + boundary_weight(K) * boundary_loss(probs)``. The imitation weight grows with the number of
     colours, from ``imitation / 8`` at K = 2 to ``imitation`` at K = 256: at one bit the classifier's
     signal should decide the structure, at many colours the image's own colours (the aims of the
     ColorCNN+ paper: network supervision in small colour spaces, clustering in large ones).
@@ -287,6 +287,9 @@ class ColorCNNPlusLoss(nn.Module):
         label_smoothing: passed to :func:`torch.nn.functional.cross_entropy`.
         boundary: weight of :func:`boundary_loss`, >= 0 (default 0; it makes the index maps cheaper
             to store, see RESULTS.md).
+        boundary_by_bits: weigh the boundary term ``boundary * log2(K) / 8`` (the full weight at K =
+            256) instead of ``boundary`` at every K: a boundary costs the PNG about a symbol of
+            ``log2(K)`` bits, and at one or two bits every edge matters to the classifier.
 
     Returns (forward):
         ``(total, terms)``: the differentiable total and a dict of Python floats ``{"total",
@@ -294,22 +297,28 @@ class ColorCNNPlusLoss(nn.Module):
     """
 
     def __init__(self, imitation: float = 1.0, alpha: float = 0.0, label_smoothing: float = 0.0,
-                 boundary: float = 0.0) -> None:
+                 boundary: float = 0.0, boundary_by_bits: bool = False) -> None:
         super().__init__()
         self.imitation = _check_float(imitation, "imitation", positive=False)
         self.alpha = _check_float(alpha, "alpha", positive=False)
         self.boundary = _check_float(boundary, "boundary", positive=False)
+        self.boundary_by_bits = bool(boundary_by_bits)
         self.label_smoothing = _check_float(label_smoothing, "label_smoothing", positive=False)
         if self.label_smoothing > 1:
             raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
 
     def extra_repr(self) -> str:
         return (f"imitation={self.imitation}, alpha={self.alpha}, label_smoothing={self.label_smoothing}, "
-                f"boundary={self.boundary}")
+                f"boundary={self.boundary}, boundary_by_bits={self.boundary_by_bits}")
 
     def imitation_weight(self, num_colors: int) -> float:
         """The weight of the imitation term at ``num_colors`` colours: ``imitation * log2(K) / 8``."""
         return self.imitation * math.log2(num_colors) / 8
+
+    def boundary_weight(self, num_colors: int) -> float:
+        """The weight of the boundary term at ``num_colors`` colours: ``boundary``, or with
+        ``boundary_by_bits`` ``boundary * log2(K) / 8``."""
+        return self.boundary * (math.log2(num_colors) / 8 if self.boundary_by_bits else 1.0)
 
     def forward(self, logits_cls: Tensor, target: Tensor, output: ColorCNNOutput, image: Tensor,
                 logits: Tensor) -> Tuple[Tensor, Dict[str, float]]:
@@ -321,5 +330,5 @@ class ColorCNNPlusLoss(nn.Module):
             ("imitation", self.imitation_weight(logits.shape[1]),
              lambda: cluster_imitation_loss(logits, image, output.palette)),
             ("color_usage", self.alpha, lambda: color_usage_loss(output.probs)),
-            ("boundary", self.boundary, lambda: boundary_loss(output.probs)),
+            ("boundary", self.boundary_weight(logits.shape[1]), lambda: boundary_loss(output.probs)),
         ))

@@ -187,6 +187,8 @@ def add_colorcnn_arguments(p: argparse.ArgumentParser) -> None:
                    help="the K evaluated after every epoch; test_acc is their mean (default: 2 8 64)")
     g.add_argument("--imitation", type=float, default=None,
                    help="weight of the cluster-imitation term at K=256 (x log2(K)/8 at K; default: 1; 0: off)")
+    g.add_argument("--boundary-by-bits", action="store_true",
+                   help="weigh --boundary by log2(K)/8 (the full weight at K=256) instead of the same at every K")
     g.add_argument("--kmeans-iters", type=int, default=None,
                    help="Lloyd iterations of the k-means placing the initial centres (default: 10)")
 
@@ -623,6 +625,7 @@ def _check_model_options(args: argparse.Namespace) -> None:
             raise ValueError(f"--kmeans-iters must be >= 0, got {args.kmeans_iters}")
         return
     given = [f"--{key.replace('_', '-')}" for key in _PLUS_DEFAULTS if getattr(args, key, None) is not None]
+    given += ["--boundary-by-bits"] if getattr(args, "boundary_by_bits", False) else []
     if given:
         raise ValueError(f"{', '.join(given)}: options of --model colorcnn+, not of ColorCNN")
     if args.num_colors is None:
@@ -729,7 +732,8 @@ def _train_colorcnn_plus(setup: _Setup) -> dict:
     model = ColorCNNPlus(args.backbone, args.width, max_colors=high, kmeans_iters=args.kmeans_iters, seed=args.seed)
     if args.init_from is not None:
         _load_initial_weights(model, args.init_from, args.dataset)
-    criterion = ColorCNNPlusLoss(args.imitation, args.alpha, boundary=args.boundary)
+    criterion = ColorCNNPlusLoss(args.imitation, args.alpha, boundary=args.boundary,
+                                 boundary_by_bits=args.boundary_by_bits)
     classifier, model, net, eval_net, normalization, train_loader, test_loader = _quantizer_run(
         setup, classifier, model)
 
