@@ -25,8 +25,12 @@ from ._validation import check_float as _check_float
 from .models.colorcnn import ColorCNNOutput
 from .ops import palette_distance
 
-__all__ = ["ColorCNNLoss", "ColorCNNPlusLoss", "boundary_loss", "cluster_imitation_loss", "color_usage_loss", "color_variance_loss",
+__all__ = ["BOUNDARY_SCHEDULES", "ColorCNNLoss", "ColorCNNPlusLoss", "boundary_loss", "cluster_imitation_loss", "color_usage_loss", "color_variance_loss",
            "soft_palette"]
+
+
+#: How :class:`ColorCNNPlusLoss`'s boundary weight depends on K.
+BOUNDARY_SCHEDULES = ("constant", "log2", "inverse-log2")
 
 
 def _check_tensor(x, name: str, dim: int) -> None:
@@ -287,9 +291,11 @@ class ColorCNNPlusLoss(nn.Module):
         label_smoothing: passed to :func:`torch.nn.functional.cross_entropy`.
         boundary: weight of :func:`boundary_loss`, >= 0 (default 0; it makes the index maps cheaper
             to store, see RESULTS.md).
-        boundary_by_bits: weigh the boundary term ``boundary * log2(K) / 8`` (the full weight at K =
-            256) instead of ``boundary`` at every K: a boundary costs the PNG about a symbol of
-            ``log2(K)`` bits, and at one or two bits every edge matters to the classifier.
+        boundary_schedule: how the boundary weight depends on K (:data:`BOUNDARY_SCHEDULES`):
+            ``"constant"`` (``boundary`` at every K), ``"log2"`` (``boundary * log2(K) / 8``, the
+            full weight at K = 256) or ``"inverse-log2"`` (``boundary / log2(K)``, the full weight at
+            K = 2). Measured (RESULTS.md): a constant weight that brings the PNGs to k-means' size
+            at two or four colours removes far more boundaries than needed at 64.
 
     Returns (forward):
         ``(total, terms)``: the differentiable total and a dict of Python floats ``{"total",
@@ -297,28 +303,31 @@ class ColorCNNPlusLoss(nn.Module):
     """
 
     def __init__(self, imitation: float = 1.0, alpha: float = 0.0, label_smoothing: float = 0.0,
-                 boundary: float = 0.0, boundary_by_bits: bool = False) -> None:
+                 boundary: float = 0.0, boundary_schedule: str = "constant") -> None:
         super().__init__()
         self.imitation = _check_float(imitation, "imitation", positive=False)
         self.alpha = _check_float(alpha, "alpha", positive=False)
         self.boundary = _check_float(boundary, "boundary", positive=False)
-        self.boundary_by_bits = bool(boundary_by_bits)
+        if boundary_schedule not in BOUNDARY_SCHEDULES:
+            raise ValueError(f"boundary_schedule must be one of {', '.join(BOUNDARY_SCHEDULES)}, "
+                             f"got {boundary_schedule!r}")
+        self.boundary_schedule = boundary_schedule
         self.label_smoothing = _check_float(label_smoothing, "label_smoothing", positive=False)
         if self.label_smoothing > 1:
             raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
 
     def extra_repr(self) -> str:
         return (f"imitation={self.imitation}, alpha={self.alpha}, label_smoothing={self.label_smoothing}, "
-                f"boundary={self.boundary}, boundary_by_bits={self.boundary_by_bits}")
+                f"boundary={self.boundary}, boundary_schedule={self.boundary_schedule!r}")
 
     def imitation_weight(self, num_colors: int) -> float:
         """The weight of the imitation term at ``num_colors`` colours: ``imitation * log2(K) / 8``."""
         return self.imitation * math.log2(num_colors) / 8
 
     def boundary_weight(self, num_colors: int) -> float:
-        """The weight of the boundary term at ``num_colors`` colours: ``boundary``, or with
-        ``boundary_by_bits`` ``boundary * log2(K) / 8``."""
-        return self.boundary * (math.log2(num_colors) / 8 if self.boundary_by_bits else 1.0)
+        """The weight of the boundary term at ``num_colors`` colours (see ``boundary_schedule``)."""
+        bits = math.log2(num_colors)
+        return self.boundary * {"constant": 1.0, "log2": bits / 8, "inverse-log2": 1 / bits}[self.boundary_schedule]
 
     def forward(self, logits_cls: Tensor, target: Tensor, output: ColorCNNOutput, image: Tensor,
                 logits: Tensor) -> Tuple[Tensor, Dict[str, float]]:

@@ -316,10 +316,14 @@ def test_plus_loss_weights():
     torch.testing.assert_close(total, expected)
     assert set(terms) == {"total", "cross_entropy", "imitation", "color_usage", "boundary"}
     assert crit.boundary_weight(16) == 0.25 and crit.boundary_weight(256) == 0.25
-    by_bits = ColorCNNPlusLoss(imitation=2.0, alpha=0.5, boundary=0.25, boundary_by_bits=True)
+    by_bits = ColorCNNPlusLoss(imitation=2.0, alpha=0.5, boundary=0.25, boundary_schedule="log2")
     assert by_bits.boundary_weight(16) == pytest.approx(0.25 * 4 / 8) and by_bits.boundary_weight(256) == 0.25
     scaled, _ = by_bits(cls, target, out, x, logits)
     torch.testing.assert_close(scaled, expected - (0.25 - 0.125) * boundary_loss(out.probs))
+    inverse = ColorCNNPlusLoss(boundary=0.8, boundary_schedule="inverse-log2")
+    assert inverse.boundary_weight(2) == 0.8 and inverse.boundary_weight(16) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="boundary_schedule must be one of constant, log2, inverse-log2"):
+        ColorCNNPlusLoss(boundary_schedule="linear")
     off, off_terms = ColorCNNPlusLoss(imitation=0.0)(cls, target, out, x, logits)
     torch.testing.assert_close(off, F.cross_entropy(cls, target))  # terms with weight 0 are logged only
     assert off_terms["imitation"] == pytest.approx(terms["imitation"])

@@ -443,8 +443,8 @@ def test_plus_option_errors(capsys, tmp_path, cache_dir, classifier_run):
     for model in ("colorcnn", "colorcnn+"):
         assert "--boundary must be a finite number >= 0, got -1.0" in _error(
             capsys, "train", *base, "--model", model, "--boundary", "-1", "--out-dir", tmp_path / "e")
-    assert "--boundary-by-bits: options of --model colorcnn+, not of ColorCNN" in _error(
-        capsys, "train", *base, "--boundary", "1", "--boundary-by-bits", "--out-dir", tmp_path / "f")
+    assert "--boundary-schedule: options of --model colorcnn+, not of ColorCNN" in _error(
+        capsys, "train", *base, "--boundary", "1", "--boundary-schedule", "log2", "--out-dir", tmp_path / "f")
     for name in "abcdef":
         assert not (tmp_path / name).exists(), name
 
@@ -456,14 +456,14 @@ def test_plus_boundary_term_reaches_the_training(tmp_path, cache_dir, classifier
     with _Deterministic():
         assert _train_plus(tmp_path / "plain", cache_dir, classifier, "--epochs", "1") == 0
         assert _train_plus(tmp_path / "boundary", cache_dir, classifier, "--epochs", "1", "--boundary", "5") == 0
-        assert _train_plus(tmp_path / "by-bits", cache_dir, classifier, "--epochs", "1", "--boundary", "5",
-                           "--boundary-by-bits") == 0
+        assert _train_plus(tmp_path / "scheduled", cache_dir, classifier, "--epochs", "1", "--boundary", "5",
+                           "--boundary-schedule", "inverse-log2") == 0
     assert json.loads((tmp_path / "boundary" / "settings.json").read_text())["boundary"] == 5.0
-    assert json.loads((tmp_path / "by-bits" / "settings.json").read_text())["boundary_by_bits"] is True
+    assert json.loads((tmp_path / "scheduled" / "settings.json").read_text())["boundary_schedule"] == "inverse-log2"
     plain, smooth = (load_colorcnn_plus(tmp_path / name / "final.pt") for name in ("plain", "boundary"))
     # the same seed and batches: only the boundary term's gradient can make the weights differ
     assert not torch.equal(plain.head[-1].weight, smooth.head[-1].weight)
-    assert not torch.equal(smooth.head[-1].weight, load_colorcnn_plus(tmp_path / "by-bits" / "final.pt").head[-1].weight)
+    assert not torch.equal(smooth.head[-1].weight, load_colorcnn_plus(tmp_path / "scheduled" / "final.pt").head[-1].weight)
 
 
 def test_evaluate_colorcnn_plus_rows(tmp_path, cache_dir, classifier_run, plus_run):

@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from ..losses import ColorCNNLoss, ColorCNNPlusLoss
+from ..losses import BOUNDARY_SCHEDULES, ColorCNNLoss, ColorCNNPlusLoss
 from ..normalization import NORMALIZATION_BEFORE_RECORDING
 from ..models.classifiers import CifarAlexNet, build_classifier, load_classifier, save_classifier
 from ..models.colorcnn import ColorCNN, load_colorcnn_checkpoint, save_colorcnn
@@ -187,8 +187,9 @@ def add_colorcnn_arguments(p: argparse.ArgumentParser) -> None:
                    help="the K evaluated after every epoch; test_acc is their mean (default: 2 8 64)")
     g.add_argument("--imitation", type=float, default=None,
                    help="weight of the cluster-imitation term at K=256 (x log2(K)/8 at K; default: 1; 0: off)")
-    g.add_argument("--boundary-by-bits", action="store_true",
-                   help="weigh --boundary by log2(K)/8 (the full weight at K=256) instead of the same at every K")
+    g.add_argument("--boundary-schedule", choices=BOUNDARY_SCHEDULES, default=None,
+                   help="the --boundary weight at K: constant, log2 (x log2(K)/8) or inverse-log2 (/ log2(K)) "
+                        "(default: constant)")
     g.add_argument("--kmeans-iters", type=int, default=None,
                    help="Lloyd iterations of the k-means placing the initial centres (default: 10)")
 
@@ -625,7 +626,7 @@ def _check_model_options(args: argparse.Namespace) -> None:
             raise ValueError(f"--kmeans-iters must be >= 0, got {args.kmeans_iters}")
         return
     given = [f"--{key.replace('_', '-')}" for key in _PLUS_DEFAULTS if getattr(args, key, None) is not None]
-    given += ["--boundary-by-bits"] if getattr(args, "boundary_by_bits", False) else []
+    given += ["--boundary-schedule"] if getattr(args, "boundary_schedule", None) is not None else []
     if given:
         raise ValueError(f"{', '.join(given)}: options of --model colorcnn+, not of ColorCNN")
     if args.num_colors is None:
@@ -733,7 +734,7 @@ def _train_colorcnn_plus(setup: _Setup) -> dict:
     if args.init_from is not None:
         _load_initial_weights(model, args.init_from, args.dataset)
     criterion = ColorCNNPlusLoss(args.imitation, args.alpha, boundary=args.boundary,
-                                 boundary_by_bits=args.boundary_by_bits)
+                                 boundary_schedule=args.boundary_schedule or "constant")
     classifier, model, net, eval_net, normalization, train_loader, test_loader = _quantizer_run(
         setup, classifier, model)
 
