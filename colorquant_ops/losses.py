@@ -25,8 +25,8 @@ from ._validation import check_float as _check_float
 from .models.colorcnn import ColorCNNOutput
 from .ops import palette_distance
 
-__all__ = ["BOUNDARY_SCHEDULES", "ColorCNNLoss", "ColorCNNPlusLoss", "boundary_loss", "cluster_imitation_loss", "color_usage_loss", "color_variance_loss",
-           "soft_palette"]
+__all__ = ["BOUNDARY_SCHEDULES", "ColorCNNLoss", "ColorCNNPlusLoss", "boundary_loss", "cluster_imitation_loss",
+           "color_usage_loss", "color_variance_loss", "soft_palette"]
 
 
 #: How :class:`ColorCNNPlusLoss`'s boundary weight depends on K.
@@ -278,10 +278,11 @@ class ColorCNNPlusLoss(nn.Module):
     """The objective of :class:`~colorquant_ops.models.ColorCNNPlus` against a frozen classifier.
 
     ``total = CE(logits_cls, target) + imitation * log2(K) / 8 * cluster_imitation_loss(logits, image,
-    palette) + alpha * color_usage_loss(probs) + boundary_weight(K) * boundary_loss(probs)``. The imitation weight grows with the number of
-    colours, from ``imitation / 8`` at K = 2 to ``imitation`` at K = 256: at one bit the classifier's
-    signal should decide the structure, at many colours the image's own colours (the aims of the
-    ColorCNN+ paper: network supervision in small colour spaces, clustering in large ones).
+    palette) + alpha * color_usage_loss(probs) + boundary_weight(K) * boundary_loss(probs)``. The
+    imitation weight grows with the number of colours, from ``imitation / 8`` at K = 2 to
+    ``imitation`` at K = 256: at one bit the classifier's signal should decide the structure, at many
+    colours the image's own colours (the aims of the ColorCNN+ paper: network supervision in small
+    colour spaces, clustering in large ones).
 
     Args:
         imitation: weight of the cluster-imitation term at K = 256, >= 0 (0: no imitation, the
