@@ -112,10 +112,13 @@ PLUS_STAGE = "colorcnn-plus"
 
 def _cpu_colorcnn_plus(*options: str) -> Stage:
     # one network for K = 2..256 (the default --train-colors); without the imitation term, which cost
-    # 0.3-1.2 points in 4 epochs (RESULTS.md's ablation); per-epoch checks on 2000 test images at
-    # K = 2, 8, 64 (the evaluate stage measures every K on the whole split)
+    # 0.3-1.2 points in 4 epochs (RESULTS.md's ablation); with the boundary term at 0.9 / log2(K), which
+    # brought the palette PNGs below k-means' from K = 8 up at no cost in accuracy (session 13's
+    # ablation); per-epoch checks on 2000 test images at K = 2, 8, 64 (the evaluate stage measures
+    # every K on the whole split)
     return Stage(PLUS_STAGE, ("train", "--model", "colorcnn+", "--classifier", "{out}/classifier/final.pt",
                               "--width", "16", "--epochs", "4", "--restart-epochs", "4", "--imitation", "0",
+                              "--boundary", "0.9", "--boundary-schedule", "inverse-log2",
                               "--eval-colors", "2", "8", "64", "--test-subset", "2000", "--seed", "0", *options))
 
 
