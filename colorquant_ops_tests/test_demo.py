@@ -16,6 +16,7 @@ import torch
 from colorquant_ops.experiment import cli, demo
 from colorquant_ops.models.classifiers import load_classifier
 from colorquant_ops.models.colorcnn import load_colorcnn
+from colorquant_ops.models.colorcnn_plus import ColorCNNPlus
 
 
 def test_bundled_assets_load():
@@ -24,6 +25,12 @@ def test_bundled_assets_load():
     for k in demo.DEMO_KS:
         model = load_colorcnn(demo._colorcnn_path(k))
         assert model.num_colors == k
+    stored = {path: torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+              for path in (demo.CLASSIFIER, demo.PLUS, *(demo._colorcnn_path(k) for k in demo.DEMO_KS))}
+    for path, state in stored.items():  # float16 except ColorCNN+ (its k-means moves with the rounding)
+        dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+        assert dtypes == ({torch.float32} if path == demo.PLUS else {torch.float16}), (path, dtypes)
+    assert next(ColorCNNPlus.from_pretrained("cifar10-plus").parameters()).dtype == torch.float32
     files = sorted((demo.SAMPLE_ROOT / "test").glob("*/*.jpg"))
     assert len(files) == demo.SAMPLE_SIZE
     assert len({f.parent.name for f in files}) == 10

@@ -18,7 +18,10 @@ What is bundled (``colorquant_ops/assets/``, about 10 MB):
 * ``weights/colorcnn-k{2,4,8}.pt``: the ColorCNN (U-Net width 16) checkpoints of that preset;
 * ``weights/colorcnn-plus.pt``: its ColorCNN+ (U-Net width 16, trained at K = 2..256);
 
-weights stored in float16 (loaded into float32 models). :func:`rebuild_assets` (``colorquant demo
+the classifier's and ColorCNN's weights stored in float16, ColorCNN+'s in float32 (all loaded into
+float32 models: ColorCNN+ clusters its features with k-means, and float16 weights move enough
+pixels across cluster boundaries to cost 0.18 points at K = 8 on the full test split, RESULTS.md).
+:func:`rebuild_assets` (``colorquant demo
 --rebuild-assets RUN_DIR``) regenerates them from a finished preset run.
 """
 
@@ -86,7 +89,7 @@ def rebuild_assets(run_dir, data_root=None) -> list[Path]:
     for dest, ckpt in checkpoints.items():
         if "classifier" in ckpt:  # ColorCNN / ColorCNN+ checkpoints name their classifier
             ckpt["classifier"] = CLASSIFIER.name
-        save_atomic(_half_state(ckpt), dest)
+        save_atomic(ckpt if dest == PLUS else _half_state(ckpt), dest)  # PLUS: see the module docstring
         written.append(dest)
     shutil.rmtree(SAMPLE_ROOT / "test", ignore_errors=True)
     for path in files:
