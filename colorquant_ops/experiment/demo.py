@@ -16,11 +16,12 @@ What is bundled (``colorquant_ops/assets/``, about 10 MB):
 * ``weights/airbench93-cifar10.pt``: the classifier of ``colorquant reproduce --preset cifar10-cpu``
   (airbench93, 88 % full colour on the JPEG copy's test split);
 * ``weights/colorcnn-k{2,4,8}.pt``: the ColorCNN (U-Net width 16) checkpoints of that preset;
-* ``weights/colorcnn-plus.pt``: its ColorCNN+ (U-Net width 16, trained at K = 2..256);
+* ``weights/colorcnn-plus.pt``: a ColorCNN+ (U-Net width 16, trained at K = 2..256) of that preset's
+  recipe, trained against the bundled classifier;
 
 the classifier's and ColorCNN's weights stored in float16, ColorCNN+'s in float32 (all loaded into
-float32 models: ColorCNN+ clusters its features with k-means, and float16 weights move enough
-pixels across cluster boundaries to cost 0.18 points at K = 8 on the full test split, RESULTS.md).
+float32 models: ColorCNN+ clusters its features with k-means, and its float16 copy scored 0.18
+points less at K = 8 on the full test split, RESULTS.md).
 :func:`rebuild_assets` (``colorquant demo
 --rebuild-assets RUN_DIR``) regenerates them from a finished preset run.
 """
