@@ -40,10 +40,9 @@ def _splitmix64(z):
     return z ^ (z >> 31)
 
 
-def _uniform(seed, b, step):
-    """kmeans_uniform of palette_math.h: a hash of (seed, b, step) -> [0, 1)."""
+def _uniform(seed, step):
+    """kmeans_uniform of palette_math.h: a hash of (seed, step) -> [0, 1)."""
     h = _splitmix64(seed & MASK64)
-    h = _splitmix64(h ^ b)
     h = _splitmix64(h ^ step)
     return (h >> 11) * 2.0**-53
 
@@ -99,10 +98,10 @@ def plain_kmeans(image, K, iters, seed):
     palettes, index_maps = [], []
     for b in range(B):
         pts = np.ascontiguousarray(pixels[b].T)  # [P, C]
-        centres = [pts[min(int(_uniform(seed, b, 0) * H * W), H * W - 1)]]
+        centres = [pts[min(int(_uniform(seed, 0) * H * W), H * W - 1)]]
         d2 = _squared_distances(pts, centres[0][None])[:, 0].astype(np.float64)
         for j in range(1, K):
-            centres.append(pts[_kmeanspp_draw(d2, _uniform(seed, b, j))])
+            centres.append(pts[_kmeanspp_draw(d2, _uniform(seed, j))])
             d2 = np.minimum(d2, _squared_distances(pts, centres[-1][None])[:, 0].astype(np.float64))
         centre = np.stack(centres)  # [K, C]
         for _ in range(iters):
@@ -238,8 +237,8 @@ def test_seeds_differ(device):
 
 
 def test_batch_items_independent(device):
-    """Image b's draws depend on (seed, b): the same image at another batch position may differ,
-    but an image does not depend on the other images of its batch."""
+    """An image's palette depends on that image and the seed only: not on the other images of its
+    batch, nor on its position in the batch (a per-sample transform batched or not)."""
     image = smooth_image(3, 3, 12, 13, seed=6, device=device)
     full = cq.kmeans_palette(image, 7, 4, seed=1)
     other = image.clone()
@@ -247,6 +246,11 @@ def test_batch_items_independent(device):
     other[2] = 1.0 - other[2]
     mixed = cq.kmeans_palette(other, 7, 4, seed=1)
     assert torch.equal(full.palette[1], mixed.palette[1]) and torch.equal(full.index_map[1], mixed.index_map[1])
+    for b in range(3):
+        alone = cq.kmeans_palette(image[b:b + 1], 7, 4, seed=1)
+        assert torch.equal(alone.palette[0], full.palette[b]) and torch.equal(alone.index_map[0], full.index_map[b])
+    flipped = cq.kmeans_palette(image.flip(0), 7, 4, seed=1)
+    assert torch.equal(flipped.palette, full.palette.flip(0)) and torch.equal(flipped.index_map, full.index_map.flip(0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=dtype_id)

@@ -270,11 +270,11 @@ CQ_HD uint64_t splitmix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
-// Uniform double in [0, 1) for draw `step` of image b under `seed`: a hash of
-// the counter (seed, b, step), the same on every device and thread.
-CQ_HD double kmeans_uniform(int64_t seed, int64_t b, int64_t step) {
+// Uniform double in [0, 1) for draw `step` under `seed`: a hash of the counter
+// (seed, step), the same on every device and thread. Not of the image's place in
+// its batch: an image is quantized the same alone or batched, at any position.
+CQ_HD double kmeans_uniform(int64_t seed, int64_t step) {
   uint64_t h = splitmix64(static_cast<uint64_t>(seed));
-  h = splitmix64(h ^ static_cast<uint64_t>(b));
   h = splitmix64(h ^ static_cast<uint64_t>(step));
   return static_cast<double>(h >> 11) * 0x1.0p-53;
 }

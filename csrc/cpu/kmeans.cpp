@@ -370,7 +370,7 @@ void kmeanspp_seed(const scalar_t* img, int64_t B, int64_t C, int64_t P, int64_t
   const int64_t nc = kmeans_num_chunks(P);
   std::vector<double> d2(B * P), checkpoints(B * nc * kCheckpointsPerChunk), chunk_sums(B * nc);
   auto draw = [&](int64_t b, int64_t j) {
-    const double u = kmeans_uniform(seed, b, j);
+    const double u = kmeans_uniform(seed, j);
     const int64_t p = j == 0 ? uniform_pixel(u, P)
                              : kmeanspp_draw(d2.data() + b * P, chunk_sums.data() + b * nc, P,
                                              u, SearchChunk{d2.data() + b * P,

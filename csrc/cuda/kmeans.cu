@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kThreads)
                        int64_t B, int64_t P, int64_t K, int64_t C, int64_t j, int64_t seed) {
   const int64_t nc = kmeans_num_chunks(P);
   for (int64_t b = grid_stride_start(); b < B; b += grid_stride_step()) {
-    const double u = kmeans_uniform(seed, b, j);
+    const double u = kmeans_uniform(seed, j);
     const int64_t p =
         j == 0 ? uniform_pixel(u, P) : kmeanspp_draw(d2 + b * P, chunk_sums + b * nc, P, u);
     for (int64_t c = 0; c < C; ++c) {
