@@ -13,7 +13,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 import colorquant_ops
-from colorquant_ops import ColorCNN, ops
+from colorquant_ops import ColorCNN, ColorCNNPlus, ops
 from colorquant_ops.models import PRETRAINED_COLORCNN, pretrained_classifier, save_colorcnn
 from colorquant_ops.normalization import DATASET_NORMALIZATION
 from colorquant_ops.quantizers import count_colors
@@ -135,6 +135,23 @@ def test_kmeans_is_deterministic_given_seed():
     a = ColorQuantize(8, "kmeans", seed=3)(x)
     b = ColorQuantize(8, "kmeans", seed=3)(x)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method, dither", [(m, d) for m in PLAIN_METHODS for d in (False, True)]
+                         + [("colorcnn", False), ("colorcnn+", False)])
+def test_each_image_is_quantized_as_if_alone(method, dither):
+    """A per-sample transform: an image's output does not depend on its batch or its place in it
+    (k-means' random draws included), so a DataLoader's batch size changes no result."""
+    torch.manual_seed(0)
+    model = {"colorcnn": tiny_colorcnn(4), "colorcnn+": ColorCNNPlus(width=4)}.get(method)
+    q = ColorQuantize(4, method, dither=dither, model=model)
+    x = smooth_images(b=5, seed=7)
+    batched = q.quantize(x)
+    for i in range(x.shape[0]):
+        alone = q.quantize(x[i:i + 1])
+        assert torch.equal(alone.quantized[0], batched.quantized[i]), i
+        assert torch.equal(alone.index_map[0], batched.index_map[i]), i
+    assert torch.equal(q(x.flip(0)), batched.quantized.flip(0))
 
 
 @pytest.mark.parametrize(
