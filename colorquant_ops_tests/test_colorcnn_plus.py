@@ -118,7 +118,7 @@ def test_k_changes_the_features():
 
 def test_inverse_temperature_grows_with_k():
     model = _model()
-    betas = [float(model.inverse_temperature(k)) for k in (2, 4, 64)]
+    betas = [float(model.inverse_temperature(k).detach()) for k in (2, 4, 64)]
     assert betas[0] == pytest.approx(4.0) and betas[0] < betas[1] < betas[2]
     assert betas[2] == pytest.approx(4.0 * 2.2 ** 5, rel=1e-5)
 
