@@ -143,7 +143,7 @@ def test_each_image_is_quantized_as_if_alone(method, dither):
     """A per-sample transform: an image's output does not depend on its batch or its place in it
     (k-means' random draws included), so a DataLoader's batch size changes no result."""
     torch.manual_seed(0)
-    model = {"colorcnn": tiny_colorcnn(4), "colorcnn+": ColorCNNPlus(width=4)}.get(method)
+    model = tiny_colorcnn(4) if method == "colorcnn" else ColorCNNPlus(width=4) if method == "colorcnn+" else None
     q = ColorQuantize(4, method, dither=dither, model=model)
     x = smooth_images(b=5, seed=7)
     batched = q.quantize(x)

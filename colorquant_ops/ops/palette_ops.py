@@ -60,8 +60,8 @@ def kmeans_palette(image: Tensor, num_colors: int, iters: int = 10, seed: int = 
     ``(seed, draw)`` -- not of the image's position in the batch, so an image
     gets the same palette alone or in any batch -- and every sum is taken in a
     fixed order, whatever the number of threads, and on the CPU and CUDA alike,
-    bit for bit. Sums are accumulated
-    in float32 for float16/bfloat16/float32 images, float64 for float64 images.
+    bit for bit. Sums are accumulated in float32 for float16/bfloat16/float32
+    images, float64 for float64 images.
 
     Args:
         image: ``[B,C,H,W]`` floating-point image (convert integer images
