@@ -392,6 +392,23 @@ def test_plus_train_colors_are_a_function_of_seed_and_step():
     assert {train.sample_train_colors(3, s, 5, 5) for s in range(10)} == {5}
 
 
+def test_plus_power_of_two_fraction():
+    # fraction 0 draws what runs from before the option drew (they resume unchanged)
+    assert [train.sample_train_colors(0, s, 2, 256, 0.0) for s in range(500)] == \
+        [train.sample_train_colors(0, s, 2, 256) for s in range(500)]
+    # fraction 1: only powers of two, every exponent in range, each about equally often
+    ks = [train.sample_train_colors(0, s, 3, 40, 1.0) for s in range(3000)]
+    assert set(ks) == {4, 8, 16, 32}
+    assert all(abs(ks.count(k) - 750) < 120 for k in (4, 8, 16, 32))
+    # a fraction in between: the powers of two gain about that share, the rest stays log-uniform
+    mixed = [train.sample_train_colors(1, s, 2, 256, 0.5) for s in range(8000)]
+    assert 0.07 < mixed.count(2) / 8000 < 0.11 and 0.025 < mixed.count(3) / 8000 < 0.045
+    assert len(set(mixed)) > 100
+    assert mixed == [train.sample_train_colors(1, s, 2, 256, 0.5) for s in range(8000)]
+    # no power of two in the range: the log-uniform draw
+    assert {train.sample_train_colors(2, s, 5, 7, 1.0) for s in range(200)} == {5, 6, 7}
+
+
 def test_plus_resume_is_exact(tmp_path, cache_dir, classifier_run, plus_run):
     from colorquant_ops.models import load_colorcnn_plus
 
@@ -445,7 +462,11 @@ def test_plus_option_errors(capsys, tmp_path, cache_dir, classifier_run):
             capsys, "train", *base, "--model", model, "--boundary", "-1", "--out-dir", tmp_path / "e")
     assert "--boundary-schedule: options of --model colorcnn+, not of ColorCNN" in _error(
         capsys, "train", *base, "--boundary", "1", "--boundary-schedule", "log2", "--out-dir", tmp_path / "f")
-    for name in "abcdef":
+    assert "--power-of-two-fraction must be in [0, 1], got 1.5" in _error(
+        capsys, "train", *base, "--model", "colorcnn+", "--power-of-two-fraction", "1.5", "--out-dir", tmp_path / "g")
+    assert "--power-of-two-fraction: options of --model colorcnn+, not of ColorCNN" in _error(
+        capsys, "train", *base, "--power-of-two-fraction", "0.5", "--out-dir", tmp_path / "h")
+    for name in "abcdefgh":
         assert not (tmp_path / name).exists(), name
 
 

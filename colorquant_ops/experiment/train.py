@@ -83,7 +83,8 @@ _DEFAULT_LR_STEPS = [20, 40]
 #: ``train --model``: the paper's ColorCNN (one K) or ColorCNN+ (every K).
 MODELS = ("colorcnn", "colorcnn+")
 #: ``train --model colorcnn+`` defaults: the K range trained, the K evaluated each epoch, imitation weight.
-_PLUS_DEFAULTS = {"train_colors": [2, 256], "eval_colors": [2, 8, 64], "imitation": 1.0, "kmeans_iters": 10}
+_PLUS_DEFAULTS = {"train_colors": [2, 256], "power_of_two_fraction": 0.0, "eval_colors": [2, 8, 64], "imitation": 1.0,
+                  "kmeans_iters": 10}
 #: The paper's code forces batch 32 on STL-10 (``grid_downsample.py``, ``color_cnn_downsample.py``).
 _DATASET_BATCH = {"stl10": 32}
 
@@ -183,6 +184,10 @@ def add_colorcnn_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-colors", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="each batch trains at one K drawn with log2(K) uniform in [log2 MIN, log2 MAX], a function "
                         "of --seed and the step (default: 2 256; MAX is the model's max_colors)")
+    g.add_argument("--power-of-two-fraction", type=float, default=None, metavar="F",
+                   help="the fraction of batches that train at a power of two K in --train-colors (2, 4, 8, ...: "
+                        "the sizes that fill a PNG palette's bits), its exponent uniform; the rest as "
+                        "--train-colors says (default: 0)")
     g.add_argument("--eval-colors", type=int, nargs="+", default=None, metavar="K",
                    help="the K evaluated after every epoch; test_acc is their mean (default: 2 8 64)")
     g.add_argument("--imitation", type=float, default=None,
@@ -622,6 +627,8 @@ def _check_model_options(args: argparse.Namespace) -> None:
             raise ValueError(f"--eval-colors: K must be in 2..{high} (the --train-colors MAX), got {bad[0]}")
         if args.imitation < 0 or not math.isfinite(args.imitation):
             raise ValueError(f"--imitation must be a finite number >= 0, got {args.imitation}")
+        if not 0.0 <= args.power_of_two_fraction <= 1.0:
+            raise ValueError(f"--power-of-two-fraction must be in [0, 1], got {args.power_of_two_fraction}")
         if args.kmeans_iters < 0:
             raise ValueError(f"--kmeans-iters must be >= 0, got {args.kmeans_iters}")
         return
@@ -635,10 +642,18 @@ def _check_model_options(args: argparse.Namespace) -> None:
         args.alpha = 1.0
 
 
-def sample_train_colors(seed: int, step: int, low: int, high: int) -> int:
-    """ColorCNN+'s K at training step ``step``: ``round(2 ** u)``, ``u`` uniform in ``[log2 low, log2 high]``,
-    a function of ``(seed, step)`` only, so that ``--resume`` continues with the same sequence."""
-    u = random.Random(seed * 1_000_003 + step).uniform(math.log2(low), math.log2(high))
+def sample_train_colors(seed: int, step: int, low: int, high: int, power_of_two_fraction: float = 0.0) -> int:
+    """ColorCNN+'s K at training step ``step``: ``round(2 ** u)``, ``u`` uniform in ``[log2 low, log2 high]``;
+    with probability ``power_of_two_fraction`` instead a power of two in ``[low, high]``, its exponent drawn
+    uniformly (the sizes that fill a palette's bits). A function of ``(seed, step)`` only, so that
+    ``--resume`` continues with the same sequence; fraction 0 draws exactly what runs from before the option
+    drew."""
+    rng = random.Random(seed * 1_000_003 + step)
+    u = rng.uniform(math.log2(low), math.log2(high))
+    if power_of_two_fraction > 0 and rng.random() < power_of_two_fraction:
+        powers = [1 << b for b in range(9) if low <= 1 << b <= high]
+        if powers:
+            return rng.choice(powers)
     return min(high, max(low, round(2.0 ** u)))
 
 
@@ -739,7 +754,7 @@ def _train_colorcnn_plus(setup: _Setup) -> dict:
         setup, classifier, model)
 
     def train_step(images, labels):
-        k = sample_train_colors(args.seed, setup.step, low, high)
+        k = sample_train_colors(args.seed, setup.step, low, high, args.power_of_two_fraction)
         out, logits = net(images, k, return_logits=True)
         cls_logits = classifier(out.quantized)
         loss, _ = criterion(cls_logits, labels, out, images, logits)
