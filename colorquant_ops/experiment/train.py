@@ -82,7 +82,8 @@ SCHEDULES = ("onecycle", "step")
 _DEFAULT_LR_STEPS = [20, 40]
 #: ``train --model``: the paper's ColorCNN (one K) or ColorCNN+ (every K).
 MODELS = ("colorcnn", "colorcnn+")
-#: ``train --model colorcnn+`` defaults: the K range trained, the K evaluated each epoch, imitation weight.
+#: ``train --model colorcnn+`` defaults: the K range trained and its share at powers of two, the K evaluated
+#: each epoch, imitation weight, k-means iterations.
 _PLUS_DEFAULTS = {"train_colors": [2, 256], "power_of_two_fraction": 0.0, "eval_colors": [2, 8, 64], "imitation": 1.0,
                   "kmeans_iters": 10}
 #: The paper's code forces batch 32 on STL-10 (``grid_downsample.py``, ``color_cnn_downsample.py``).
