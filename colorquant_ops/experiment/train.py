@@ -652,7 +652,7 @@ def sample_train_colors(seed: int, step: int, low: int, high: int, power_of_two_
     rng = random.Random(seed * 1_000_003 + step)
     u = rng.uniform(math.log2(low), math.log2(high))
     if power_of_two_fraction > 0 and rng.random() < power_of_two_fraction:
-        powers = [1 << b for b in range(9) if low <= 1 << b <= high]
+        powers = [1 << b for b in range(high.bit_length()) if 1 << b >= low]
         if powers:
             return rng.choice(powers)
     return min(high, max(low, round(2.0 ** u)))
