@@ -30,7 +30,7 @@ __all__ = ["BOUNDARY_SCHEDULES", "ColorCNNLoss", "ColorCNNPlusLoss", "boundary_l
 
 
 #: How :class:`ColorCNNPlusLoss`'s boundary weight depends on K.
-BOUNDARY_SCHEDULES = ("constant", "log2", "inverse-log2")
+BOUNDARY_SCHEDULES = ("constant", "log2", "inverse-log2", "inverse")
 
 
 def _check_tensor(x, name: str, dim: int) -> None:
@@ -294,8 +294,9 @@ class ColorCNNPlusLoss(nn.Module):
             to store, see RESULTS.md).
         boundary_schedule: how the boundary weight depends on K (:data:`BOUNDARY_SCHEDULES`):
             ``"constant"`` (``boundary`` at every K), ``"log2"`` (``boundary * log2(K) / 8``, the
-            full weight at K = 256) or ``"inverse-log2"`` (``boundary / log2(K)``, the full weight at
-            K = 2). Measured (RESULTS.md): a constant weight that brings the PNGs to k-means' size
+            full weight at K = 256), ``"inverse-log2"`` (``boundary / log2(K)``, the full weight at
+            K = 2) or ``"inverse"`` (``boundary * 2 / K``, the full weight at K = 2, halved with each
+            bit). Measured (RESULTS.md): a constant weight that brings the PNGs to k-means' size
             at two or four colours removes far more boundaries than needed at 64.
 
     Returns (forward):
@@ -328,7 +329,8 @@ class ColorCNNPlusLoss(nn.Module):
     def boundary_weight(self, num_colors: int) -> float:
         """The weight of the boundary term at ``num_colors`` colours (see ``boundary_schedule``)."""
         bits = math.log2(num_colors)
-        return self.boundary * {"constant": 1.0, "log2": bits / 8, "inverse-log2": 1 / bits}[self.boundary_schedule]
+        scale = {"constant": 1.0, "log2": bits / 8, "inverse-log2": 1 / bits, "inverse": 2 / num_colors}
+        return self.boundary * scale[self.boundary_schedule]
 
     def forward(self, logits_cls: Tensor, target: Tensor, output: ColorCNNOutput, image: Tensor,
                 logits: Tensor) -> Tuple[Tensor, Dict[str, float]]:

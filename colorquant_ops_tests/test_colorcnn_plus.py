@@ -322,7 +322,9 @@ def test_plus_loss_weights():
     torch.testing.assert_close(scaled, expected - (0.25 - 0.125) * boundary_loss(out.probs))
     inverse = ColorCNNPlusLoss(boundary=0.8, boundary_schedule="inverse-log2")
     assert inverse.boundary_weight(2) == 0.8 and inverse.boundary_weight(16) == pytest.approx(0.2)
-    with pytest.raises(ValueError, match="boundary_schedule must be one of constant, log2, inverse-log2"):
+    halving = ColorCNNPlusLoss(boundary=1.2, boundary_schedule="inverse")
+    assert [halving.boundary_weight(K) for K in (2, 4, 8, 64)] == pytest.approx([1.2, 0.6, 0.3, 0.0375])
+    with pytest.raises(ValueError, match="boundary_schedule must be one of constant, log2, inverse-log2, inverse"):
         ColorCNNPlusLoss(boundary_schedule="linear")
     off, off_terms = ColorCNNPlusLoss(imitation=0.0)(cls, target, out, x, logits)
     torch.testing.assert_close(off, F.cross_entropy(cls, target))  # terms with weight 0 are logged only

@@ -194,7 +194,8 @@ def add_colorcnn_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--imitation", type=float, default=None,
                    help="weight of the cluster-imitation term at K=256 (x log2(K)/8 at K; default: 1; 0: off)")
     g.add_argument("--boundary-schedule", choices=BOUNDARY_SCHEDULES, default=None,
-                   help="the --boundary weight at K: constant, log2 (x log2(K)/8) or inverse-log2 (/ log2(K)) "
+                   help="the --boundary weight at K: constant, log2 (x log2(K)/8), inverse-log2 (/ log2(K)) or "
+                        "inverse (x 2/K) "
                         "(default: constant)")
     g.add_argument("--kmeans-iters", type=int, default=None,
                    help="Lloyd iterations of the k-means placing the initial centres (default: 10)")
