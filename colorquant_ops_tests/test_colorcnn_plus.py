@@ -15,7 +15,7 @@ from torchvision.transforms import v2
 from colorquant_ops import ColorCNNPlus
 from colorquant_ops.losses import ColorCNNPlusLoss, boundary_loss, cluster_imitation_loss, color_usage_loss
 from colorquant_ops.models import ColorCNNOutput, load_colorcnn_plus, save_colorcnn_plus
-from colorquant_ops.models.colorcnn_plus import load_colorcnn_plus_checkpoint
+from colorquant_ops.models.colorcnn_plus import load_colorcnn_plus_checkpoint, smooth_logits
 from colorquant_ops.ops import kmeans_palette, palette_distance, render_index_map
 from colorquant_ops.ops import reference as ref
 from colorquant_ops.transforms import ColorQuantize
@@ -105,6 +105,73 @@ def test_eval_assignment_is_the_nearest_feature_centre():
     torch.testing.assert_close(out.index_map, logits.argmax(1), rtol=0, atol=0)
 
 
+def _smooth_reference(logits, strength):
+    """float64 loops: each pixel's logits blended with the mean over its 3x3 neighbours inside the image."""
+    z = logits.double()
+    B, K, H, W = z.shape
+    out = torch.empty_like(z)
+    for i in range(H):
+        for j in range(W):
+            window = z[:, :, max(i - 1, 0):i + 2, max(j - 1, 0):j + 2]
+            out[:, :, i, j] = (1 - strength) * z[:, :, i, j] + strength * window.mean(dim=(2, 3))
+    return out
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 2, 1, 6), (1, 4, 6, 1), (1, 2, 1, 1)])
+@pytest.mark.parametrize("strength", [0.1, 0.5, 1.0])
+def test_smooth_logits_matches_a_loop(shape, strength):
+    logits = torch.randn(*shape, dtype=torch.float64)
+    torch.testing.assert_close(smooth_logits(logits, strength), _smooth_reference(logits, strength),
+                               rtol=1e-12, atol=1e-12)
+    assert smooth_logits(logits, 0.0) is logits
+
+
+@pytest.mark.parametrize("value, error, match", [
+    (-0.1, ValueError, "strength must be a finite number >= 0"),
+    (1.5, ValueError, r"strength must be in \[0, 1\], got 1.5"),
+    ("0.1", TypeError, "strength must be a number"),
+])
+def test_smooth_logits_bad_strength(value, error, match):
+    with pytest.raises(error, match=match):
+        smooth_logits(torch.zeros(1, 2, 3, 3), value)
+
+
+def test_smoothing_changes_only_the_eval_argmax():
+    """smoothing=s: the eval index map is the argmax of the smoothed logits (probs their softmax, the
+    palette their pixels' mean); training mode does not see it."""
+    plain = _trained_like(_model()).eval()
+    smooth = _trained_like(_model(smoothing=0.6))
+    smooth.load_state_dict(plain.state_dict())
+    smooth.eval()
+    x = _images(h=12, w=13)
+    with torch.no_grad():
+        _, logits = plain(x, 5, return_logits=True)
+        out, smoothed = smooth(x, 5, return_logits=True)
+    expected = _smooth_reference(logits, 0.6)
+    torch.testing.assert_close(smoothed.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.index_map, smoothed.argmax(1), rtol=0, atol=0)
+    torch.testing.assert_close(out.probs, torch.softmax(smoothed, 1), rtol=0, atol=0)
+    ref_q, ref_idx, ref_pal = ref.hard_color_quantize(smoothed, x)
+    torch.testing.assert_close(out.palette, ref_pal, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(out.index_map, logits.argmax(1))  # the test would be vacuous otherwise
+    plain.train(), smooth.train()
+    torch.manual_seed(1)
+    a = plain(x, 5)
+    torch.manual_seed(1)
+    b = smooth(x, 5)
+    for t, u in zip(a[:3], b[:3]):
+        torch.testing.assert_close(t, u, rtol=0, atol=0)
+
+
+def test_smoothing_attribute_is_checked_when_used():
+    model = _model().eval()
+    model.smoothing = 2.0
+    with pytest.raises(ValueError, match=r"smoothing must be in \[0, 1\], got 2.0"):
+        model(_images(), 4)
+    model.smoothing = 0.25
+    assert "smoothing=0.25" in repr(model) and model.config()["smoothing"] == 0.25
+
+
 def test_k_changes_the_features():
     """The offsets see K (one input plane): the same image moves differently at K = 2 and K = 64."""
     model = _trained_like(_model()).eval()
@@ -192,6 +259,8 @@ def test_bad_inputs():
     ({"refine_steps": -1}, "refine_steps must be >= 0"),
     ({"eps": -1.0}, "eps must be a finite number >= 0"),
     ({"input_normalization": ((0.5,), (0.5,))}, "needs 3 means and stds"),
+    ({"smoothing": -0.5}, "smoothing must be a finite number >= 0"),
+    ({"smoothing": 1.01}, r"smoothing must be in \[0, 1\]"),
 ])
 def test_bad_constructor_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -199,7 +268,7 @@ def test_bad_constructor_arguments(kwargs, match):
 
 
 def test_checkpoint_round_trip(tmp_path):
-    model = _trained_like(_model(max_colors=64, kmeans_iters=3)).eval()
+    model = _trained_like(_model(max_colors=64, kmeans_iters=3, smoothing=0.3)).eval()
     path = tmp_path / "plus.pt"
     save_colorcnn_plus(model, path, input_normalization=((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), dataset="cifar10")
     loaded, extra = load_colorcnn_plus_checkpoint(path)
@@ -210,6 +279,17 @@ def test_checkpoint_round_trip(tmp_path):
     model.input_normalization = loaded.input_normalization
     for t, u in zip(model(x, 7), loaded(x, 7)):
         torch.testing.assert_close(t, u, rtol=0, atol=0)
+
+
+def test_checkpoint_without_smoothing_loads_unsmoothed(tmp_path):
+    """Checkpoints from before the smoothing option have no such config entry: they load with none."""
+    model = _trained_like(_model(smoothing=0.3))
+    path = tmp_path / "plus.pt"
+    save_colorcnn_plus(model, path)
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["config"]["smoothing"]
+    torch.save(ckpt, path)
+    assert load_colorcnn_plus(path).smoothing == 0.0
 
 
 def test_checkpoint_errors(tmp_path):

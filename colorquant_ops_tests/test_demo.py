@@ -30,7 +30,9 @@ def test_bundled_assets_load():
     for path, state in stored.items():  # float16 except ColorCNN+ (its k-means moves with the rounding)
         dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
         assert dtypes == ({torch.float32} if path == demo.PLUS else {torch.float16}), (path, dtypes)
-    assert next(ColorCNNPlus.from_pretrained("cifar10-plus").parameters()).dtype == torch.float32
+    plus = ColorCNNPlus.from_pretrained("cifar10-plus")
+    assert next(plus.parameters()).dtype == torch.float32
+    assert plus.smoothing == demo.PLUS_SMOOTHING  # what --rebuild-assets writes into the bundle
     files = sorted((demo.SAMPLE_ROOT / "test").glob("*/*.jpg"))
     assert len(files) == demo.SAMPLE_SIZE
     assert len({f.parent.name for f in files}) == 10

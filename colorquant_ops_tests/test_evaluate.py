@@ -99,6 +99,7 @@ def test_outputs_written(result):
     (["--num-colors", "1"], "K must be in 2..256, got 1"),
     (["--num-colors", "257"], "K must be in 2..256, got 257"),
     (["--dither", "sometimes"], "--dither: expected on, off or both"),
+    (["--plus-smoothing", "1.5"], "--plus-smoothing must be in [0, 1], got 1.5"),
 ])
 def test_bad_arguments_exit_2(checkpoints, tmp_path, capsys, extra, message):
     argv = [*_common(checkpoints, tmp_path), "--out-dir", str(tmp_path / "run"), *extra]

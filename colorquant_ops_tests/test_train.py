@@ -498,6 +498,14 @@ def test_evaluate_colorcnn_plus_rows(tmp_path, cache_dir, classifier_run, plus_r
         row = rows[("colorcnn+", k)]
         assert row["images"] == 16 and 0 <= row["accuracy"] <= 1 and 1 <= row["colors"] <= k and row["bpp"] > 0
         assert rows[("colorcnn", k)]["note"].startswith("skipped")
+        assert row["note"] == ""  # the checkpoint's smoothing: none
+    smoothed = tmp_path / "eval-smoothed"
+    assert _run("evaluate", "--classifier", classifier_run / "final.pt", "--colorcnn-plus", plus_run / "final.pt",
+                "--methods", "colorcnn+", "--num-colors", "8", "--jpeg-qualities", "--plus-smoothing", "1",
+                "--test-subset", "16", "--batch-size", "16", "--device", "cpu", "--no-progress",
+                "--cache-dir", cache_dir, "--out-dir", smoothed) == 0
+    row = next(r for r in json.loads((smoothed / "results.json").read_text())["rows"] if r["method"] == "colorcnn+")
+    assert row["note"] == "smoothing 1" and 1 <= row["colors"] <= 8
     assert "serves up to 16 colours, --num-colors asks for 32" in _error_evaluate(
         tmp_path, cache_dir, classifier_run, plus_run)
 

@@ -13,7 +13,8 @@ one table with, per row:
   the image normalized as in training (the checkpoint's ``input_normalization``; ``--dataset``'s
   for checkpoints that record none) and recolours the [0,1] image; dithering does not apply to it
   (one row, dither ``off``); a K without a checkpoint is skipped with a note. ``colorcnn+`` runs the one
-  ``--colorcnn-plus`` checkpoint (:class:`~colorquant_ops.models.ColorCNNPlus`) at every K, likewise. Dithered rows of the
+  ``--colorcnn-plus`` checkpoint (:class:`~colorquant_ops.models.ColorCNNPlus`) at every K, likewise (with
+  the checkpoint's logit smoothing, or ``--plus-smoothing``'s; a non-zero one is named in the note). Dithered rows of the
   paper's baselines use the authors' dithering (each value clamped to [0, 1] before the nearest-colour
   search: ``ColorQuantize(dither_clamp=True)``); ``kmeans`` + dither the plain error diffusion.
 * ``accuracy``: top-1 accuracy of the classifier (eval mode);
@@ -75,6 +76,9 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
                    "by their num_colors")
     p.add_argument("--colorcnn-plus", default=None, metavar="CHECKPOINT",
                    help="a ColorCNN+ checkpoint (from train --model colorcnn+): the colorcnn+ rows, every K")
+    p.add_argument("--plus-smoothing", type=float, default=None, metavar="S",
+                   help="ColorCNN+'s 3x3 logit smoothing before the argmax, in [0, 1] (default: the "
+                        "checkpoint's; 0: none)")
     p.add_argument("--jpeg-qualities", nargs="*", type=integer, default=[5, 10, 20, 40, 80],
                    help="JPEG qualities for the comparison rows (default: 5 10 20 40 80; none: no JPEG rows)")
     p.add_argument("--kmeans-iters", type=int, default=10,
@@ -114,6 +118,8 @@ def _check_args(args: argparse.Namespace) -> list[bool]:
         raise ValueError(f"--jpeg-qualities: quality must be in 1..100, got {bad[0]}")
     if args.kmeans_iters < 0:
         raise ValueError(f"--kmeans-iters must be >= 0, got {args.kmeans_iters}")
+    if args.plus_smoothing is not None and not 0 <= args.plus_smoothing <= 1:
+        raise ValueError(f"--plus-smoothing must be in [0, 1], got {args.plus_smoothing}")
     return choices[args.dither]
 
 
@@ -264,6 +270,8 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
     classifier = load_one_line(load_classifier, args.classifier).eval().requires_grad_(False).to(device)
     colorcnns = load_colorcnns(args.colorcnn, args.dataset, device)
     plus = None if args.colorcnn_plus is None else load_colorcnn_plus_for(args.colorcnn_plus, args.num_colors, device)
+    if plus is not None and args.plus_smoothing is not None:
+        plus.smoothing = args.plus_smoothing
 
     test_set, root = _test_set(args)
     stats = data.DATASET_STATS[args.dataset]
@@ -303,7 +311,7 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
                 if plus is None:
                     rows.append(_Row(method, "off", k, note="skipped: no --colorcnn-plus checkpoint"))
                     continue
-                row = _Row(method, "off", k)
+                row = _Row(method, "off", k, note=f"smoothing {plus.smoothing:g}" if plus.smoothing else "")
                 rows.append(row)
                 jobs.append((row, ColorQuantize(k, "colorcnn+", model=plus)))
                 continue

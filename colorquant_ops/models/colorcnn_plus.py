@@ -27,12 +27,18 @@ taken and what was invented):
 * The cluster-imitation term (:func:`colorquant_ops.losses.cluster_imitation_loss`) asks each
   pixel's assignment to be that of a clustering step: the palette colour nearest to the pixel's own
   colour.
+* **Smoothing at inference** (``smoothing=s``, not in the papers): in evaluation mode the argmax
+  takes ``(1 - s) * logits + s * mean3x3(logits)`` (:func:`smooth_logits`), which reassigns pixels
+  whose own preference is weak and whose neighbours disagree with it: fewer isolated pixels, longer
+  runs, smaller palette PNGs, at no measured cost in accuracy for small ``s`` (RESULTS.md,
+  session 17). Training never sees it.
 """
 
 import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checkpoint import build_checked
@@ -44,7 +50,7 @@ from .colorcnn import (KEEP_NORMALIZATION, ColorCNNOutput, _check_normalization,
                        read_model_checkpoint, write_model_checkpoint)
 from .pretrained import pretrained_path
 
-__all__ = ["ColorCNNPlus", "load_colorcnn_plus", "load_colorcnn_plus_checkpoint", "save_colorcnn_plus"]
+__all__ = ["ColorCNNPlus", "load_colorcnn_plus", "load_colorcnn_plus_checkpoint", "save_colorcnn_plus", "smooth_logits"]
 
 #: Tag of the checkpoint format written by :func:`save_colorcnn_plus`.
 CHECKPOINT_FORMAT = "colorquant_ops.ColorCNNPlus/1"
@@ -62,6 +68,24 @@ INITIAL_LOG_BETA = math.log(4.0)
 INITIAL_LOG_BETA_SLOPE = math.log(2.2)
 
 
+def smooth_logits(logits: Tensor, strength: float) -> Tensor:
+    """``(1 - strength) * logits + strength * mean3x3(logits)`` for ``[B, K, H, W]`` logits: each
+    pixel's scores pulled towards the mean over its 3x3 neighbourhood (at the border, over the
+    neighbours that exist), every image and colour on its own; ``strength`` in ``[0, 1]``, 0 returns
+    ``logits`` itself."""
+    strength = _check_strength(strength, "strength")
+    if strength == 0.0:
+        return logits
+    return torch.lerp(logits, F.avg_pool2d(logits, 3, 1, 1, count_include_pad=False), strength)
+
+
+def _check_strength(value, name: str) -> float:
+    value = _check_float(value, name, positive=False)
+    if value > 1:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
 class ColorCNNPlus(nn.Module):
     """ColorCNN+: k-means in a learned colour space, one set of weights for every K in
     ``[2, max_colors]`` (see the module docstring for the design).
@@ -69,7 +93,7 @@ class ColorCNNPlus(nn.Module):
     ``model(x, num_colors)`` quantizes ``x`` to ``num_colors`` colours and returns a
     :class:`~colorquant_ops.models.ColorCNNOutput` like :class:`~colorquant_ops.ColorCNN`'s: in
     training mode the soft, differentiable recolouring (``index_map`` None), in evaluation mode the
-    argmax index map and its mean-colour palette. ``input_normalization=(mean, std)`` works as for
+    argmax index map (of the logits smoothed by ``smoothing``) and its mean-colour palette. ``input_normalization=(mean, std)`` works as for
     ColorCNN: the network sees ``(x - mean) / std`` (and clusters in that space), recolours from the
     input pixels, and takes images in ``[0, 1]``.
 
@@ -83,6 +107,9 @@ class ColorCNNPlus(nn.Module):
         seed: seed of the k-means++ seeding (the model is a deterministic function of its input).
         eps: added to each colour's total probability in the soft palette, >= 0.
         input_normalization: ``None`` or ``(mean, std)``, ``in_channels`` values each.
+        smoothing: strength in ``[0, 1]`` of the 3x3 smoothing of the logits before the evaluation-mode
+            argmax (:func:`smooth_logits`; 0, the default: none). A plain attribute, saved in
+            checkpoints; set ``model.smoothing`` to change it on a loaded model.
 
     Shape:
         - Input: ``[B, C, H, W]`` floating point, any ``H, W >= 1``; ``num_colors`` an int.
@@ -101,6 +128,7 @@ class ColorCNNPlus(nn.Module):
         seed: int = 0,
         eps: float = 1e-8,
         input_normalization: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
+        smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         if backbone not in _BACKBONES:
@@ -114,6 +142,7 @@ class ColorCNNPlus(nn.Module):
         self.seed = _check_int(seed, "seed", 0)
         self.eps = _check_float(eps, "eps", positive=False)
         self.input_normalization = _check_normalization(input_normalization, self.in_channels)
+        self.smoothing = _check_strength(smoothing, "smoothing")
 
         # one more input plane: log2(K) / 8, so that the offsets can depend on K
         self.backbone = _BACKBONES[backbone](in_channels=self.in_channels + 1, width=self.width)
@@ -134,7 +163,8 @@ class ColorCNNPlus(nn.Module):
         """The constructor arguments, enough to rebuild the model (see :func:`save_colorcnn_plus`)."""
         return dict(backbone=self.backbone_name, width=self.width, in_channels=self.in_channels,
                     max_colors=self.max_colors, kmeans_iters=self.kmeans_iters, refine_steps=self.refine_steps,
-                    seed=self.seed, eps=self.eps, input_normalization=self.input_normalization)
+                    seed=self.seed, eps=self.eps, input_normalization=self.input_normalization,
+                    smoothing=self.smoothing)
 
     @classmethod
     def from_pretrained(cls, name: str, map_location="cpu") -> "ColorCNNPlus":
@@ -146,6 +176,7 @@ class ColorCNNPlus(nn.Module):
         return (f"backbone={self.backbone_name!r}, width={self.width}, in_channels={self.in_channels}, "
                 f"max_colors={self.max_colors}, kmeans_iters={self.kmeans_iters}, "
                 f"refine_steps={self.refine_steps}, seed={self.seed}, eps={self.eps}"
+                + (f", smoothing={self.smoothing}" if self.smoothing else "")
                 + (f", input_normalization={self.input_normalization}" if self.input_normalization else ""))
 
     # --- the model ----------------------------------------------------------------------
@@ -180,7 +211,7 @@ class ColorCNNPlus(nn.Module):
         Returns:
             :class:`~colorquant_ops.models.ColorCNNOutput` ``(quantized, probs, palette, index_map)``,
             and with ``return_logits=True`` also the ``[B, K, H, W]`` logits (what the imitation
-            loss takes).
+            loss takes; in evaluation mode the smoothed logits the argmax and ``probs`` come from).
         """
         num_colors = self._check_input(x, num_colors)
         features = self._features(self._normalized(x), num_colors)
@@ -194,6 +225,7 @@ class ColorCNNPlus(nn.Module):
             soft = soft_color_quantize(logits, x, 1.0, self.eps)
             out = ColorCNNOutput(soft.quantized, soft.probs, soft.palette, None)
         else:
+            logits = smooth_logits(logits, _check_strength(self.smoothing, "smoothing"))
             hard = hard_color_quantize(logits, x)
             out = ColorCNNOutput(hard.quantized, torch.softmax(logits, dim=1), hard.palette, hard.index_map)
         return (out, logits) if return_logits else out
@@ -202,7 +234,7 @@ class ColorCNNPlus(nn.Module):
 # --- checkpoints ------------------------------------------------------------------------
 
 _CONFIG_KEYS = ("backbone", "width", "in_channels", "max_colors", "kmeans_iters", "refine_steps", "seed", "eps",
-                "input_normalization")
+                "input_normalization", "smoothing")
 
 
 def save_colorcnn_plus(model: ColorCNNPlus, path, *, input_normalization=KEEP_NORMALIZATION, **extra) -> None:
