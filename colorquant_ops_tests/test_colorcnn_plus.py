@@ -163,6 +163,20 @@ def test_smoothing_changes_only_the_eval_argmax():
         torch.testing.assert_close(t, u, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("k", [2, 7, 64])
+def test_smoothing_closed_form_matches_smoothing_the_logits_float64(k):
+    """The model filters the C + 1 feature planes, not the K logit planes: the same numbers (float64)."""
+    plain = _trained_like(_model()).double().eval()
+    smooth = _trained_like(_model(smoothing=0.3)).double()
+    smooth.load_state_dict(plain.state_dict())
+    smooth.eval()
+    x = _images(h=10, w=9).double()
+    with torch.no_grad():
+        _, logits = plain(x, k, return_logits=True)
+        _, smoothed = smooth(x, k, return_logits=True)
+    torch.testing.assert_close(smoothed, _smooth_reference(logits, 0.3), rtol=1e-10, atol=1e-9)
+
+
 def test_smoothing_attribute_is_checked_when_used():
     model = _model().eval()
     model.smoothing = 2.0
