@@ -196,7 +196,8 @@ class ColorQuantize(Transform):
             text += f", model=ColorCNN(num_colors={m.num_colors}, backbone={m.backbone_name!r}, width={m.width})"
         elif self.model is not None:
             m = self.model
-            text += f", model=ColorCNNPlus(max_colors={m.max_colors}, backbone={m.backbone_name!r}, width={m.width})"
+            text += (f", model=ColorCNNPlus(max_colors={m.max_colors}, backbone={m.backbone_name!r}, width={m.width}"
+                     + (f", smoothing={m.smoothing}" if m.smoothing else "") + ")")
         return text
 
     def __repr__(self) -> str:  # one line: the model is summarized, not printed layer by layer

@@ -184,6 +184,8 @@ def test_smoothing_attribute_is_checked_when_used():
         model(_images(), 4)
     model.smoothing = 0.25
     assert "smoothing=0.25" in repr(model) and model.config()["smoothing"] == 0.25
+    assert "model=ColorCNNPlus(max_colors=256, backbone='unet', width=4, smoothing=0.25)" in repr(
+        ColorQuantize(4, "colorcnn+", model=model))
 
 
 def test_k_changes_the_features():
