@@ -69,6 +69,11 @@ INITIAL_LOG_BETA = math.log(4.0)
 INITIAL_LOG_BETA_SLOPE = math.log(2.2)
 
 
+def _mean3x3(planes: Tensor) -> Tensor:
+    """Each pixel's mean over its 3x3 neighbourhood, plane by plane (at the border: the neighbours that exist)."""
+    return F.avg_pool2d(planes, 3, 1, 1, count_include_pad=False)
+
+
 def smooth_logits(logits: Tensor, strength: float) -> Tensor:
     """``(1 - strength) * logits + strength * mean3x3(logits)`` for ``[B, K, H, W]`` logits: each
     pixel's scores pulled towards the mean over its 3x3 neighbourhood (at the border, over the
@@ -77,7 +82,7 @@ def smooth_logits(logits: Tensor, strength: float) -> Tensor:
     strength = _check_strength(strength, "strength")
     if strength == 0.0:
         return logits
-    return torch.lerp(logits, F.avg_pool2d(logits, 3, 1, 1, count_include_pad=False), strength)
+    return torch.lerp(logits, _mean3x3(logits), strength)
 
 
 def _smooth_distance_logits(logits: Tensor, features: Tensor, centres: Tensor, beta: Tensor, strength: float) -> Tensor:
@@ -86,7 +91,7 @@ def _smooth_distance_logits(logits: Tensor, features: Tensor, centres: Tensor, b
     ``v = mean3x3(|features|^2) - |mean3x3(features)|^2`` the same for every colour, so only C + 1 planes
     are filtered (at K = 64 the K-plane filter took a third of the eval forward on a CPU thread)."""
     planes = torch.cat([features, features.square().sum(1, keepdim=True)], dim=1)
-    box = F.avg_pool2d(planes, 3, 1, 1, count_include_pad=False)
+    box = _mean3x3(planes)
     mean_features, mean_square = box[:, :-1], box[:, -1:]
     spread = mean_square - mean_features.square().sum(1, keepdim=True)
     mean_logits = palette_distance(mean_features, centres).add_(spread).mul_(-beta)  # in place: K planes
