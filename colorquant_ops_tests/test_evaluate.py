@@ -215,3 +215,56 @@ def test_paper_baselines_dither_as_the_authors(checkpoints, tmp_path, monkeypatc
 
     assert rows["median_cut"]["accuracy"] == pytest.approx(acc("median_cut", True))
     assert rows["kmeans"]["accuracy"] == pytest.approx(acc("kmeans", False))
+
+
+def test_checkpoint_label():
+    from colorquant_ops.experiment.arguments import checkpoint_label
+
+    assert checkpoint_label("runs/cifar10-cpu/colorcnn-k2-compact/final.pt") == "colorcnn-k2-compact"
+    assert checkpoint_label("assets/weights/colorcnn-k2-compact.pt") == "colorcnn-k2-compact"  # its bundled copy
+    assert checkpoint_label("runs/x/best.pt") == "x/best" and checkpoint_label("runs/x/last.pt") == "x/last"
+    assert checkpoint_label("final.pt") == "final"
+
+
+def test_several_checkpoints_at_one_k_get_a_row_each(checkpoints, tmp_path, monkeypatch):
+    # e.g. the bundled cifar10-k2 and cifar10-k2-compact: the first given is the plain row, the others
+    # carry a variant that keeps them apart in merge_rows, the pivot tables and the plots
+    import shutil
+
+    from colorquant_ops.experiment import evaluate
+
+    monkeypatch.setattr(evaluate, "load_classifier", lambda path: _ColourJudge())
+    (tmp_path / "compact").mkdir()
+    same = tmp_path / "compact" / "final.pt"
+    shutil.copyfile(checkpoints / "colorcnn-k2.pt", same)  # the same weights: the same numbers
+    torch.manual_seed(1)
+    other = tmp_path / "other.pt"
+    save_colorcnn(ColorCNN(2, "unet", width=4), other)
+    out = tmp_path / "run"
+    argv = [*_common(checkpoints, tmp_path), "--methods", "colorcnn", "--num-colors", "2", "4",
+            "--colorcnn", str(checkpoints / "colorcnn-k2.pt"), str(same), str(other), str(same),
+            "--jpeg-qualities", "--out-dir", str(out)]
+    assert cli.main(argv) == 0
+    rows = [r for r in json.loads((out / "results.json").read_text())["rows"] if r["method"] == "colorcnn"]
+    assert [(r["num_colors"], r["variant"]) for r in rows] == [(2, ""), (2, "compact"), (2, "other"), (2, str(same)),
+                                                               (4, "")]
+    plain, copy, different = rows[:3]
+    for key in ("accuracy", "colors", "bpp", "images"):
+        assert copy[key] == plain[key] and rows[3][key] == plain[key]
+    assert different["images"] == 32 and 1 <= different["colors"] <= 2
+    assert len(evaluate.merge_rows([out, out])) == len(json.loads((out / "results.json").read_text())["rows"])
+    pivot = evaluate.pivot_tables(rows)
+    assert "| colorcnn (compact) |" in pivot and "| colorcnn (other) |" in pivot
+    assert "| colorcnn (compact) | off | 2 |" in (out / "results.md").read_text()
+    with open(out / "results.csv") as f:
+        assert [r["variant"] for r in csv.DictReader(f) if r["method"] == "colorcnn"][:3] == ["", "compact", "other"]
+
+
+def test_merge_rows_reads_rows_from_before_variants(tmp_path):
+    from colorquant_ops.experiment import evaluate
+
+    old = {"method": "colorcnn", "dither": "off", "num_colors": 2, "bits": 1.0, "accuracy": 0.5, "colors": 2.0,
+           "bpp": 1.4, "images": 10, "note": ""}  # a results.json written before rows had a variant
+    (tmp_path / "results.json").write_text(json.dumps({"rows": [old, old]}))
+    assert evaluate.merge_rows([tmp_path]) == [old]
+    assert "| colorcnn | 50.0 |" in evaluate.pivot_tables([old])

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from colorquant_ops.experiment import cli
-from colorquant_ops.experiment.presets import PRESETS, SHEET_CLASSES, data_warning
+from colorquant_ops.experiment.presets import COMPACT_STAGE, PRESETS, SHEET_CLASSES, data_warning
 from colorquant_ops.experiment.quantize_files import COMPARISON_COLUMNS
 
 
@@ -89,3 +89,16 @@ def test_the_paper_preset_trains_the_classifier_with_the_one_cycle_schedule():
     for preset in ("cifar10-cpu-alexnet", "smoke"):  # as they ran before --schedule: their runs resume
         argv = {s.name: s.argv for s in PRESETS[preset].stages}["classifier"]
         assert argv[argv.index("--schedule") + 1] == "step"
+
+
+def test_the_cpu_preset_trains_and_evaluates_a_compact_k2_network():
+    stages = {s.name: s.argv for s in PRESETS["cifar10-cpu"].stages}
+    compact, plain = stages[COMPACT_STAGE], stages["colorcnn-k2"]
+    # the plain K = 2 stage's command plus the boundary term (the bundled cifar10-k2-compact's recipe)
+    rest = list(compact)
+    i = rest.index("--boundary")
+    assert rest[i + 1] == "2"
+    del rest[i:i + 2]
+    assert rest == list(plain)
+    evaluate = stages["evaluate-colorcnn"]
+    assert f"{{out}}/{COMPACT_STAGE}/final.pt" in evaluate and "{out}/colorcnn-k2/final.pt" in evaluate

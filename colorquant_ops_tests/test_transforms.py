@@ -232,7 +232,9 @@ def test_bundled_colorcnn_by_path_and_by_name_takes_unit_range_images():
 def test_pretrained_names():
     model = ColorCNN.from_pretrained("cifar10-k4")
     assert model.num_colors == 4 and not model.training and model.input_normalization is not None
-    assert sorted(PRETRAINED_COLORCNN) == ["cifar10-k2", "cifar10-k4", "cifar10-k8"]
+    assert sorted(PRETRAINED_COLORCNN) == ["cifar10-k2", "cifar10-k2-compact", "cifar10-k4", "cifar10-k8"]
+    compact = ColorQuantize(2, "colorcnn", model="cifar10-k2-compact")
+    assert compact.model.num_colors == 2 and compact.model.input_normalization is not None
     with pytest.raises(ValueError, match="no bundled colorcnn named 'cifar10-k3'; bundled: cifar10-k2"):
         ColorCNN.from_pretrained("cifar10-k3")
     with pytest.raises(ValueError, match="model quantizes to 2 colours but num_colors=4"):

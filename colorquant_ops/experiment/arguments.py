@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -12,8 +13,8 @@ from ..models.colorcnn_plus import load_colorcnn_plus
 from ..normalization import NORMALIZATION_BEFORE_RECORDING
 from . import distributed
 
-__all__ = ["integer", "load_colorcnn_plus_for", "load_colorcnns", "load_one_line", "positive_int",
-           "single_process_device"]
+__all__ = ["checkpoint_label", "integer", "load_colorcnn_list", "load_colorcnn_plus_for", "load_colorcnns",
+           "load_one_line", "positive_int", "single_process_device"]
 
 
 def integer(text: str) -> int:
@@ -49,13 +50,24 @@ def load_one_line(loader, path):
         raise ValueError(f"{head} (cannot read it: {cause})" if sep and cause else " ".join(text.split())) from exc
 
 
-def load_colorcnns(paths, dataset: Optional[str], device: torch.device = torch.device("cpu")) -> dict:
-    """``{K: (path, model)}`` for ``--colorcnn`` checkpoints, in evaluation mode on ``device``; each model
-    takes [0, 1] images. A checkpoint trained on another dataset than ``dataset`` is refused; one that
-    records neither its normalization nor its dataset gets ``dataset``'s normalization of then
+def checkpoint_label(path) -> str:
+    """A short name of a checkpoint file for tables: its stem, or its run directory's name for the
+    files ``colorquant train`` writes (``runs/x/final.pt`` -> ``x``; ``best.pt`` / ``last.pt`` ->
+    ``x/best`` / ``x/last``), so that a run's checkpoint and its bundled copy
+    (``assets/weights/x.pt``) read alike."""
+    path = Path(path)
+    if path.stem in ("final", "best", "last") and path.parent.name:
+        return path.parent.name if path.stem == "final" else f"{path.parent.name}/{path.stem}"
+    return path.stem
+
+
+def load_colorcnn_list(paths, dataset: Optional[str], device: torch.device = torch.device("cpu")) -> list:
+    """``[(path, model)]`` for ``--colorcnn`` checkpoints, in order, in evaluation mode on ``device``;
+    each model takes [0, 1] images. A checkpoint trained on another dataset than ``dataset`` is refused;
+    one that records neither its normalization nor its dataset gets ``dataset``'s normalization of then
     (:data:`~colorquant_ops.normalization.NORMALIZATION_BEFORE_RECORDING`: ``colorquant train`` always
     trained on normalized images), and without ``dataset`` it is refused."""
-    models = {}
+    models = []
     for path in paths:
         model, extra = load_one_line(load_colorcnn_checkpoint, path)
         recorded = extra.get("dataset")
@@ -66,10 +78,19 @@ def load_colorcnns(paths, dataset: Optional[str], device: torch.device = torch.d
                 raise ValueError(f"--colorcnn {path} does not record the normalization it expects; "
                                  f"pass --dataset (one of {', '.join(NORMALIZATION_BEFORE_RECORDING)})")
             model.input_normalization = NORMALIZATION_BEFORE_RECORDING[dataset]
+        models.append((path, model.eval().requires_grad_(False).to(device)))
+    return models
+
+
+def load_colorcnns(paths, dataset: Optional[str], device: torch.device = torch.device("cpu")) -> dict:
+    """``{K: (path, model)}``: :func:`load_colorcnn_list`, for commands that take one checkpoint per K
+    (two with the same ``num_colors`` are refused)."""
+    models = {}
+    for path, model in load_colorcnn_list(paths, dataset, device):
         if model.num_colors in models:
             raise ValueError(f"--colorcnn: two checkpoints quantize to {model.num_colors} colours "
                              f"({models[model.num_colors][0]} and {path})")
-        models[model.num_colors] = (path, model.eval().requires_grad_(False).to(device))
+        models[model.num_colors] = (path, model)
     return models
 
 

@@ -17,6 +17,9 @@ What is bundled (``colorquant_ops/assets/``, about 10 MB):
 * ``weights/airbench93-cifar10.pt``: the classifier of ``colorquant reproduce --preset cifar10-cpu``
   (airbench93, 88 % full colour on the JPEG copy's test split);
 * ``weights/colorcnn-k{2,4,8}.pt``: the ColorCNN (U-Net width 16) checkpoints of that preset;
+* ``weights/colorcnn-k2-compact.pt``: its second K = 2 ColorCNN, trained with the boundary term
+  (``--boundary 2``) for palette PNGs at k-means' size (a smaller lead than ``colorcnn-k2.pt``'s:
+  the table's ``colorcnn (colorcnn-k2-compact)`` row), against the bundled classifier;
 * ``weights/colorcnn-plus.pt``: a ColorCNN+ (U-Net width 16, trained at K = 2..256) of that preset's
   recipe, trained against the bundled classifier, with the logit smoothing :data:`PLUS_SMOOTHING`
   before its argmax (chosen on training-split images, RESULTS.md session 17);
@@ -45,6 +48,7 @@ from ..models.colorcnn_plus import load_colorcnn_plus_checkpoint
 from ..models.pretrained import PRETRAINED_CLASSIFIERS, PRETRAINED_COLORCNN, PRETRAINED_COLORCNN_PLUS, WEIGHTS
 from . import data, evaluate
 from .commands import Command, build_parser
+from .presets import COMPACT_STAGE, PLUS_STAGE
 from .quantize_files import comparison_sheet
 
 __all__ = ["ASSETS", "COMMAND", "DEMO_KS", "PLUS_SMOOTHING", "main", "rebuild_assets"]
@@ -53,6 +57,7 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 SAMPLE_ROOT = ASSETS / "cifar10-sample"
 CLASSIFIER = WEIGHTS / PRETRAINED_CLASSIFIERS["cifar10-airbench93"]
 PLUS = WEIGHTS / PRETRAINED_COLORCNN_PLUS["cifar10-plus"]
+COMPACT = WEIGHTS / PRETRAINED_COLORCNN["cifar10-k2-compact"]
 DEMO_KS = (2, 4, 8)
 #: ``smoothing`` of the bundled ColorCNN+: the strongest of 0, 0.05, ..., 0.3 whose accuracy on 5,000
 #: training-split images stayed within 0.2 points of none's from K = 4 to 64 (RESULTS.md, session 17)
@@ -72,13 +77,14 @@ def _half_state(ckpt: dict) -> dict:
 
 def rebuild_assets(run_dir, data_root=None) -> list[Path]:
     """Regenerate the bundled sample and weights from a finished ``reproduce --preset cifar10-cpu``
-    run directory (its ``classifier/final.pt``, ``colorcnn-k{2,4,8}/final.pt`` and
-    ``colorcnn-plus/final.pt``); ``data_root``:
+    run directory (its ``classifier/final.pt``, ``colorcnn-k{2,4,8}/final.pt``,
+    ``colorcnn-k2-compact/final.pt`` and ``colorcnn-plus/final.pt``); ``data_root``:
     the CIFAR-10 copy to take the sample from (default: the project's extracted JPEG copy)."""
     run_dir = Path(run_dir)
     sources = {CLASSIFIER: run_dir / "classifier" / "final.pt"}
     sources.update({_colorcnn_path(k): run_dir / f"colorcnn-k{k}" / "final.pt" for k in DEMO_KS})
-    sources[PLUS] = run_dir / "colorcnn-plus" / "final.pt"
+    sources[COMPACT] = run_dir / COMPACT_STAGE / "final.pt"
+    sources[PLUS] = run_dir / PLUS_STAGE / "final.pt"
     missing = [str(p) for p in sources.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"--rebuild-assets {run_dir}: missing {', '.join(missing)}")
@@ -109,7 +115,7 @@ def rebuild_assets(run_dir, data_root=None) -> list[Path]:
 
 
 def _check_assets() -> None:
-    needed = [CLASSIFIER, *(_colorcnn_path(k) for k in DEMO_KS), PLUS, SAMPLE_ROOT / "test"]
+    needed = [CLASSIFIER, *(_colorcnn_path(k) for k in DEMO_KS), COMPACT, PLUS, SAMPLE_ROOT / "test"]
     missing = [str(p) for p in needed if not p.exists()]
     if missing:
         raise FileNotFoundError(
@@ -121,9 +127,14 @@ def _check_assets() -> None:
 _LEARNED_NAMES = {"colorcnn": "ColorCNN", "colorcnn+": "ColorCNN+"}
 
 
+def _learned_name(r: dict) -> str:
+    return _LEARNED_NAMES[r["method"]] + (f" ({r['variant']})" if r.get("variant") else "")
+
+
 def _summary(records: list[dict]) -> list[str]:
-    """Per K: the best learned model's accuracy (ColorCNN or ColorCNN+) against the best traditional
-    row (any of :data:`_METHODS`, dithered or not)."""
+    """Per K: the best learned model's accuracy (ColorCNN, either K = 2 network, or ColorCNN+) against
+    the best traditional row (any of :data:`_METHODS`, dithered or not); beneath it, of the learned
+    models at or above that row, the one with the smallest palette PNGs against k-means' size."""
     lines = []
     full = next(r["accuracy"] for r in records if r["method"] == "full colour")
     for k in DEMO_KS:
@@ -135,10 +146,17 @@ def _summary(records: list[dict]) -> list[str]:
         ours = max(learned, key=lambda r: r["accuracy"])  # a tie goes to ColorCNN, listed first
         best = max(rivals, key=lambda r: r["accuracy"])
         name = best["method"] + (" + dither" if best["dither"] == "on" else "")
-        lines.append(f"K={k} ({math.log2(k):g} bit): {_LEARNED_NAMES[ours['method']]} {100 * ours['accuracy']:.1f}% "
+        lines.append(f"K={k} ({math.log2(k):g} bit): {_learned_name(ours)} {100 * ours['accuracy']:.1f}% "
                      f"vs best traditional "
                      f"({name}) {100 * best['accuracy']:.1f}%: {100 * (ours['accuracy'] - best['accuracy']):+.1f} "
                      f"points; full colour {100 * full:.1f}%")
+        kmeans = next((r for r in rivals if r["method"] == "kmeans" and r["dither"] == "off"), None)
+        ahead = [r for r in learned if r["accuracy"] >= best["accuracy"] and r["bpp"] is not None]
+        if kmeans is not None and ahead:
+            small = min(ahead, key=lambda r: r["bpp"])
+            lines.append(f"  palette PNG: {_learned_name(small)} {small['bpp']:.3f} bpp "
+                         f"({100 * small['accuracy']:.1f}%) vs kmeans {kmeans['bpp']:.3f} bpp: "
+                         f"{small['bpp'] - kmeans['bpp']:+.3f}")
     return lines
 
 
@@ -147,7 +165,8 @@ def main(out_dir="runs/demo", progress: bool = True, num_images: int = 5) -> lis
     _check_assets()
     out = Path(out_dir)
     ckpts = [str(_colorcnn_path(k)) for k in DEMO_KS]
-    argv = ["evaluate", "--classifier", str(CLASSIFIER), "--colorcnn", *ckpts, "--colorcnn-plus", str(PLUS),
+    argv = ["evaluate", "--classifier", str(CLASSIFIER), "--colorcnn", *ckpts, str(COMPACT),
+            "--colorcnn-plus", str(PLUS),
             "--dataset", "cifar10", "--data-root", str(SAMPLE_ROOT), "--cache-dir", "none",
             "--methods", "colorcnn", "colorcnn+", *_METHODS,
             "--dither", "both", "--num-colors", *map(str, DEMO_KS), "--jpeg-qualities", "5", "10", "20", "40",

@@ -12,7 +12,10 @@ one table with, per row:
   ``--colorcnn`` checkpoint whose ``num_colors`` is K (argmax path) the same way: the network sees
   the image normalized as in training (the checkpoint's ``input_normalization``; ``--dataset``'s
   for checkpoints that record none) and recolours the [0,1] image; dithering does not apply to it
-  (one row, dither ``off``); a K without a checkpoint is skipped with a note. ``colorcnn+`` runs the one
+  (one row, dither ``off``); a K without a checkpoint is skipped with a note. Several checkpoints may
+  share a K (e.g. ``cifar10-k2`` and the smaller-file ``cifar10-k2-compact``): each gets a row, the
+  first given plain, the others with a ``variant`` (:func:`~.arguments.checkpoint_label`) that keeps
+  them apart in the tables and plots. ``colorcnn+`` runs the one
   ``--colorcnn-plus`` checkpoint (:class:`~colorquant_ops.models.ColorCNNPlus`) at every K, likewise (with
   the checkpoint's logit smoothing, or ``--plus-smoothing``'s; a non-zero one is named in the note). Dithered rows of the
   paper's baselines use the authors' dithering (each value clamped to [0, 1] before the nearest-colour
@@ -50,8 +53,8 @@ from ..models.classifiers import load_classifier
 from ..quantizers.reference import count_colors
 from ..transforms import METHODS, ColorQuantize
 from . import data
-from .arguments import (integer, load_colorcnn_plus_for, load_colorcnns, load_one_line, positive_int,
-                        single_process_device)
+from .arguments import (checkpoint_label, integer, load_colorcnn_list, load_colorcnn_plus_for, load_one_line,
+                        positive_int, single_process_device)
 from .commands import Command
 from .rundir import RunDir
 
@@ -61,7 +64,7 @@ __all__ = ["COMMAND", "add_evaluate_arguments", "evaluate", "markdown_table", "m
 _DITHERED = ("median_cut", "octree", "kmeans", "pil_kmeans")
 #: The paper's traditional baselines (its comparison tables and "best traditional").
 PAPER_BASELINES = ("median_cut", "octree", "pil_kmeans")
-_FIELDS = ("method", "dither", "num_colors", "bits", "accuracy", "colors", "bpp", "images", "note")
+_FIELDS = ("method", "variant", "dither", "num_colors", "bits", "accuracy", "colors", "bpp", "images", "note")
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
@@ -130,8 +133,8 @@ def _test_set(args: argparse.Namespace):
 
 
 class _Row:
-    def __init__(self, method, dither, k, note=""):
-        self.method, self.dither, self.k, self.note = method, dither, k, note
+    def __init__(self, method, dither, k, note="", variant=""):
+        self.method, self.dither, self.k, self.note, self.variant = method, dither, k, note, variant
         self.correct = 0
         self.seen = 0
         self.colors = 0.0
@@ -152,6 +155,7 @@ class _Row:
         n = self.seen
         return {
             "method": self.method,
+            "variant": self.variant,
             "dither": self.dither,
             "num_colors": self.k,
             "bits": math.log2(self.k) if isinstance(self.k, int) else None,
@@ -167,23 +171,33 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None or value == "" else format(value, spec)
 
 
+def _method_label(r: dict) -> str:
+    """The row's method, with its variant (a second checkpoint at the same K) when it has one."""
+    return f"{r['method']} ({r['variant']})" if r.get("variant") else r["method"]
+
+
+def _series_label(r: dict) -> str:
+    """One line of the pivot tables: method, variant and dither."""
+    return _method_label(r) + (" + dither" if r["dither"] == "on" else "")
+
+
 def markdown_table(records: list[dict]) -> str:
     lines = ["| method | dither | K | accuracy | colours used | bpp | note |",
              "|---|---|---|---|---|---|---|"]
     for r in records:
-        lines.append(f"| {r['method']} | {r['dither'] or '-'} | {_fmt(r['num_colors'], 'd')} | "
+        lines.append(f"| {_method_label(r)} | {r['dither'] or '-'} | {_fmt(r['num_colors'], 'd')} | "
                      f"{_fmt(r['accuracy'], '.4f')} | {_fmt(r['colors'], '.2f')} | {_fmt(r['bpp'], '.3f')} | "
                      f"{r['note'] or ''} |")
     return "\n".join(lines)
 
 
 def merge_rows(run_dirs) -> list[dict]:
-    """The rows of several evaluate run directories' ``results.json``, in order, each (method, dither, K,
-    note) once: the first run's row wins (e.g. the full-colour row, which every run measures)."""
+    """The rows of several evaluate run directories' ``results.json``, in order, each (method, variant,
+    dither, K, note) once: the first run's row wins (e.g. the full-colour row, which every run measures)."""
     rows, seen = [], set()
     for run_dir in run_dirs:
         for row in json.loads((Path(run_dir) / "results.json").read_text())["rows"]:
-            key = (row["method"], row["dither"], row["num_colors"], row["note"])
+            key = (row["method"], row.get("variant", ""), row["dither"], row["num_colors"], row["note"])
             if key not in seen:
                 seen.add(key)
                 rows.append(row)
@@ -195,8 +209,8 @@ def pivot_tables(records: list[dict]) -> str:
     mean colours used, palette-PNG bits per pixel. The full-colour accuracy heads the first table."""
     quant = [r for r in records if r["method"] in METHODS]
     ks = sorted({r["num_colors"] for r in quant})
-    labels = list(dict.fromkeys(f"{r['method']}{' + dither' if r['dither'] == 'on' else ''}" for r in quant))
-    cell = {(f"{r['method']}{' + dither' if r['dither'] == 'on' else ''}", r["num_colors"]): r for r in quant}
+    labels = list(dict.fromkeys(_series_label(r) for r in quant))
+    cell = {(_series_label(r), r["num_colors"]): r for r in quant}
     full = next((r for r in records if r["method"] == "full colour"), None)
     parts = []
     for title, key, scale, spec in (("top-1 accuracy (%)", "accuracy", 100, ".1f"),
@@ -225,7 +239,7 @@ def plot_results(records: list[dict], out: Path) -> list[Path]:
     jpeg = sorted((r for r in records if r["method"] == "jpeg"), key=lambda r: r["bpp"])
     series = {}
     for r in quant:
-        series.setdefault(f"{r['method']} (dither {r['dither']})" if r["method"] in _DITHERED else r["method"],
+        series.setdefault(f"{r['method']} (dither {r['dither']})" if r["method"] in _DITHERED else _method_label(r),
                           []).append(r)
     paths = []
 
@@ -268,7 +282,9 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
     dithers = _check_args(args)
     device = single_process_device(args.device)
     classifier = load_one_line(load_classifier, args.classifier).eval().requires_grad_(False).to(device)
-    colorcnns = load_colorcnns(args.colorcnn, args.dataset, device)
+    colorcnns = {}  # K -> [(path, model)], in --colorcnn's order
+    for path, model in load_colorcnn_list(args.colorcnn, args.dataset, device):
+        colorcnns.setdefault(model.num_colors, []).append((path, model))
     plus = None if args.colorcnn_plus is None else load_colorcnn_plus_for(args.colorcnn_plus, args.num_colors, device)
     if plus is not None and args.plus_smoothing is not None:
         plus.smoothing = args.plus_smoothing
@@ -303,9 +319,14 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
                     rows.append(_Row(method, "off", k, note="skipped: no --colorcnn checkpoint for this K"))
                     run.log(f"note: colorcnn K={k} skipped: no --colorcnn checkpoint with num_colors={k}")
                     continue
-                row = _Row(method, "off", k)
-                rows.append(row)
-                jobs.append((row, ColorQuantize(k, "colorcnn", model=colorcnns[k][1])))
+                variants = []
+                for path, model in colorcnns[k]:
+                    variant = checkpoint_label(path) if variants else ""
+                    variant = str(path) if variant in variants else variant  # two files of one name
+                    variants.append(variant)
+                    row = _Row(method, "off", k, variant=variant)
+                    rows.append(row)
+                    jobs.append((row, ColorQuantize(k, "colorcnn", model=model)))
                 continue
             if method == "colorcnn+":
                 if plus is None:
@@ -325,7 +346,8 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
         run.log("note: colorcnn+ skipped: no --colorcnn-plus checkpoint")
     for k in sorted(colorcnns):
         if "colorcnn" in args.methods and k not in ks:
-            run.log(f"note: --colorcnn {colorcnns[k][0]} (K={k}) unused: K={k} is not in --num-colors")
+            for path, _ in colorcnns[k]:
+                run.log(f"note: --colorcnn {path} (K={k}) unused: K={k} is not in --num-colors")
     jpeg_rows = []
     for q in dict.fromkeys(args.jpeg_qualities):
         row = _Row("jpeg", "", None, note=f"quality {q}")

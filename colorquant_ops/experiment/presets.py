@@ -29,7 +29,9 @@ Presets:
   bfloat16 (AVX512-BF16 / AMX) does in about three hours: the airbench93 classifier, 12 epochs (88 %
   full colour in 7.5 min on such a CPU); ColorCNN U-Net width 16 in bfloat16 autocast, channels-last,
   without colour_norm / colour_jitter, 6 epochs at K = 2, 3 at K = 4..64 (one cosine cycle each);
-  ColorCNN+ U-Net width 16, likewise, 4 epochs at lr 0.03 at K drawn from 2..256;
+  a second ColorCNN K = 2, ``colorcnn-k2-compact``, trained with the boundary term (``--boundary 2``)
+  for palette PNGs at k-means' size; ColorCNN+ U-Net width 16, likewise, 4 epochs at lr 0.03 at K
+  drawn from 2..256;
 * ``cifar10-cpu-alexnet`` -- the same experiment as ``cifar10-cpu`` ran until session 10: the CIFAR
   AlexNet, 15 epochs (``--schedule step``: lr x0.1 at 8 and 12); ColorCNN 8 epochs at K = 2, 4 at
   K = 4, 3 at K = 8..64, float32 channels-first ColorCNN+ at lr 0.01 (RESULTS.md's first tables);
@@ -55,8 +57,8 @@ from . import data, evaluate, train
 from .commands import Command, build_parser, run_command
 from .quantize_files import comparison_sheet
 
-__all__ = ["COMMAND", "PRESETS", "Preset", "Stage", "add_reproduce_arguments", "data_warning", "reproduce",
-           "sheet_images", "write_report"]
+__all__ = ["COMMAND", "COMPACT_STAGE", "PLUS_STAGE", "PRESETS", "Preset", "Stage", "add_reproduce_arguments",
+           "data_warning", "reproduce", "sheet_images", "write_report"]
 
 _KS = (2, 4, 8, 16, 32, 64)
 
@@ -86,17 +88,22 @@ class Preset:
     stages: tuple[Stage, ...]
 
 
-def _colorcnn(k: int, *options: str) -> Stage:
-    return Stage(f"colorcnn-k{k}", ("train", "--classifier", "{out}/classifier/final.pt", "--num-colors", str(k),
-                                    *options))
+def _colorcnn(k: int, *options: str, name: Optional[str] = None) -> Stage:
+    return Stage(name or f"colorcnn-k{k}", ("train", "--classifier", "{out}/classifier/final.pt",
+                                            "--num-colors", str(k), *options))
 
 
-def _evaluate(ks, *options: str, plus: bool = False) -> tuple[Stage, Stage]:
+#: The run directory of a preset's second, smaller-file ColorCNN K = 2 (``--boundary 2``).
+COMPACT_STAGE = "colorcnn-k2-compact"
+
+
+def _evaluate(ks, *options: str, plus: bool = False, compact: bool = False) -> tuple[Stage, Stage]:
     """Two evaluate stages: the traditional quantizers (with JPEG and full colour; they do not need
     ColorCNN, so they can run while it trains) and ColorCNN per K (``plus``: and the preset's ColorCNN+
-    at every K). Each row of ``colorquant evaluate`` is computed independently, so the two tables are
-    the one table of a single run, split."""
-    ckpts = [f"{{out}}/colorcnn-k{k}/final.pt" for k in ks]
+    at every K; ``compact``: and its :data:`COMPACT_STAGE` network, a second K = 2 row). Each row of
+    ``colorquant evaluate`` is computed independently, so the two tables are the one table of a single
+    run, split."""
+    ckpts = [f"{{out}}/colorcnn-k{k}/final.pt" for k in ks] + ([f"{{out}}/{COMPACT_STAGE}/final.pt"] if compact else [])
     plus_methods = ("colorcnn+",) if plus else ()
     plus_args = ("--colorcnn-plus", f"{{out}}/{PLUS_STAGE}/final.pt") if plus else ()
     common = ("--classifier", "{out}/classifier/final.pt", "--num-colors", *map(str, ks))
@@ -122,14 +129,14 @@ def _cpu_colorcnn_plus(*options: str) -> Stage:
                               "--eval-colors", "2", "8", "64", "--test-subset", "2000", "--seed", "0", *options))
 
 
-def _cpu_colorcnn(k: int, epochs: dict, *options: str) -> Stage:
+def _cpu_colorcnn(k: int, epochs: dict, *options: str, name: Optional[str] = None) -> Stage:
     # Without the paper's colour_norm 4 / colour_jitter 1: in a few epochs they cost K=2 about
     # 10 points of test accuracy (the ablation in RESULTS.md). Most of the budget where the paper's
     # headline is (K = 2); 3 epochs where ``epochs`` says nothing (one epoch left K = 16..64 using too
     # few of their colours).
     common = ("--width", "16", "--amp", "--color-norm", "1", "--color-jitter", "0", "--seed", "0", *options)
     n = str(epochs.get(k, 3))
-    return _colorcnn(k, *common, "--epochs", n, "--restart-epochs", n)
+    return _colorcnn(k, *common, "--epochs", n, "--restart-epochs", n, name=name)
 
 
 PRESETS: dict[str, Preset] = {
@@ -149,12 +156,16 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "cifar10-cpu",
             "a 2-core bf16 CPU's configuration: airbench93 12 epochs, ColorCNN width 16 (bf16, no colour "
-            "norm/jitter), 6/3 epochs, K=2..64, ColorCNN+ 4 epochs",
+            "norm/jitter), 6/3 epochs, K=2..64 (and a compact K=2), ColorCNN+ 4 epochs",
             (
                 Stage("classifier", ("train-classifier", "--arch", "airbench93", "--epochs", "12", "--seed", "0")),
                 *(_cpu_colorcnn(k, {2: 6}, "--channels-last", "--test-subset", "2000") for k in _KS),
+                # K = 2 again with the boundary term: palette PNGs at k-means' size, a smaller lead
+                # (RESULTS.md, session 14): the library's learned model at K = 2 for small files
+                _cpu_colorcnn(2, {2: 6}, "--channels-last", "--test-subset", "2000", "--boundary", "2",
+                              name=COMPACT_STAGE),
                 _cpu_colorcnn_plus("--amp", "--channels-last", "--lr", "0.03"),
-                *_evaluate(_KS, plus=True),
+                *_evaluate(_KS, plus=True, compact=True),
             ),
         ),
         Preset(

@@ -2,7 +2,9 @@
 
 * :data:`PRETRAINED_COLORCNN` -- ColorCNN networks: ``ColorCNN.from_pretrained("cifar10-k2")``, or
   ``ColorQuantize(2, "colorcnn", model="cifar10-k2")``; they take images in ``[0, 1]`` (each knows
-  the normalization it was trained with);
+  the normalization it was trained with); ``cifar10-k2-compact`` is a second K = 2 network, trained
+  with the boundary term for palette PNGs at k-means' size (a smaller accuracy lead than
+  ``cifar10-k2``'s: RESULTS.md);
 * :data:`PRETRAINED_CLASSIFIERS` -- the frozen classifiers they were trained against:
   ``pretrained_classifier("cifar10-airbench93")``; a classifier takes normalized images
   (``v2.Normalize(*DATASET_NORMALIZATION["cifar10"])``).
@@ -26,7 +28,8 @@ __all__ = ["PRETRAINED_CLASSIFIERS", "PRETRAINED_COLORCNN", "PRETRAINED_COLORCNN
 WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "weights"
 
 #: ColorCNN name -> bundled checkpoint file (in :data:`WEIGHTS`).
-PRETRAINED_COLORCNN = {f"cifar10-k{k}": f"colorcnn-k{k}.pt" for k in (2, 4, 8)}
+PRETRAINED_COLORCNN = {**{f"cifar10-k{k}": f"colorcnn-k{k}.pt" for k in (2, 4, 8)},
+                       "cifar10-k2-compact": "colorcnn-k2-compact.pt"}
 #: ColorCNN+ name -> bundled checkpoint file (in :data:`WEIGHTS`): one network for every K.
 PRETRAINED_COLORCNN_PLUS = {"cifar10-plus": "colorcnn-plus.pt"}
 #: Classifier name -> bundled checkpoint file (in :data:`WEIGHTS`).
