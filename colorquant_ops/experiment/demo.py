@@ -10,7 +10,7 @@ sheet. The k-means rows are two: the paper's (``pil_kmeans``, PIL's
 every traditional row of the table (median cut, octree and both k-means, dithered or not), so the
 margin is never taken against a weaker rival than one the table shows.
 
-What is bundled (``colorquant_ops/assets/``, about 10 MB):
+What is bundled (``colorquant_ops/assets/``, about 12 MB):
 
 * ``cifar10-sample/test/<class>/*.jpg``: 500 CIFAR-10 test images, 50 per class, the same files as
   ``--test-subset 500`` picks from the project's CIFAR-10 JPEG copy (its class-balanced seeded order);

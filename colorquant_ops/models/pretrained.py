@@ -1,4 +1,4 @@
-"""Bundled pretrained weights, by name (no download: they ship inside the package, about 10 MB).
+"""Bundled pretrained weights, by name (no download: they ship inside the package, about 12 MB).
 
 * :data:`PRETRAINED_COLORCNN` -- ColorCNN networks: ``ColorCNN.from_pretrained("cifar10-k2")``, or
   ``ColorQuantize(2, "colorcnn", model="cifar10-k2")``; they take images in ``[0, 1]`` (each knows
