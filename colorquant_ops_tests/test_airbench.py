@@ -2,8 +2,8 @@
 (:mod:`colorquant_ops.experiment.airbench`, ``colorquant train-classifier --arch airbench93``).
 
 Model tests run on random data; the recipe runs end to end on 64 real CIFAR-10 images (the project's
-JPEG copy) in batches of 16 for a few epochs, long enough for the lookahead average (from epoch 4 on,
-every 5 steps) and the whitening-bias freeze to happen, and an interrupted run resumed with
+JPEG copy) in batches of 16 for a few epochs, long enough for the lookahead average (every 5 steps,
+taken after the last) and the whitening-bias freeze to happen, and an interrupted run resumed with
 ``--resume`` must end with the same weights, optimizer state and metrics, bit for bit.
 """
 
@@ -202,8 +202,8 @@ def test_recipe_defaults_apply_only_when_not_given():
 # The recipe end to end
 # --------------------------------------------------------------------------------------------
 
-# 64 images in batches of 16: 4 steps per epoch; lookahead from epoch 4 (steps 13-16: step 15 starts
-# it, step 20 updates it); the whitening bias trains in epochs 1-4.
+# 64 images in batches of 16: 4 steps per epoch; the lookahead average moves at steps 5, 10, 15, 20
+# of a 5-epoch run, and the network takes it after step 20; the whitening bias trains in epochs 1-4.
 RUN = ["--arch", "airbench93", "--subset", "64", "--test-subset", "32", "--batch-size", "16", "--device", "cpu",
        "--no-progress", "--whiten-bias-epochs", "4", "--seed", "1"]
 
@@ -256,6 +256,23 @@ def test_run_writes_the_standard_run_directory(straight_run):
     # the whitening filters came from the data and stayed frozen; the bias trained, then froze
     assert not torch.equal(model.whiten.weight, build_classifier("airbench93", 10, 32).whiten.weight)
     assert model.whiten.bias.abs().sum() > 0
+
+
+@needs_data
+def test_lookahead_follows_the_reference_schedule(tmp_path, cache_dir, monkeypatch):
+    # every 5 steps with decay 0.95**5 (step / total)**3 from the first step, and the average taken
+    # once, after the last step (a decay of 1.0 at the end of each epoch would throw away the steps
+    # since the last update)
+    decays = []
+    update = recipe._Lookahead.update
+
+    def record(self, model, decay):
+        decays.append(decay)
+        update(self, model, decay)
+
+    monkeypatch.setattr(recipe._Lookahead, "update", record)
+    assert _train(tmp_path / "run", cache_dir, "--epochs", "5") == 0
+    assert decays == pytest.approx([0.95 ** 5 * (s / 20) ** 3 for s in (5, 10, 15, 20)] + [1.0], rel=1e-12)
 
 
 @needs_data

@@ -14,9 +14,11 @@ the network :class:`~colorquant_ops.models.airbench.AirbenchNet`:
   smoothing 0.2), PyTorch's lr is ``lr / (1024 (1 + 1 / (1 - momentum)))`` with momentum 0.85, the
   BatchNorm biases take 64 times that lr (not more decay); the lr follows a triangle per step
   (0.2 -> 1 at 23 % of the steps -> 0.07);
-* lookahead: from epoch 3 on, every 5 steps the weights (and BatchNorm statistics) move into an
-  exponential average with decay ``0.95**5 * (step / total steps)**3`` and are replaced by it, and
-  at the end of each such epoch the network takes the average;
+* lookahead: every 5 steps the weights (and BatchNorm statistics) move into an exponential average
+  with decay ``0.95**5 * (step / total steps)**3`` and are replaced by it; after the last step the
+  network takes the average (as the reference does: until session 18 it took it at the end of every
+  epoch from the fourth, which discarded the steps since the last multiple of 5, 12 of 480 in 10
+  epochs; the bundled classifier was trained so);
 * bfloat16 autocast (``--float32`` turns it off) and channels-last on every device;
 * test accuracy without test-time augmentation every epoch, and with it (``--tta-level``, default 2:
   mirror + 1-pixel translations, :func:`~colorquant_ops.models.airbench.tta_logits`) after the last.
@@ -67,7 +69,7 @@ RECIPE = {
     "translate": 2,             # pixels
     "whiten_images": 5000,      # training images the whitening filters are computed from
     "whiten_eps": 5e-4,
-    "ema_start_epochs": 3, "ema_every": 5, "ema_decay_base": 0.95, "ema_decay_pow": 3.0,
+    "ema_every": 5, "ema_decay_base": 0.95, "ema_decay_pow": 3.0,
     "whiten_bias_epochs": 3, "tta_level": 2,  # defaults of --whiten-bias-epochs, --tta-level
     "eval_batch": 1000,
 }
@@ -320,15 +322,18 @@ def train_airbench(args: argparse.Namespace) -> dict:
     n = len(train_labels)
     per_epoch = steps_per_epoch(n, args.batch_size)
     total_steps = per_epoch * args.epochs
-    start_epoch, step, best, lookahead, train_seconds_total = 0, 0, -1.0, None, 0.0
+    start_epoch, step, best, train_seconds_total = 0, 0, -1.0, 0.0
+    lookahead = _Lookahead(model)  # of the initial weights (a resumed run's replaces it)
     if args.resume:
         state = run.load_state()
         if args.epochs < state["epoch"]:
             raise ValueError(f"--epochs {args.epochs}: the run in {run.path} has done {state['epoch']} epochs already")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        if state.get("lookahead") is not None:
+        if state.get("lookahead") is not None:  # None: a last.pt from before session 18, in the first epochs
             lookahead = _Lookahead(model, {k: v.to(device) for k, v in state["lookahead"].items()})
+        else:
+            lookahead = _Lookahead(model)
         start_epoch, step, best = state["epoch"], state["step"], state["best_acc"]
         train_seconds_total = state.get("train_seconds", 0.0)
     else:
@@ -368,18 +373,15 @@ def train_airbench(args: argparse.Namespace) -> dict:
             loss.backward()
             optimizer.step()
             step += 1
-            if epoch >= RECIPE["ema_start_epochs"] and step % RECIPE["ema_every"] == 0:
-                if lookahead is None:
-                    lookahead = _Lookahead(model)
-                else:
-                    rho = RECIPE["ema_decay_base"] ** RECIPE["ema_every"] * (step / total_steps) ** RECIPE["ema_decay_pow"]
-                    lookahead.update(model, rho)
+            if step % RECIPE["ema_every"] == 0:
+                rho = RECIPE["ema_decay_base"] ** RECIPE["ema_every"] * (step / total_steps) ** RECIPE["ema_decay_pow"]
+                lookahead.update(model, rho)
+            if step == total_steps:
+                lookahead.update(model, 1.0)  # the network takes the average
             loss_sum += loss.detach().double()
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
             bar.set_postfix(loss=f"{loss.item() / len(y):.3f}", refresh=False)
-        if lookahead is not None:
-            lookahead.update(model, 1.0)  # the network takes the average
         if not math.isfinite(float(loss_sum)):
             raise FloatingPointError(f"the training loss of epoch {epoch + 1} is not finite ({float(loss_sum)})")
         train_seconds = time.perf_counter() - started
@@ -408,7 +410,7 @@ def train_airbench(args: argparse.Namespace) -> dict:
         run.save_state({
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
-            "lookahead": None if lookahead is None else lookahead.average,
+            "lookahead": lookahead.average,
             "epoch": epoch + 1,
             "step": step,
             "best_acc": best,
