@@ -76,7 +76,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-colors", nargs="+", type=integer, default=[2, 4, 8, 16, 32, 64],
                    help="numbers of colours K, each in 2..256 (default: 2 4 8 16 32 64)")
     p.add_argument("--colorcnn", nargs="+", default=[], help="ColorCNN checkpoints (from train), matched to K "
-                   "by their num_colors")
+                   "by their num_colors; several at one K get a row each")
     p.add_argument("--colorcnn-plus", default=None, metavar="CHECKPOINT",
                    help="a ColorCNN+ checkpoint (from train --model colorcnn+): the colorcnn+ rows, every K")
     p.add_argument("--plus-smoothing", type=float, default=None, metavar="S",
