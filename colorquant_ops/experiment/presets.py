@@ -30,7 +30,7 @@ Presets:
   full colour in 7.5 min on such a CPU); ColorCNN U-Net width 16 in bfloat16 autocast, channels-last,
   without colour_norm / colour_jitter, 6 epochs at K = 2, 3 at K = 4..64 (one cosine cycle each);
   a second ColorCNN K = 2, ``colorcnn-k2-compact``, trained with the boundary term (``--boundary 2``)
-  for palette PNGs at k-means' size; ColorCNN+ U-Net width 16, likewise, 4 epochs at lr 0.03 at K
+  for 12 epochs, for palette PNGs under k-means' size; ColorCNN+ U-Net width 16, likewise, 4 epochs at lr 0.03 at K
   drawn from 2..256;
 * ``cifar10-cpu-alexnet`` -- the same experiment as ``cifar10-cpu`` ran until session 10: the CIFAR
   AlexNet, 15 epochs (``--schedule step``: lr x0.1 at 8 and 12); ColorCNN 8 epochs at K = 2, 4 at
@@ -160,9 +160,9 @@ PRESETS: dict[str, Preset] = {
             (
                 Stage("classifier", ("train-classifier", "--arch", "airbench93", "--epochs", "12", "--seed", "0")),
                 *(_cpu_colorcnn(k, {2: 6}, "--channels-last", "--test-subset", "2000") for k in _KS),
-                # K = 2 again with the boundary term: palette PNGs at k-means' size, a smaller lead
-                # (RESULTS.md, session 14): the library's learned model at K = 2 for small files
-                _cpu_colorcnn(2, {2: 6}, "--channels-last", "--test-subset", "2000", "--boundary", "2",
+                # K = 2 again with the boundary term, 12 epochs: palette PNGs under k-means' size, a
+                # smaller lead (RESULTS.md, sessions 14 and 18): the library's K = 2 model for small files
+                _cpu_colorcnn(2, {2: 12}, "--channels-last", "--test-subset", "2000", "--boundary", "2",
                               name=COMPACT_STAGE),
                 _cpu_colorcnn_plus("--amp", "--channels-last", "--lr", "0.03"),
                 *_evaluate(_KS, plus=True, compact=True),
