@@ -30,8 +30,8 @@ Presets:
   full colour in 7.5 min on such a CPU); ColorCNN U-Net width 16 in bfloat16 autocast, channels-last,
   without colour_norm / colour_jitter, 6 epochs at K = 2, 3 at K = 4..64 (one cosine cycle each);
   a second ColorCNN K = 2, ``colorcnn-k2-compact``, trained with the boundary term (``--boundary 2``)
-  for 12 epochs, for palette PNGs under k-means' size; ColorCNN+ U-Net width 16, likewise, 4 epochs at lr 0.03 at K
-  drawn from 2..256;
+  for 12 epochs, for palette PNGs under k-means' size; ColorCNN+ U-Net width 16 in bfloat16,
+  channels-last, 4 epochs at lr 0.03 at K drawn from 2..256;
 * ``cifar10-cpu-alexnet`` -- the same experiment as ``cifar10-cpu`` ran until session 10: the CIFAR
   AlexNet, 15 epochs (``--schedule step``: lr x0.1 at 8 and 12); ColorCNN 8 epochs at K = 2, 4 at
   K = 4, 3 at K = 8..64, float32 channels-first ColorCNN+ at lr 0.01 (RESULTS.md's first tables);
@@ -103,7 +103,8 @@ def _evaluate(ks, *options: str, plus: bool = False, compact: bool = False) -> t
     at every K; ``compact``: and its :data:`COMPACT_STAGE` network, a second K = 2 row). Each row of
     ``colorquant evaluate`` is computed independently, so the two tables are the one table of a single
     run, split."""
-    ckpts = [f"{{out}}/colorcnn-k{k}/final.pt" for k in ks] + ([f"{{out}}/{COMPACT_STAGE}/final.pt"] if compact else [])
+    ckpts = [f"{{out}}/colorcnn-k{k}/final.pt" for k in ks]
+    ckpts += [f"{{out}}/{COMPACT_STAGE}/final.pt"] if compact else []
     plus_methods = ("colorcnn+",) if plus else ()
     plus_args = ("--colorcnn-plus", f"{{out}}/{PLUS_STAGE}/final.pt") if plus else ()
     common = ("--classifier", "{out}/classifier/final.pt", "--num-colors", *map(str, ks))
