@@ -322,8 +322,7 @@ def train_airbench(args: argparse.Namespace) -> dict:
     n = len(train_labels)
     per_epoch = steps_per_epoch(n, args.batch_size)
     total_steps = per_epoch * args.epochs
-    start_epoch, step, best, train_seconds_total = 0, 0, -1.0, 0.0
-    lookahead = _Lookahead(model)  # of the initial weights (a resumed run's replaces it)
+    start_epoch, step, best, train_seconds_total, saved_average = 0, 0, -1.0, 0.0, None
     if args.resume:
         state = run.load_state()
         if args.epochs < state["epoch"]:
@@ -331,13 +330,12 @@ def train_airbench(args: argparse.Namespace) -> dict:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if state.get("lookahead") is not None:  # None: a last.pt from before session 18, in the first epochs
-            lookahead = _Lookahead(model, {k: v.to(device) for k, v in state["lookahead"].items()})
-        else:
-            lookahead = _Lookahead(model)
+            saved_average = {k: v.to(device) for k, v in state["lookahead"].items()}
         start_epoch, step, best = state["epoch"], state["step"], state["best_acc"]
         train_seconds_total = state.get("train_seconds", 0.0)
     else:
         run.write_settings(args, world_size=1)
+    lookahead = _Lookahead(model, saved_average)  # a new run's: of the initial weights
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if not args.float32 else (
         lambda: torch.autocast(device.type, enabled=False))
     options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "command")
