@@ -7,11 +7,14 @@ ColorCNN is trained end to end through a frozen classifier ``f``::
          + beta  * color_variance_loss(image, probs)        # code only, default 0
          + gamma * MSE(quantized, image)                    # code only, default 0
          + boundary * boundary_loss(probs)                  # this library's, default 0
+         + distill * distillation_loss(f(quantized), f(image))   # this library's, default 0
 
 as in the authors' code (github.com/hou-yz/color_distillation,
 ``color_distillation/trainer.py``, ``CNNTrainer.train``; defaults
 ``--alpha 1 --beta 0 --gamma 0`` in ``color_cnn_downsample.py``). The boundary term
-(:func:`boundary_loss`, not in the papers) trades a little detail for smaller palette PNGs.
+(:func:`boundary_loss`, not in the papers) trades a little detail for smaller palette PNGs; the
+distillation term (:func:`distillation_loss`, not in the papers either) asks the classifier to say
+on the quantized image what it says on the original, not only to name the label.
 """
 
 import math
@@ -26,7 +29,7 @@ from .models.colorcnn import ColorCNNOutput
 from .ops import palette_distance
 
 __all__ = ["BOUNDARY_SCHEDULES", "ColorCNNLoss", "ColorCNNPlusLoss", "boundary_loss", "cluster_imitation_loss",
-           "color_usage_loss", "color_variance_loss", "soft_palette"]
+           "color_usage_loss", "color_variance_loss", "distillation_loss", "soft_palette"]
 
 
 #: How :class:`ColorCNNPlusLoss`'s boundary weight depends on K.
@@ -89,6 +92,44 @@ def boundary_loss(probs: Tensor) -> Tensor:
     if probs.shape[2] > 1:
         terms.append(1 - (probs[:, :, 1:] * probs[:, :, :-1]).sum(dim=1).mean())
     return torch.stack(terms).mean() if terms else probs.sum() * 0
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Knowledge distillation (Hinton et al., 2015) from the classifier on the original image.
+
+    ``T**2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over the batch: the frozen
+    classifier's whole class distribution on the full-colour image is the target of its distribution
+    on the quantized one (the ``T**2`` keeps the gradient's scale independent of ``T``). The teacher
+    is a constant (no gradient reaches it). 0 when the two distributions agree.
+
+    Args:
+        student_logits: ``[B, N]`` the classifier's logits on the quantized images.
+        teacher_logits: ``[B, N]`` its logits on the original images.
+        temperature: ``T > 0``, softens both distributions.
+
+    Returns:
+        A scalar, differentiable w.r.t. ``student_logits``.
+    """
+    temperature = _check_float(temperature, "temperature", positive=True)
+    for x, name in ((student_logits, "student_logits"), (teacher_logits, "teacher_logits")):
+        _check_tensor(x, name, 2)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+                         f"{tuple(teacher_logits.shape)} must have the same shape")
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # bfloat16 logits under autocast: float32
+    student = F.log_softmax(student_logits.to(dtype) / temperature, dim=1)
+    teacher = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=1)
+    return temperature ** 2 * F.kl_div(student, teacher, reduction="batchmean", log_target=True)
+
+
+def _distillation_term(weight: float, temperature: float, logits_cls: Tensor, teacher_logits: Optional[Tensor]):
+    """The ``("distillation", weight, compute)`` entry of :func:`_weighted_total`; a weight above 0 needs
+    the teacher's logits, and without them (weight 0) the logged value is 0."""
+    if teacher_logits is None:
+        if weight != 0.0:
+            raise ValueError("distill > 0 needs teacher_logits: the classifier's logits on the original images")
+        return "distillation", 0.0, lambda: logits_cls.new_zeros(())
+    return "distillation", weight, lambda: distillation_loss(logits_cls, teacher_logits, temperature)
 
 
 def soft_palette(image: Tensor, probs: Tensor, eps: float = 1e-8) -> Tensor:
@@ -177,8 +218,8 @@ class ColorCNNLoss(nn.Module):
 
     ``total = CE(logits_cls, target) + alpha * color_usage_loss(probs)
     + beta * color_variance_loss(image, probs) + gamma * MSE(quantized, image)
-    + boundary * boundary_loss(probs)``
-    with the paper's defaults ``alpha=1, beta=0, gamma=0`` (and ``boundary=0``).
+    + boundary * boundary_loss(probs) + distill * distillation_loss(logits_cls, teacher_logits)``
+    with the paper's defaults ``alpha=1, beta=0, gamma=0`` (and ``boundary=0, distill=0``).
 
     * The colour-variance term measures the pixels against :func:`soft_palette`
       ``(image, probs)``, not ``output.palette``: in training the latter is
@@ -200,30 +241,37 @@ class ColorCNNLoss(nn.Module):
         gamma: weight of the reconstruction MSE, >= 0.
         boundary: weight of :func:`boundary_loss`, >= 0 (not in the paper: smaller palette PNGs).
         label_smoothing: passed to :func:`torch.nn.functional.cross_entropy`.
+        distill: weight of :func:`distillation_loss`, >= 0 (not in the paper); above 0 the forward
+            needs ``teacher_logits``, the classifier's logits on the original images.
+        distill_temperature: its temperature, > 0.
 
     Returns (forward):
         ``(total, terms)``: ``total`` a differentiable scalar; ``terms`` a dict
         of Python floats ``{"total", "cross_entropy", "color_usage",
-        "color_variance", "reconstruction", "boundary"}`` (unweighted terms) for logging.
+        "color_variance", "reconstruction", "boundary", "distillation"}`` (unweighted terms) for
+        logging.
     """
 
     def __init__(self, alpha: float = 1.0, beta: float = 0.0, gamma: float = 0.0, label_smoothing: float = 0.0,
-                 boundary: float = 0.0) -> None:
+                 boundary: float = 0.0, distill: float = 0.0, distill_temperature: float = 1.0) -> None:
         super().__init__()
         self.alpha = _check_float(alpha, "alpha", positive=False)
         self.beta = _check_float(beta, "beta", positive=False)
         self.gamma = _check_float(gamma, "gamma", positive=False)
         self.boundary = _check_float(boundary, "boundary", positive=False)
+        self.distill = _check_float(distill, "distill", positive=False)
+        self.distill_temperature = _check_float(distill_temperature, "distill_temperature", positive=True)
         self.label_smoothing = _check_float(label_smoothing, "label_smoothing", positive=False)
         if self.label_smoothing > 1:
             raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, label_smoothing={self.label_smoothing}, "
-                f"boundary={self.boundary}")
+                f"boundary={self.boundary}, distill={self.distill}, distill_temperature={self.distill_temperature}")
 
     def forward(
-        self, logits_cls: Tensor, target: Tensor, output: ColorCNNOutput, image: Tensor
+        self, logits_cls: Tensor, target: Tensor, output: ColorCNNOutput, image: Tensor,
+        teacher_logits: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Dict[str, float]]:
         if not isinstance(output, ColorCNNOutput):
             raise TypeError(f"output must be a ColorCNNOutput, got {type(output).__name__}")
@@ -239,6 +287,7 @@ class ColorCNNLoss(nn.Module):
             ("color_variance", self.beta, lambda: color_variance_loss(image, output.probs)),
             ("reconstruction", self.gamma, lambda: F.mse_loss(output.quantized, image)),
             ("boundary", self.boundary, lambda: boundary_loss(output.probs)),
+            _distillation_term(self.distill, self.distill_temperature, logits_cls, teacher_logits),
         ))
 
 
@@ -278,7 +327,8 @@ class ColorCNNPlusLoss(nn.Module):
     """The objective of :class:`~colorquant_ops.models.ColorCNNPlus` against a frozen classifier.
 
     ``total = CE(logits_cls, target) + imitation * log2(K) / 8 * cluster_imitation_loss(logits, image,
-    palette) + alpha * color_usage_loss(probs) + boundary_weight(K) * boundary_loss(probs)``. The
+    palette) + alpha * color_usage_loss(probs) + boundary_weight(K) * boundary_loss(probs)
+    + distill * distillation_loss(logits_cls, teacher_logits)``. The
     imitation weight grows with the number of colours, from ``imitation / 8`` at K = 2 to
     ``imitation`` at K = 256: at one bit the classifier's signal should decide the structure, at many
     colours the image's own colours (the aims of the ColorCNN+ paper: network supervision in small
@@ -298,18 +348,22 @@ class ColorCNNPlusLoss(nn.Module):
             K = 2) or ``"inverse"`` (``boundary * 2 / K``, the full weight at K = 2, halved with each
             bit). Measured (RESULTS.md): a constant weight that brings the PNGs to k-means' size
             at two or four colours removes far more boundaries than needed at 64.
+        distill, distill_temperature: as :class:`ColorCNNLoss`'s.
 
     Returns (forward):
         ``(total, terms)``: the differentiable total and a dict of Python floats ``{"total",
-        "cross_entropy", "imitation", "color_usage", "boundary"}`` (unweighted terms).
+        "cross_entropy", "imitation", "color_usage", "boundary", "distillation"}`` (unweighted terms).
     """
 
     def __init__(self, imitation: float = 1.0, alpha: float = 0.0, label_smoothing: float = 0.0,
-                 boundary: float = 0.0, boundary_schedule: str = "constant") -> None:
+                 boundary: float = 0.0, boundary_schedule: str = "constant", distill: float = 0.0,
+                 distill_temperature: float = 1.0) -> None:
         super().__init__()
         self.imitation = _check_float(imitation, "imitation", positive=False)
         self.alpha = _check_float(alpha, "alpha", positive=False)
         self.boundary = _check_float(boundary, "boundary", positive=False)
+        self.distill = _check_float(distill, "distill", positive=False)
+        self.distill_temperature = _check_float(distill_temperature, "distill_temperature", positive=True)
         if boundary_schedule not in BOUNDARY_SCHEDULES:
             raise ValueError(f"boundary_schedule must be one of {', '.join(BOUNDARY_SCHEDULES)}, "
                              f"got {boundary_schedule!r}")
@@ -320,7 +374,8 @@ class ColorCNNPlusLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"imitation={self.imitation}, alpha={self.alpha}, label_smoothing={self.label_smoothing}, "
-                f"boundary={self.boundary}, boundary_schedule={self.boundary_schedule!r}")
+                f"boundary={self.boundary}, boundary_schedule={self.boundary_schedule!r}, distill={self.distill}, "
+                f"distill_temperature={self.distill_temperature}")
 
     def imitation_weight(self, num_colors: int) -> float:
         """The weight of the imitation term at ``num_colors`` colours: ``imitation * log2(K) / 8``."""
@@ -333,7 +388,7 @@ class ColorCNNPlusLoss(nn.Module):
         return self.boundary * scale[self.boundary_schedule]
 
     def forward(self, logits_cls: Tensor, target: Tensor, output: ColorCNNOutput, image: Tensor,
-                logits: Tensor) -> Tuple[Tensor, Dict[str, float]]:
+                logits: Tensor, teacher_logits: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, float]]:
         if not isinstance(output, ColorCNNOutput):
             raise TypeError(f"output must be a ColorCNNOutput, got {type(output).__name__}")
         _check_tensor(logits, "logits", 4)
@@ -343,4 +398,5 @@ class ColorCNNPlusLoss(nn.Module):
              lambda: cluster_imitation_loss(logits, image, output.palette)),
             ("color_usage", self.alpha, lambda: color_usage_loss(output.probs)),
             ("boundary", self.boundary_weight(logits.shape[1]), lambda: boundary_loss(output.probs)),
+            _distillation_term(self.distill, self.distill_temperature, logits_cls, teacher_logits),
         ))

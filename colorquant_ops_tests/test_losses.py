@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from colorquant_ops.models.classifiers import CifarAlexNet
-from colorquant_ops.losses import ColorCNNLoss, boundary_loss, color_usage_loss, color_variance_loss, soft_palette
+from colorquant_ops.losses import (ColorCNNLoss, ColorCNNPlusLoss, boundary_loss, color_usage_loss, color_variance_loss,
+                                   distillation_loss, soft_palette)
 from colorquant_ops.models import ColorCNN
 
 
@@ -143,11 +144,13 @@ def test_zero_weights_is_cross_entropy():
     logits = classifier(out.quantized)
     total, terms = ColorCNNLoss(alpha=0, beta=0, gamma=0)(logits, y, out, x)
     assert torch.equal(total, F.cross_entropy(logits, y))
-    assert set(terms) == {"total", "cross_entropy", "color_usage", "color_variance", "reconstruction", "boundary"}
+    assert set(terms) == {"total", "cross_entropy", "color_usage", "color_variance", "reconstruction", "boundary",
+                          "distillation"}
     assert all(isinstance(v, float) for v in terms.values())
     assert terms["total"] == terms["cross_entropy"] == pytest.approx(total.item())
     assert terms["color_usage"] > 0 and terms["color_variance"] > 0 and terms["reconstruction"] > 0
     assert 0 < terms["boundary"] < 1
+    assert terms["distillation"] == 0.0  # no teacher logits: nothing to log
 
 
 def test_total_is_weighted_sum():
@@ -169,6 +172,57 @@ def test_total_is_weighted_sum():
     assert terms["total"] == pytest.approx(weighted, rel=1e-5)
     with pytest.raises(ValueError, match="boundary must be a finite number >= 0"):
         ColorCNNLoss(boundary=-0.1)
+
+
+# ----------------------------------------------------------------------------- distillation_loss
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_distillation_loss_matches_the_definition(temperature):
+    student, teacher = torch.randn(5, 10, dtype=torch.float64), torch.randn(5, 10, dtype=torch.float64)
+    p_teacher = torch.softmax(teacher / temperature, 1)
+    kl = (p_teacher * (p_teacher.log() - torch.log_softmax(student / temperature, 1))).sum(1).mean()
+    torch.testing.assert_close(distillation_loss(student, teacher, temperature).double(),
+                               temperature ** 2 * kl, rtol=1e-6, atol=1e-7)
+    assert distillation_loss(teacher, teacher, temperature).abs().item() < 1e-6  # the same distribution: 0
+
+
+def test_distillation_loss_gradient_reaches_the_student_only():
+    student = torch.randn(4, 10, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(4, 10, dtype=torch.float64, requires_grad=True)
+    distillation_loss(student, teacher, 2.0).backward()
+    assert student.grad.abs().sum() > 0 and teacher.grad is None
+    torch.autograd.gradcheck(lambda s: distillation_loss(s, teacher.detach(), 3.0), (student.detach().requires_grad_(),))
+
+
+def test_distillation_loss_bad_input():
+    x = torch.randn(3, 10)
+    with pytest.raises(ValueError, match="same shape"):
+        distillation_loss(x, torch.randn(3, 9))
+    with pytest.raises(ValueError, match="must be 2-D"):
+        distillation_loss(x[None], x[None])
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        distillation_loss(x, x, 0.0)
+
+
+def test_distillation_term_in_both_objectives():
+    model, classifier, x, y = _setup()
+    out = model(x)
+    logits = classifier(out.quantized)
+    teacher = classifier(x).detach()
+    total, terms = ColorCNNLoss(distill=0.5, distill_temperature=2.0)(logits, y, out, x, teacher)
+    plain, _ = ColorCNNLoss()(logits, y, out, x)
+    torch.testing.assert_close(total, plain + 0.5 * distillation_loss(logits, teacher, 2.0))
+    assert terms["distillation"] == pytest.approx(distillation_loss(logits, teacher, 2.0).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="distill > 0 needs teacher_logits"):
+        ColorCNNLoss(distill=1.0)(logits, y, out, x)
+    with pytest.raises(ValueError, match="distill_temperature must be a finite number > 0"):
+        ColorCNNLoss(distill_temperature=0.0)
+    raw = model.logits(x)
+    plus_total, plus_terms = ColorCNNPlusLoss(imitation=0.0, distill=2.0)(logits, y, out, x, raw, teacher)
+    plus_plain, _ = ColorCNNPlusLoss(imitation=0.0)(logits, y, out, x, raw)
+    torch.testing.assert_close(plus_total, plus_plain + 2.0 * distillation_loss(logits, teacher))
+    assert plus_terms["distillation"] > 0
 
 
 # ----------------------------------------------------------------------------- boundary_loss

@@ -470,6 +470,27 @@ def test_plus_option_errors(capsys, tmp_path, cache_dir, classifier_run):
         assert not (tmp_path / name).exists(), name
 
 
+def test_distillation_reaches_the_training(capsys, tmp_path, cache_dir, classifier_run):
+    classifier = classifier_run / "final.pt"
+    with _Deterministic():
+        assert _train_colorcnn(tmp_path / "plain", cache_dir, classifier, "--epochs", "1") == 0
+        assert _train_colorcnn(tmp_path / "kd", cache_dir, classifier, "--epochs", "1", "--distill", "2",
+                               "--distill-temperature", "4") == 0
+        assert _train_plus(tmp_path / "plus-kd", cache_dir, classifier, "--epochs", "1", "--distill", "1") == 0
+    settings = json.loads((tmp_path / "kd" / "settings.json").read_text())
+    assert (settings["distill"], settings["distill_temperature"]) == (2.0, 4.0)
+    plain, kd = (load_colorcnn(tmp_path / name / "final.pt") for name in ("plain", "kd"))
+    # the same seed and batches: only the distillation term's gradient can make the weights differ
+    assert any(not torch.equal(p, q) for p, q in zip(plain.parameters(), kd.parameters()))
+    base = ["--cache-dir", cache_dir, *COMMON, "--epochs", "1", "--classifier", classifier]
+    for model in ("colorcnn", "colorcnn+"):
+        assert "--distill must be a finite number >= 0, got -1.0" in _error(
+            capsys, "train", *base, "--model", model, "--distill", "-1", "--out-dir", tmp_path / "a")
+    assert "--distill-temperature must be a finite number > 0, got 0.0" in _error(
+        capsys, "train", *base, "--distill", "1", "--distill-temperature", "0", "--out-dir", tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_plus_boundary_term_reaches_the_training(tmp_path, cache_dir, classifier_run):
     from colorquant_ops.models import load_colorcnn_plus
 

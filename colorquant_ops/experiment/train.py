@@ -178,6 +178,12 @@ def add_colorcnn_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--boundary", type=float, default=0.0,
                    help="weight of the colour-boundary term (losses.boundary_loss: smaller palette PNGs; not in "
                         "the paper; default: 0)")
+    p.add_argument("--distill", type=float, default=0.0,
+                   help="weight of the distillation term (losses.distillation_loss: the classifier's class "
+                        "distribution on the original image as a target besides the label; not in the paper; "
+                        "default: 0)")
+    p.add_argument("--distill-temperature", type=float, default=1.0,
+                   help="temperature of the distillation term (default: 1)")
     add_common_arguments(p, epochs=60, lr=0.01, batch_size=128)
     p.add_argument("--restart-epochs", type=positive_int, default=20,
                    help="period of the cosine warm restarts in epochs (default: 20)")
@@ -609,6 +615,11 @@ def _check_model_options(args: argparse.Namespace) -> None:
     boundary = getattr(args, "boundary", 0.0)
     if boundary < 0 or not math.isfinite(boundary):
         raise ValueError(f"--boundary must be a finite number >= 0, got {boundary}")
+    distill, temperature = getattr(args, "distill", 0.0), getattr(args, "distill_temperature", 1.0)
+    if distill < 0 or not math.isfinite(distill):
+        raise ValueError(f"--distill must be a finite number >= 0, got {distill}")
+    if temperature <= 0 or not math.isfinite(temperature):
+        raise ValueError(f"--distill-temperature must be a finite number > 0, got {temperature}")
     if model == "colorcnn+":
         given = [name for name, set_ in (("--num-colors", args.num_colors is not None),
                                           ("--temperature", args.temperature != 1.0),
@@ -697,6 +708,19 @@ def _quantizer_run(setup: _Setup, classifier: nn.Module, model: nn.Module):
     return classifier, model, net, eval_net, normalization, train_loader, test_loader
 
 
+def _distill_options(args: argparse.Namespace) -> dict:
+    """The loss's distillation options (runs from before them recorded none: off)."""
+    return {"distill": getattr(args, "distill", 0.0), "distill_temperature": getattr(args, "distill_temperature", 1.0)}
+
+
+def _teacher_logits(args: argparse.Namespace, classifier: nn.Module, images: Tensor) -> Optional[Tensor]:
+    """The frozen classifier on the original images, for ``--distill`` (None without it)."""
+    if not getattr(args, "distill", 0.0):
+        return None
+    with torch.no_grad():
+        return classifier(images)
+
+
 def _colors_used(index_map: Tensor, num_colors: int) -> Tensor:
     """Per image, how many of the ``num_colors`` indices the ``[B, H, W]`` index map uses."""
     return F.one_hot(index_map.flatten(1), num_colors).amax(1).sum(1)
@@ -717,14 +741,14 @@ def _train_colorcnn(setup: _Setup) -> dict:
                      straight_through=args.straight_through)
     if args.init_from is not None:
         _load_initial_weights(model, args.init_from, args.dataset)
-    criterion = ColorCNNLoss(args.alpha, args.beta, args.gamma, boundary=args.boundary)
+    criterion = ColorCNNLoss(args.alpha, args.beta, args.gamma, boundary=args.boundary, **_distill_options(args))
     classifier, model, net, eval_net, normalization, train_loader, test_loader = _quantizer_run(
         setup, classifier, model)
 
     def train_step(images, labels):
         out = net(images)
         logits = classifier(out.quantized)
-        loss, _ = criterion(logits, labels, out, images)
+        loss, _ = criterion(logits, labels, out, images, _teacher_logits(args, classifier, images))
         return loss, logits
 
     def predict(images):
@@ -751,7 +775,7 @@ def _train_colorcnn_plus(setup: _Setup) -> dict:
     if args.init_from is not None:
         _load_initial_weights(model, args.init_from, args.dataset)
     criterion = ColorCNNPlusLoss(args.imitation, args.alpha, boundary=args.boundary,
-                                 boundary_schedule=args.boundary_schedule or "constant")
+                                 boundary_schedule=args.boundary_schedule or "constant", **_distill_options(args))
     classifier, model, net, eval_net, normalization, train_loader, test_loader = _quantizer_run(
         setup, classifier, model)
 
@@ -759,7 +783,7 @@ def _train_colorcnn_plus(setup: _Setup) -> dict:
         k = sample_train_colors(args.seed, setup.step, low, high, args.power_of_two_fraction)
         out, logits = net(images, k, return_logits=True)
         cls_logits = classifier(out.quantized)
-        loss, _ = criterion(cls_logits, labels, out, images, logits)
+        loss, _ = criterion(cls_logits, labels, out, images, logits, _teacher_logits(args, classifier, images))
         return loss, cls_logits
 
     def evaluate():
