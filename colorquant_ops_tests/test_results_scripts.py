@@ -81,3 +81,36 @@ def test_merge_evaluations_joins_runs_and_refuses_mixed_classifiers(tmp_path, mo
     monkeypatch.setattr(sys, "argv", ["merge", str(a), str(c), "--out", str(out)])
     with pytest.raises(SystemExit, match="different classifiers"):
         main()
+
+
+def test_jpeg_again_is_one_more_jpeg_pass_on_a_moved_grid(tmp_path):
+    import io
+
+    import numpy as np
+    import pytest
+    from PIL import Image
+
+    script = _script("jpeg_again")
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((32, 32, 3)) * 255).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    again = script.encode_again(image, 75, 3)
+    assert again.size == (32, 32) and again.mode == "RGB"
+    # what it does, step by step: reflect-pad 3 rows and columns, JPEG q75 4:2:0, crop back
+    padded = Image.fromarray(np.pad(pixels, ((3, 0), (3, 0), (0, 0)), mode="reflect"))
+    buffer = io.BytesIO()
+    padded.save(buffer, format="JPEG", quality=75, subsampling=2)
+    expected = np.asarray(Image.open(buffer).convert("RGB"))[3:, 3:]
+    assert np.array_equal(np.asarray(again), expected)
+    assert not np.array_equal(np.asarray(again), pixels)  # lossy: the pass changed the pixels
+    # the CLI: an ImageFolder copy as lossless PNGs in the same layout
+    for split, name in (("train", "cat"), ("test", "dog")):
+        (tmp_path / "src" / split / name).mkdir(parents=True)
+        image.save(tmp_path / "src" / split / name / "0001.jpg", quality=95)
+    script.main([str(tmp_path / "src"), str(tmp_path / "dst"), "--workers", "1"])
+    out = tmp_path / "dst" / "test" / "dog" / "0001.png"
+    with Image.open(tmp_path / "src" / "test" / "dog" / "0001.jpg") as source:
+        assert np.array_equal(np.asarray(Image.open(out)), np.asarray(script.encode_again(source, 75, 3)))
+    assert (tmp_path / "dst" / "train" / "cat" / "0001.png").is_file()
+    with pytest.raises(SystemExit):
+        script.main([str(tmp_path / "src"), str(tmp_path / "x"), "--shift", "8"])

@@ -45,10 +45,12 @@ def main(argv=None) -> None:
     parser.add_argument("target", type=Path, help="where to write the copy (PNG files)")
     parser.add_argument("--quality", type=int, default=75)
     parser.add_argument("--shift", type=int, default=3, help="grid offset in pixels, 1..7 (default: 3)")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="processes (default: 2; 1: this one)")
     args = parser.parse_args(argv)
     if not 1 <= args.shift <= 7:
         parser.error(f"--shift must be in 1..7, got {args.shift}")
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
     sources = sorted(p for p in args.source.glob("*/*/*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
     if not sources:
         parser.error(f"{args.source} holds no <split>/<class>/<image> files")
@@ -57,6 +59,10 @@ def main(argv=None) -> None:
         target = (args.target / source.relative_to(args.source)).with_suffix(".png")
         target.parent.mkdir(parents=True, exist_ok=True)
         jobs.append((source, target, args.quality, args.shift))
+    if args.workers == 1:
+        for job in tqdm(jobs, desc="re-encoding"):
+            _convert(job)
+        return
     with ProcessPoolExecutor(args.workers) as pool:
         for _ in tqdm(pool.map(_convert, jobs, chunksize=256), total=len(jobs), desc="re-encoding"):
             pass
