@@ -236,6 +236,42 @@ def test_straight_through_value_is_hard_gradient_is_soft():
         ColorCNN(4, width=WIDTH, straight_through=1)
 
 
+def test_logit_noise_is_gumbel_noise_on_the_training_logits(tmp_path):
+    """Training mode: the soft recolouring of ``logits + s * Gumbel`` (float32 uniforms from the global
+    RNG); evaluation mode and the checkpoint's weights are untouched by it."""
+    from colorquant_ops.models import load_colorcnn, save_colorcnn
+
+    x = torch.rand(2, 3, 6, 5)
+    noisy = _model(4, color_jitter=0.0, logit_noise=0.7).train()
+    with torch.no_grad():
+        logits = noisy.logits(x)  # train-mode logits (batch statistics)
+        torch.manual_seed(3)
+        u = torch.rand(logits.shape).clamp_(1e-10, 1 - 1e-7)
+        expected = soft_color_quantize(logits - 0.7 * torch.log(-torch.log(u)), x)
+        torch.manual_seed(3)
+        out = noisy(x)
+    torch.testing.assert_close(out.quantized, expected.quantized)
+    torch.testing.assert_close(out.probs, expected.probs)
+    torch.testing.assert_close(out.palette, expected.palette)
+    assert not torch.allclose(out.probs, soft_color_quantize(logits, x).probs)  # the noise is there
+    xg = x.clone().requires_grad_(True)
+    noisy(xg).quantized.sum().backward()
+    assert torch.isfinite(xg.grad).all() and all(torch.isfinite(p.grad).all() for p in noisy.parameters())
+    plain = _model(4, color_jitter=0.0)
+    plain.load_state_dict(noisy.state_dict())
+    noisy.eval(), plain.eval()
+    for a, b in zip(noisy(x), plain(x)):
+        torch.testing.assert_close(a, b)  # evaluation: the argmax image, no noise
+    save_colorcnn(noisy, tmp_path / "noisy.pt")
+    assert load_colorcnn(tmp_path / "noisy.pt").logit_noise == 0.7 and "logit_noise=0.7" in repr(noisy)
+    ckpt = torch.load(tmp_path / "noisy.pt", weights_only=True)
+    del ckpt["config"]["logit_noise"]  # written before the option: none
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert load_colorcnn(tmp_path / "old.pt").logit_noise == 0.0
+    with pytest.raises(ValueError, match="logit_noise must be a finite number >= 0"):
+        ColorCNN(4, width=WIDTH, logit_noise=-0.1)
+
+
 def test_output_in_input_value_space():
     # Normalized or not, the quantized colours are convex combinations of input pixels.
     model = _model(4, color_jitter=0.0)

@@ -166,6 +166,10 @@ def add_colorcnn_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--color-jitter", type=float, default=1.0, help="palette shift std (default: 1)")
     p.add_argument("--straight-through", action="store_true",
                    help="train on the argmax image, with the soft image's gradient (not in the paper)")
+    p.add_argument("--logit-noise", type=float, default=0.0, metavar="SCALE",
+                   help="training-only Gumbel noise of this scale on the logits (the Gumbel-softmax at 1): "
+                        "pushes the colour probabilities towards one-hot, as the argmax image is; not in the "
+                        "paper; default: 0")
     p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                    help="start from the weights of this ColorCNN checkpoint (same K, backbone and width), "
                         "e.g. to fine-tune a run with --straight-through, or with --model colorcnn+ of this "
@@ -620,11 +624,15 @@ def _check_model_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--distill must be a finite number >= 0, got {distill}")
     if temperature <= 0 or not math.isfinite(temperature):
         raise ValueError(f"--distill-temperature must be a finite number > 0, got {temperature}")
+    noise = getattr(args, "logit_noise", 0.0)
+    if noise < 0 or not math.isfinite(noise):
+        raise ValueError(f"--logit-noise must be a finite number >= 0, got {noise}")
     if model == "colorcnn+":
         given = [name for name, set_ in (("--num-colors", args.num_colors is not None),
                                           ("--temperature", args.temperature != 1.0),
                                           ("--color-norm", args.color_norm is not None),
                                           ("--straight-through", args.straight_through),
+                                          ("--logit-noise", getattr(args, "logit_noise", 0.0) != 0.0),
                                           ("--beta", args.beta != 0.0), ("--gamma", args.gamma != 0.0)) if set_]
         if given:
             raise ValueError(f"{', '.join(given)}: not an option of --model colorcnn+ (it serves every K: "
@@ -738,7 +746,7 @@ def _train_colorcnn(setup: _Setup) -> dict:
         args.color_norm = color_norm  # settings.json records it
     model = ColorCNN(args.num_colors, args.backbone, args.width, temperature=args.temperature,
                      color_norm=color_norm, color_jitter=args.color_jitter,
-                     straight_through=args.straight_through)
+                     straight_through=args.straight_through, logit_noise=getattr(args, "logit_noise", 0.0))
     if args.init_from is not None:
         _load_initial_weights(model, args.init_from, args.dataset)
     criterion = ColorCNNLoss(args.alpha, args.beta, args.gamma, boundary=args.boundary, **_distill_options(args))

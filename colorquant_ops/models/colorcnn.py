@@ -129,6 +129,14 @@ class ColorCNN(nn.Module):
     closes that train/test gap, though with a biased gradient (in the K = 2
     CIFAR-10 ablation of RESULTS.md it learned more slowly than the soft path).
 
+    ``logit_noise=s > 0`` (not in the paper either) adds ``s`` times Gumbel noise
+    to the logits in training mode, one draw per pixel and colour (the
+    Gumbel-softmax relaxation, Jang et al. 2017, at ``s = 1``): a colour
+    probability near 1/2 then flips from call to call, so the soft image can no
+    longer carry information in intermediate probabilities reliably, and the
+    network is pushed towards decisive ones, like the argmax image that
+    evaluation uses, while keeping the soft path's gradient.
+
     The quantized image lives in the input's value space and has the input's
     dtype: under autocast, the logits are cast to the input's dtype before
     quantization. ``input_normalization=(mean, std)`` says the network was
@@ -156,6 +164,8 @@ class ColorCNN(nn.Module):
         straight_through: training-mode forward value from the argmax
             recolouring, gradient from the soft one (default: False, the paper's
             soft recolouring).
+        logit_noise: training-only scale of the Gumbel noise added to the
+            logits, >= 0 (default: 0, none).
         input_normalization: ``None`` or ``(mean, std)``, ``in_channels``
             values each: the normalization the backbone expects (see above).
 
@@ -178,6 +188,7 @@ class ColorCNN(nn.Module):
         eps: float = 1e-8,
         straight_through: bool = False,
         input_normalization: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
+        logit_noise: float = 0.0,
     ) -> None:
         super().__init__()
         self.num_colors = _check_int(num_colors, "num_colors", 2, 256)
@@ -192,6 +203,7 @@ class ColorCNN(nn.Module):
         if not isinstance(straight_through, bool):
             raise TypeError(f"straight_through must be a bool, got {type(straight_through).__name__}")
         self.straight_through = straight_through
+        self.logit_noise = _check_float(logit_noise, "logit_noise", positive=False)
         self.input_normalization = _check_normalization(input_normalization, self.in_channels)
         self.backbone_name = backbone
 
@@ -215,6 +227,7 @@ class ColorCNN(nn.Module):
             eps=self.eps,
             straight_through=self.straight_through,
             input_normalization=self.input_normalization,
+            logit_noise=self.logit_noise,
         )
 
     @classmethod
@@ -229,6 +242,7 @@ class ColorCNN(nn.Module):
             f"in_channels={self.in_channels}, temperature={self.temperature}, "
             f"color_norm={self.color_norm}, color_jitter={self.color_jitter}, eps={self.eps}, "
             f"straight_through={self.straight_through}"
+            + (f", logit_noise={self.logit_noise}" if self.logit_noise else "")
             + (f", input_normalization={self.input_normalization}" if self.input_normalization else "")
         )
 
@@ -280,6 +294,11 @@ class ColorCNN(nn.Module):
             probs = torch.softmax(self.temperature * logits, dim=1)
             return ColorCNNOutput(hard.quantized, probs, hard.palette, hard.index_map)
 
+        if self.logit_noise != 0.0:
+            # Gumbel(0, 1) from float32 uniforms whatever the dtype (a seed gives the same noise in
+            # every precision); the clamp keeps log(-log(u)) finite.
+            u = torch.rand(logits.shape, device=x.device).clamp_(1e-10, 1 - 1e-7)
+            logits = logits - self.logit_noise * torch.log(-torch.log(u)).to(logits.dtype)
         soft = soft_color_quantize(logits, x, self.temperature, self.eps)
         quantized, palette = soft.quantized, soft.palette
         if self.straight_through:
@@ -317,7 +336,7 @@ KEEP_NORMALIZATION = object()
 
 #: The entries of :meth:`ColorCNN.config` (a checkpoint's ``config`` may hold only these).
 _CONFIG_KEYS = ("num_colors", "backbone", "width", "in_channels", "temperature", "color_norm", "color_jitter",
-                "eps", "straight_through", "input_normalization")
+                "eps", "straight_through", "input_normalization", "logit_noise")
 
 
 def save_colorcnn(model: ColorCNN, path, *, input_normalization=KEEP_NORMALIZATION, **extra) -> None:
