@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from colorquant_ops.experiment import cli
-from colorquant_ops.experiment.presets import COMPACT_STAGE, PRESETS, SHEET_CLASSES, data_warning
+from colorquant_ops.experiment.presets import (COMPACT_STAGE, GUMBEL_KS, PRESETS, SHEET_CLASSES, data_warning,
+                                              gumbel_stage)
 from colorquant_ops.experiment.quantize_files import COMPARISON_COLUMNS
 
 
@@ -89,6 +90,39 @@ def test_the_paper_preset_trains_the_classifier_with_the_one_cycle_schedule():
     for preset in ("cifar10-cpu-alexnet", "smoke"):  # as they ran before --schedule: their runs resume
         argv = {s.name: s.argv for s in PRESETS[preset].stages}["classifier"]
         assert argv[argv.index("--schedule") + 1] == "step"
+
+
+def test_the_cpu_preset_fine_tunes_the_bundled_k_with_gumbel_noise():
+    from colorquant_ops.experiment import demo
+
+    stages = {s.name: s.argv for s in PRESETS["cifar10-cpu"].stages}
+    names = [s.name for s in PRESETS["cifar10-cpu"].stages]
+    assert set(demo.DEMO_KS) <= set(GUMBEL_KS)  # rebuild_assets bundles these stages' networks
+    for k in GUMBEL_KS:
+        tuned, start = list(stages[gumbel_stage(k)]), stages[f"colorcnn-k{k}"]
+        assert names.index(gumbel_stage(k)) > names.index(f"colorcnn-k{k}")  # it starts from that run
+        # the K stage's command, from its weights, with the noise, half the lr and 2 epochs
+        for flag, value in (("--init-from", f"{{out}}/colorcnn-k{k}/final.pt"), ("--logit-noise", "1"),
+                            ("--lr", "0.005")):
+            i = tuned.index(flag)
+            assert tuned[i + 1] == value
+            del tuned[i:i + 2]
+        start = list(start)
+        for flag in ("--epochs", "--restart-epochs"):
+            i, j = tuned.index(flag), start.index(flag)
+            assert tuned[i + 1] == "2"
+            del tuned[i:i + 2], start[j:j + 2]
+        assert tuned == start
+    evaluate = list(stages["evaluate-colorcnn"])
+    ckpts = evaluate[evaluate.index("--colorcnn") + 1:evaluate.index("--colorcnn-plus")]
+    # per K the first checkpoint is the row without a variant label: the Gumbel one where there is one
+    firsts = {}
+    for path in ckpts:
+        k = int(path.split("colorcnn-k")[1].split("-")[0].split("/")[0])
+        firsts.setdefault(k, path)
+    for k in GUMBEL_KS:
+        assert firsts[k] == f"{{out}}/{gumbel_stage(k)}/final.pt" and f"{{out}}/colorcnn-k{k}/final.pt" in ckpts
+    assert firsts[16] == "{out}/colorcnn-k16/final.pt"
 
 
 def test_the_cpu_preset_trains_and_evaluates_a_compact_k2_network():

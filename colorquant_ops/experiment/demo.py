@@ -16,7 +16,8 @@ What is bundled (``colorquant_ops/assets/``, about 12 MB):
   ``--test-subset 500`` picks from the project's CIFAR-10 JPEG copy (its class-balanced seeded order);
 * ``weights/airbench93-cifar10.pt``: the classifier of ``colorquant reproduce --preset cifar10-cpu``
   (airbench93, 88 % full colour on the JPEG copy's test split);
-* ``weights/colorcnn-k{2,4,8}.pt``: the ColorCNN (U-Net width 16) checkpoints of that preset;
+* ``weights/colorcnn-k{2,4,8}.pt``: the ColorCNN (U-Net width 16) checkpoints of that preset, after
+  its two epochs with Gumbel noise on the logits (``colorcnn-k{2,4,8}-gumbel``);
 * ``weights/colorcnn-k2-compact.pt``: its second K = 2 ColorCNN, trained with the boundary term
   (``--boundary 2``) for palette PNGs at k-means' size (a smaller lead than ``colorcnn-k2.pt``'s:
   the table's ``colorcnn (colorcnn-k2-compact)`` row), against the bundled classifier;
@@ -48,7 +49,7 @@ from ..models.colorcnn_plus import load_colorcnn_plus_checkpoint
 from ..models.pretrained import PRETRAINED_CLASSIFIERS, PRETRAINED_COLORCNN, PRETRAINED_COLORCNN_PLUS, WEIGHTS
 from . import data, evaluate
 from .commands import Command, build_parser
-from .presets import COMPACT_STAGE, PLUS_STAGE
+from .presets import COMPACT_STAGE, PLUS_STAGE, gumbel_stage
 from .quantize_files import comparison_sheet
 
 __all__ = ["ASSETS", "COMMAND", "DEMO_KS", "PLUS_SMOOTHING", "main", "rebuild_assets"]
@@ -77,12 +78,12 @@ def _half_state(ckpt: dict) -> dict:
 
 def rebuild_assets(run_dir, data_root=None) -> list[Path]:
     """Regenerate the bundled sample and weights from a finished ``reproduce --preset cifar10-cpu``
-    run directory (its ``classifier/final.pt``, ``colorcnn-k{2,4,8}/final.pt``,
+    run directory (its ``classifier/final.pt``, ``colorcnn-k{2,4,8}-gumbel/final.pt``,
     ``colorcnn-k2-compact/final.pt`` and ``colorcnn-plus/final.pt``); ``data_root``:
     the CIFAR-10 copy to take the sample from (default: the project's extracted JPEG copy)."""
     run_dir = Path(run_dir)
     sources = {CLASSIFIER: run_dir / "classifier" / "final.pt"}
-    sources.update({_colorcnn_path(k): run_dir / f"colorcnn-k{k}" / "final.pt" for k in DEMO_KS})
+    sources.update({_colorcnn_path(k): run_dir / gumbel_stage(k) / "final.pt" for k in DEMO_KS})
     sources[COMPACT] = run_dir / COMPACT_STAGE / "final.pt"
     sources[PLUS] = run_dir / PLUS_STAGE / "final.pt"
     missing = [str(p) for p in sources.values() if not p.is_file()]

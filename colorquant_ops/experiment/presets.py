@@ -29,8 +29,10 @@ Presets:
   bfloat16 (AVX512-BF16 / AMX) does in about three hours: the airbench93 classifier, 12 epochs (88 %
   full colour in 7.5 min on such a CPU); ColorCNN U-Net width 16 in bfloat16 autocast, channels-last,
   without colour_norm / colour_jitter, 6 epochs at K = 2, 3 at K = 4..64 (one cosine cycle each);
-  a second ColorCNN K = 2, ``colorcnn-k2-compact``, trained with the boundary term (``--boundary 2``)
-  for 12 epochs, for palette PNGs under k-means' size; ColorCNN+ U-Net width 16 in bfloat16,
+  then two more epochs at K = 2, 4, 8 with Gumbel noise on the logits (``--logit-noise 1``, lr 0.005;
+  ``colorcnn-k{2,4,8}-gumbel``: the bundled networks, several points above the stages they start
+  from); a second ColorCNN K = 2, ``colorcnn-k2-compact``, trained with the boundary term
+  (``--boundary 2``) for 12 epochs, for palette PNGs under k-means' size; ColorCNN+ U-Net width 16 in bfloat16,
   channels-last, 4 epochs at lr 0.03 at K drawn from 2..256;
 * ``cifar10-cpu-alexnet`` -- the same experiment as ``cifar10-cpu`` ran until session 10: the CIFAR
   AlexNet, 15 epochs (``--schedule step``: lr x0.1 at 8 and 12); ColorCNN 8 epochs at K = 2, 4 at
@@ -57,8 +59,8 @@ from . import data, evaluate, train
 from .commands import Command, build_parser, run_command
 from .quantize_files import comparison_sheet
 
-__all__ = ["COMMAND", "COMPACT_STAGE", "PLUS_STAGE", "PRESETS", "Preset", "Stage", "add_reproduce_arguments",
-           "data_warning", "reproduce", "sheet_images", "write_report"]
+__all__ = ["COMMAND", "COMPACT_STAGE", "GUMBEL_KS", "PLUS_STAGE", "PRESETS", "Preset", "Stage",
+           "add_reproduce_arguments", "data_warning", "gumbel_stage", "reproduce", "sheet_images", "write_report"]
 
 _KS = (2, 4, 8, 16, 32, 64)
 
@@ -97,13 +99,24 @@ def _colorcnn(k: int, *options: str, name: Optional[str] = None) -> Stage:
 COMPACT_STAGE = "colorcnn-k2-compact"
 
 
-def _evaluate(ks, *options: str, plus: bool = False, compact: bool = False) -> tuple[Stage, Stage]:
+#: The K at which the ``cifar10-cpu`` preset fine-tunes its ColorCNN with Gumbel noise (the bundled K).
+GUMBEL_KS = (2, 4, 8)
+
+
+def gumbel_stage(k: int) -> str:
+    """The run directory of a preset's Gumbel-noise fine-tune of its ColorCNN at ``k`` colours."""
+    return f"colorcnn-k{k}-gumbel"
+
+
+def _evaluate(ks, *options: str, plus: bool = False, compact: bool = False, gumbel=()) -> tuple[Stage, Stage]:
     """Two evaluate stages: the traditional quantizers (with JPEG and full colour; they do not need
-    ColorCNN, so they can run while it trains) and ColorCNN per K (``plus``: and the preset's ColorCNN+
-    at every K; ``compact``: and its :data:`COMPACT_STAGE` network, a second K = 2 row). Each row of
-    ``colorquant evaluate`` is computed independently, so the two tables are the one table of a single
-    run, split."""
-    ckpts = [f"{{out}}/colorcnn-k{k}/final.pt" for k in ks]
+    ColorCNN, so they can run while it trains) and ColorCNN per K (``gumbel``: at these K the
+    :func:`gumbel_stage` network, the stage it started from as a second row; ``plus``: and the
+    preset's ColorCNN+ at every K; ``compact``: and its :data:`COMPACT_STAGE` network, another K = 2
+    row). Each row of ``colorquant evaluate`` is computed independently, so the two tables are the one
+    table of a single run, split."""
+    ckpts = [f"{{out}}/{gumbel_stage(k) if k in gumbel else f'colorcnn-k{k}'}/final.pt" for k in ks]
+    ckpts += [f"{{out}}/colorcnn-k{k}/final.pt" for k in ks if k in gumbel]
     ckpts += [f"{{out}}/{COMPACT_STAGE}/final.pt"] if compact else []
     plus_methods = ("colorcnn+",) if plus else ()
     plus_args = ("--colorcnn-plus", f"{{out}}/{PLUS_STAGE}/final.pt") if plus else ()
@@ -140,6 +153,14 @@ def _cpu_colorcnn(k: int, epochs: dict, *options: str, name: Optional[str] = Non
     return _colorcnn(k, *common, "--epochs", n, "--restart-epochs", n, name=name)
 
 
+def _cpu_gumbel(k: int, *options: str) -> Stage:
+    # Two more epochs of the K stage's network with Gumbel noise on its logits, at half its lr: the
+    # noise makes colour probabilities near 1/2 unreliable, so the soft image the network trains on
+    # moves towards the argmax image it is scored on (K = 2: +6 points, RESULTS.md session 19).
+    return _cpu_colorcnn(k, {k: 2}, *options, "--init-from", f"{{out}}/colorcnn-k{k}/final.pt",
+                         "--logit-noise", "1", "--lr", "0.005", name=gumbel_stage(k))
+
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
@@ -157,16 +178,18 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "cifar10-cpu",
             "a 2-core bf16 CPU's configuration: airbench93 12 epochs, ColorCNN width 16 (bf16, no colour "
-            "norm/jitter), 6/3 epochs, K=2..64 (and a compact K=2), ColorCNN+ 4 epochs",
+            "norm/jitter), 6/3 epochs, K=2..64, +2 epochs with Gumbel noise at K=2,4,8 (and a compact K=2), "
+            "ColorCNN+ 4 epochs",
             (
                 Stage("classifier", ("train-classifier", "--arch", "airbench93", "--epochs", "12", "--seed", "0")),
                 *(_cpu_colorcnn(k, {2: 6}, "--channels-last", "--test-subset", "2000") for k in _KS),
+                *(_cpu_gumbel(k, "--channels-last", "--test-subset", "2000") for k in GUMBEL_KS),
                 # K = 2 again with the boundary term, 12 epochs: palette PNGs under k-means' size, a
                 # smaller lead (RESULTS.md, sessions 14 and 18): the library's K = 2 model for small files
                 _cpu_colorcnn(2, {2: 12}, "--channels-last", "--test-subset", "2000", "--boundary", "2",
                               name=COMPACT_STAGE),
                 _cpu_colorcnn_plus("--amp", "--channels-last", "--lr", "0.03"),
-                *_evaluate(_KS, plus=True, compact=True),
+                *_evaluate(_KS, plus=True, compact=True, gumbel=GUMBEL_KS),
             ),
         ),
         Preset(

@@ -51,15 +51,15 @@ def main(argv=None) -> None:
     loader = DataLoader(test_set, batch_size=500)
     classifier = load_classifier(args.classifier)
     print(f"{len(test_set)} CIFAR-10 test images\n")
-    print("| checkpoint | K | colour_norm | colour_jitter | temperature | straight-through | "
+    print("| checkpoint | K | colour_norm | colour_jitter | temperature | straight-through | logit noise | "
           "top-1 argmax image | top-1 soft image | mean max probability |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for path in args.checkpoints:
         m = load_colorcnn(path)
         m.input_normalization = None  # the loader already normalizes, as in training
         r = soft_vs_hard(m, classifier, loader)
         print(f"| {path} | {m.num_colors} | {m.color_norm:g} | {m.color_jitter:g} | {m.temperature:g} | "
-              f"{'yes' if m.straight_through else 'no'} | {100 * r['hard']:.1f} | {100 * r['soft']:.1f} | "
+              f"{'yes' if m.straight_through else 'no'} | {m.logit_noise:g} | {100 * r['hard']:.1f} | {100 * r['soft']:.1f} | "
               f"{r['max_prob']:.3f} |", flush=True)
 
 
