@@ -135,7 +135,8 @@ class ColorCNN(nn.Module):
     probability near 1/2 then flips from call to call, so the soft image can no
     longer carry information in intermediate probabilities reliably, and the
     network is pushed towards decisive ones, like the argmax image that
-    evaluation uses, while keeping the soft path's gradient.
+    evaluation uses, while keeping the soft path's gradient (the training output's
+    ``probs`` are those of the noisy logits).
 
     The quantized image lives in the input's value space and has the input's
     dtype: under autocast, the logits are cast to the input's dtype before
