@@ -99,7 +99,7 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperatur
 
     ``T**2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over the batch: the frozen
     classifier's whole class distribution on the full-colour image is the target of its distribution
-    on the quantized one (the ``T**2`` keeps the gradient's scale independent of ``T``). The teacher
+    on the quantized one (the ``T**2`` keeps the gradient's scale roughly independent of ``T``). The teacher
     is a constant (no gradient reaches it). 0 when the two distributions agree.
 
     Args:
