@@ -410,7 +410,7 @@ def test_plus_loss_weights():
     expected = (F.cross_entropy(cls, target) + 1.0 * cluster_imitation_loss(logits, x, out.palette)
                 + 0.5 * color_usage_loss(out.probs) + 0.25 * boundary_loss(out.probs))
     torch.testing.assert_close(total, expected)
-    assert set(terms) == {"total", "cross_entropy", "imitation", "color_usage", "boundary"}
+    assert set(terms) == {"total", "cross_entropy", "imitation", "color_usage", "boundary", "distillation"}
     assert crit.boundary_weight(16) == 0.25 and crit.boundary_weight(256) == 0.25
     by_bits = ColorCNNPlusLoss(imitation=2.0, alpha=0.5, boundary=0.25, boundary_schedule="log2")
     assert by_bits.boundary_weight(16) == pytest.approx(0.25 * 4 / 8) and by_bits.boundary_weight(256) == 0.25
