@@ -115,9 +115,9 @@ def _evaluate(ks, *options: str, plus: bool = False, compact: bool = False, gumb
     preset's ColorCNN+ at every K; ``compact``: and its :data:`COMPACT_STAGE` network, another K = 2
     row). Each row of ``colorquant evaluate`` is computed independently, so the two tables are the one
     table of a single run, split."""
-    ckpts = [f"{{out}}/{gumbel_stage(k) if k in gumbel else f'colorcnn-k{k}'}/final.pt" for k in ks]
-    ckpts += [f"{{out}}/colorcnn-k{k}/final.pt" for k in ks if k in gumbel]
-    ckpts += [f"{{out}}/{COMPACT_STAGE}/final.pt"] if compact else []
+    runs = [gumbel_stage(k) if k in gumbel else f"colorcnn-k{k}" for k in ks]
+    runs += [f"colorcnn-k{k}" for k in ks if k in gumbel] + ([COMPACT_STAGE] if compact else [])
+    ckpts = [f"{{out}}/{run}/final.pt" for run in runs]
     plus_methods = ("colorcnn+",) if plus else ()
     plus_args = ("--colorcnn-plus", f"{{out}}/{PLUS_STAGE}/final.pt") if plus else ()
     common = ("--classifier", "{out}/classifier/final.pt", "--num-colors", *map(str, ks))

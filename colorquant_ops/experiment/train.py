@@ -616,23 +616,18 @@ def train_colorcnn(args: argparse.Namespace) -> dict:
 def _check_model_options(args: argparse.Namespace) -> None:
     """Options of the other model are an error (not silently ignored); fill the chosen model's defaults."""
     model = getattr(args, "model", "colorcnn")
-    boundary = getattr(args, "boundary", 0.0)
-    if boundary < 0 or not math.isfinite(boundary):
-        raise ValueError(f"--boundary must be a finite number >= 0, got {boundary}")
-    distill, temperature = getattr(args, "distill", 0.0), getattr(args, "distill_temperature", 1.0)
-    if distill < 0 or not math.isfinite(distill):
-        raise ValueError(f"--distill must be a finite number >= 0, got {distill}")
-    if temperature <= 0 or not math.isfinite(temperature):
-        raise ValueError(f"--distill-temperature must be a finite number > 0, got {temperature}")
-    noise = getattr(args, "logit_noise", 0.0)
-    if noise < 0 or not math.isfinite(noise):
-        raise ValueError(f"--logit-noise must be a finite number >= 0, got {noise}")
+    for key, positive in (("boundary", False), ("distill", False), ("distill_temperature", True),
+                          ("logit_noise", False)):
+        value = getattr(args, key)
+        if value < 0 or (positive and value == 0) or not math.isfinite(value):
+            raise ValueError(f"--{key.replace('_', '-')} must be a finite number {'> 0' if positive else '>= 0'}, "
+                             f"got {value}")
     if model == "colorcnn+":
         given = [name for name, set_ in (("--num-colors", args.num_colors is not None),
                                           ("--temperature", args.temperature != 1.0),
                                           ("--color-norm", args.color_norm is not None),
                                           ("--straight-through", args.straight_through),
-                                          ("--logit-noise", getattr(args, "logit_noise", 0.0) != 0.0),
+                                          ("--logit-noise", args.logit_noise != 0.0),
                                           ("--beta", args.beta != 0.0), ("--gamma", args.gamma != 0.0)) if set_]
         if given:
             raise ValueError(f"{', '.join(given)}: not an option of --model colorcnn+ (it serves every K: "
@@ -717,13 +712,13 @@ def _quantizer_run(setup: _Setup, classifier: nn.Module, model: nn.Module):
 
 
 def _distill_options(args: argparse.Namespace) -> dict:
-    """The loss's distillation options (runs from before them recorded none: off)."""
-    return {"distill": getattr(args, "distill", 0.0), "distill_temperature": getattr(args, "distill_temperature", 1.0)}
+    """The objectives' distillation arguments."""
+    return {"distill": args.distill, "distill_temperature": args.distill_temperature}
 
 
 def _teacher_logits(args: argparse.Namespace, classifier: nn.Module, images: Tensor) -> Optional[Tensor]:
     """The frozen classifier on the original images, for ``--distill`` (None without it)."""
-    if not getattr(args, "distill", 0.0):
+    if not args.distill:
         return None
     with torch.no_grad():
         return classifier(images)
@@ -746,7 +741,7 @@ def _train_colorcnn(setup: _Setup) -> dict:
         args.color_norm = color_norm  # settings.json records it
     model = ColorCNN(args.num_colors, args.backbone, args.width, temperature=args.temperature,
                      color_norm=color_norm, color_jitter=args.color_jitter,
-                     straight_through=args.straight_through, logit_noise=getattr(args, "logit_noise", 0.0))
+                     straight_through=args.straight_through, logit_noise=args.logit_noise)
     if args.init_from is not None:
         _load_initial_weights(model, args.init_from, args.dataset)
     criterion = ColorCNNLoss(args.alpha, args.beta, args.gamma, boundary=args.boundary, **_distill_options(args))
