@@ -163,6 +163,36 @@ def test_smoothing_changes_only_the_eval_argmax():
         torch.testing.assert_close(t, u, rtol=0, atol=0)
 
 
+def test_logit_noise_is_gumbel_noise_on_the_training_assignment():
+    """logit_noise=s: in training mode the soft recolouring of ``logits + s * Gumbel`` (after the
+    refinement steps, float32 uniforms from the global RNG; the returned logits are the noisy ones);
+    evaluation mode is untouched by it; checkpoints keep it, older ones load with none."""
+    plain = _trained_like(_model())
+    noisy = _model(logit_noise=0.7)
+    noisy.load_state_dict(plain.state_dict())
+    x = _images()
+    plain.eval(), noisy.eval()
+    for a, b in zip(plain(x, 5), noisy(x, 5)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # evaluation: the argmax image, no noise
+    plain.train(), noisy.train()
+    with torch.no_grad():
+        _, logits = plain(x, 5, return_logits=True)
+        torch.manual_seed(3)
+        u = torch.rand(logits.shape).clamp_(1e-10, 1 - 1e-7)
+        expected_logits = logits - 0.7 * torch.log(-torch.log(u))
+        expected = ref.soft_color_quantize(expected_logits.double(), x.double())
+        torch.manual_seed(3)
+        out, noisy_logits = noisy(x, 5, return_logits=True)
+    torch.testing.assert_close(noisy_logits, expected_logits, rtol=0, atol=0)
+    for got, want in zip((out.quantized, out.palette, out.probs), expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(noisy_logits, logits)  # the noise is there
+    xg = x.clone().requires_grad_(True)
+    noisy(xg, 5).quantized.sum().backward()
+    assert torch.isfinite(xg.grad).all() and noisy.log_beta.grad is not None
+    assert "logit_noise=0.7" in repr(noisy) and "logit_noise" not in repr(plain)
+
+
 @pytest.mark.parametrize("k", [2, 7, 64])
 def test_smoothing_closed_form_matches_smoothing_the_logits_float64(k):
     """The model filters the C + 1 feature planes, not the K logit planes: the same numbers (float64)."""
@@ -277,6 +307,7 @@ def test_bad_inputs():
     ({"input_normalization": ((0.5,), (0.5,))}, "needs 3 means and stds"),
     ({"smoothing": -0.5}, "smoothing must be a finite number >= 0"),
     ({"smoothing": 1.01}, r"smoothing must be in \[0, 1\]"),
+    ({"logit_noise": -0.1}, "logit_noise must be a finite number >= 0"),
 ])
 def test_bad_constructor_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -284,7 +315,7 @@ def test_bad_constructor_arguments(kwargs, match):
 
 
 def test_checkpoint_round_trip(tmp_path):
-    model = _trained_like(_model(max_colors=64, kmeans_iters=3, smoothing=0.3)).eval()
+    model = _trained_like(_model(max_colors=64, kmeans_iters=3, smoothing=0.3, logit_noise=0.5)).eval()
     path = tmp_path / "plus.pt"
     save_colorcnn_plus(model, path, input_normalization=((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), dataset="cifar10")
     loaded, extra = load_colorcnn_plus_checkpoint(path)
@@ -297,15 +328,17 @@ def test_checkpoint_round_trip(tmp_path):
         torch.testing.assert_close(t, u, rtol=0, atol=0)
 
 
-def test_checkpoint_without_smoothing_loads_unsmoothed(tmp_path):
-    """Checkpoints from before the smoothing option have no such config entry: they load with none."""
-    model = _trained_like(_model(smoothing=0.3))
+@pytest.mark.parametrize("option", ["smoothing", "logit_noise"])
+def test_checkpoint_without_a_later_option_loads_without_it(tmp_path, option):
+    """Checkpoints from before the smoothing and logit_noise options have no such config entry: they
+    load with none."""
+    model = _trained_like(_model(**{option: 0.3}))
     path = tmp_path / "plus.pt"
     save_colorcnn_plus(model, path)
     ckpt = torch.load(path, weights_only=True)
-    del ckpt["config"]["smoothing"]
+    del ckpt["config"][option]
     torch.save(ckpt, path)
-    assert load_colorcnn_plus(path).smoothing == 0.0
+    assert getattr(load_colorcnn_plus(path), option) == 0.0
 
 
 def test_checkpoint_errors(tmp_path):

@@ -496,14 +496,20 @@ def test_logit_noise_reaches_the_training(capsys, tmp_path, cache_dir, classifie
     with _Deterministic():
         assert _train_colorcnn(tmp_path / "plain", cache_dir, classifier, "--epochs", "1") == 0
         assert _train_colorcnn(tmp_path / "noisy", cache_dir, classifier, "--epochs", "1", "--logit-noise", "1") == 0
-    plain, noisy = (load_colorcnn(tmp_path / name / "final.pt") for name in ("plain", "noisy"))
-    assert noisy.logit_noise == 1.0 and plain.logit_noise == 0.0
-    assert any(not torch.equal(p, q) for p, q in zip(plain.parameters(), noisy.parameters()))
+        assert _train_plus(tmp_path / "plus-plain", cache_dir, classifier, "--epochs", "1") == 0
+        assert _train_plus(tmp_path / "plus-noisy", cache_dir, classifier, "--epochs", "1", "--logit-noise", "1") == 0
+    from colorquant_ops.models import load_colorcnn_plus
+
+    for load, names in ((load_colorcnn, ("plain", "noisy")), (load_colorcnn_plus, ("plus-plain", "plus-noisy"))):
+        plain, noisy = (load(tmp_path / name / "final.pt") for name in names)
+        assert noisy.logit_noise == 1.0 and plain.logit_noise == 0.0
+        # the same seed and batches: only the noise can make the weights differ
+        assert any(not torch.equal(p, q) for p, q in zip(plain.parameters(), noisy.parameters()))
     base = ["--cache-dir", cache_dir, *COMMON, "--epochs", "1", "--classifier", classifier]
     assert "--logit-noise must be a finite number >= 0, got -1.0" in _error(
         capsys, "train", *base, "--logit-noise", "-1", "--out-dir", tmp_path / "a")
-    assert "--logit-noise: not an option of --model colorcnn+" in _error(
-        capsys, "train", *base, "--model", "colorcnn+", "--logit-noise", "1", "--out-dir", tmp_path / "b")
+    assert "--logit-noise must be a finite number >= 0, got -1.0" in _error(
+        capsys, "train", *base, "--model", "colorcnn+", "--logit-noise", "-1", "--out-dir", tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

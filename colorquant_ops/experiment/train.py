@@ -168,8 +168,8 @@ def add_colorcnn_arguments(p: argparse.ArgumentParser) -> None:
                    help="train on the argmax image, with the soft image's gradient (not in the paper)")
     p.add_argument("--logit-noise", type=float, default=0.0, metavar="SCALE",
                    help="training-only Gumbel noise of this scale on the logits (the Gumbel-softmax at 1): "
-                        "pushes the colour probabilities towards one-hot, as the argmax image is; not in the "
-                        "paper; default: 0")
+                        "pushes the colour probabilities towards one-hot, as the argmax image is; both models; "
+                        "not in the paper; default: 0")
     p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                    help="start from the weights of this ColorCNN checkpoint (same K, backbone and width), "
                         "e.g. to fine-tune a run with --straight-through, or with --model colorcnn+ of this "
@@ -627,7 +627,6 @@ def _check_model_options(args: argparse.Namespace) -> None:
                                           ("--temperature", args.temperature != 1.0),
                                           ("--color-norm", args.color_norm is not None),
                                           ("--straight-through", args.straight_through),
-                                          ("--logit-noise", args.logit_noise != 0.0),
                                           ("--beta", args.beta != 0.0), ("--gamma", args.gamma != 0.0)) if set_]
         if given:
             raise ValueError(f"{', '.join(given)}: not an option of --model colorcnn+ (it serves every K: "
@@ -774,7 +773,8 @@ def _train_colorcnn_plus(setup: _Setup) -> dict:
     args = setup.args
     classifier = load_classifier(args.classifier).eval().requires_grad_(False)
     low, high = args.train_colors
-    model = ColorCNNPlus(args.backbone, args.width, max_colors=high, kmeans_iters=args.kmeans_iters, seed=args.seed)
+    model = ColorCNNPlus(args.backbone, args.width, max_colors=high, kmeans_iters=args.kmeans_iters, seed=args.seed,
+                         logit_noise=args.logit_noise)
     if args.init_from is not None:
         _load_initial_weights(model, args.init_from, args.dataset)
     criterion = ColorCNNPlusLoss(args.imitation, args.alpha, boundary=args.boundary,

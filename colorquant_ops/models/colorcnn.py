@@ -295,11 +295,7 @@ class ColorCNN(nn.Module):
             probs = torch.softmax(self.temperature * logits, dim=1)
             return ColorCNNOutput(hard.quantized, probs, hard.palette, hard.index_map)
 
-        if self.logit_noise != 0.0:
-            # Gumbel(0, 1) from float32 uniforms whatever the dtype (a seed gives the same noise in
-            # every precision); the clamp keeps log(-log(u)) finite.
-            u = torch.rand(logits.shape, device=x.device).clamp_(1e-10, 1 - 1e-7)
-            logits = logits - self.logit_noise * torch.log(-torch.log(u)).to(logits.dtype)
+        logits = add_gumbel_noise(logits, self.logit_noise)
         soft = soft_color_quantize(logits, x, self.temperature, self.eps)
         quantized, palette = soft.quantized, soft.palette
         if self.straight_through:
@@ -330,6 +326,18 @@ class ColorCNN(nn.Module):
                 quantized = quantized + jitter * norm[1]
                 palette = palette + jitter * norm[1].view(1, 1, -1)
         return ColorCNNOutput(quantized, soft.probs, palette, None)
+
+
+def add_gumbel_noise(logits: Tensor, scale: float) -> Tensor:
+    """``logits + scale * g`` with ``g`` Gumbel(0, 1), one draw per element from the global RNG of the
+    logits' device (``logits`` itself when ``scale`` is 0): the training-time ``logit_noise`` of
+    :class:`ColorCNN` and :class:`~colorquant_ops.models.ColorCNNPlus`."""
+    if scale == 0.0:
+        return logits
+    # float32 uniforms whatever the dtype (a seed gives the same noise in every precision); the clamp
+    # keeps log(-log(u)) finite.
+    u = torch.rand(logits.shape, device=logits.device).clamp_(1e-10, 1 - 1e-7)
+    return logits - scale * torch.log(-torch.log(u)).to(logits.dtype)
 
 
 #: ``input_normalization`` default of the checkpoint writers: keep the model's own.

@@ -47,8 +47,8 @@ from .._validation import check_float as _check_float
 from .._validation import check_int as _check_int
 from ..ops import hard_color_quantize, kmeans_palette, palette_distance, soft_color_quantize
 from .backbones import DnCNN, UNet
-from .colorcnn import (KEEP_NORMALIZATION, ColorCNNOutput, _check_normalization, check_image_input, normalization_tensors,
-                       read_model_checkpoint, write_model_checkpoint)
+from .colorcnn import (KEEP_NORMALIZATION, ColorCNNOutput, _check_normalization, add_gumbel_noise, check_image_input,
+                       normalization_tensors, read_model_checkpoint, write_model_checkpoint)
 from .pretrained import pretrained_path
 
 __all__ = ["ColorCNNPlus", "load_colorcnn_plus", "load_colorcnn_plus_checkpoint", "save_colorcnn_plus", "smooth_logits"]
@@ -129,6 +129,10 @@ class ColorCNNPlus(nn.Module):
         smoothing: strength in ``[0, 1]`` of the 3x3 smoothing of the logits before the evaluation-mode
             argmax (:func:`smooth_logits`; 0, the default: none). A plain attribute, saved in
             checkpoints; set ``model.smoothing`` to change it on a loaded model.
+        logit_noise: training-only scale of Gumbel noise added to the distance logits, >= 0 (default: 0,
+            none; not in the papers): as :class:`~colorquant_ops.ColorCNN`'s, it makes a pixel's colour
+            probabilities near 1/2 unreliable in training, pushing them towards the one-hot assignment
+            evaluation uses (the learned inverse temperature can grow to outweigh it).
 
     Shape:
         - Input: ``[B, C, H, W]`` floating point, any ``H, W >= 1``; ``num_colors`` an int.
@@ -148,6 +152,7 @@ class ColorCNNPlus(nn.Module):
         eps: float = 1e-8,
         input_normalization: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
         smoothing: float = 0.0,
+        logit_noise: float = 0.0,
     ) -> None:
         super().__init__()
         if backbone not in _BACKBONES:
@@ -162,6 +167,7 @@ class ColorCNNPlus(nn.Module):
         self.eps = _check_float(eps, "eps", positive=False)
         self.input_normalization = _check_normalization(input_normalization, self.in_channels)
         self.smoothing = _check_strength(smoothing, "smoothing")
+        self.logit_noise = _check_float(logit_noise, "logit_noise", positive=False)
 
         # one more input plane: log2(K) / 8, so that the offsets can depend on K
         self.backbone = _BACKBONES[backbone](in_channels=self.in_channels + 1, width=self.width)
@@ -183,7 +189,7 @@ class ColorCNNPlus(nn.Module):
         return dict(backbone=self.backbone_name, width=self.width, in_channels=self.in_channels,
                     max_colors=self.max_colors, kmeans_iters=self.kmeans_iters, refine_steps=self.refine_steps,
                     seed=self.seed, eps=self.eps, input_normalization=self.input_normalization,
-                    smoothing=self.smoothing)
+                    smoothing=self.smoothing, logit_noise=self.logit_noise)
 
     @classmethod
     def from_pretrained(cls, name: str, map_location="cpu") -> "ColorCNNPlus":
@@ -196,6 +202,7 @@ class ColorCNNPlus(nn.Module):
                 f"max_colors={self.max_colors}, kmeans_iters={self.kmeans_iters}, "
                 f"refine_steps={self.refine_steps}, seed={self.seed}, eps={self.eps}"
                 + (f", smoothing={self.smoothing}" if self.smoothing else "")
+                + (f", logit_noise={self.logit_noise}" if self.logit_noise else "")
                 + (f", input_normalization={self.input_normalization}" if self.input_normalization else ""))
 
     # --- the model ----------------------------------------------------------------------
@@ -230,7 +237,8 @@ class ColorCNNPlus(nn.Module):
         Returns:
             :class:`~colorquant_ops.models.ColorCNNOutput` ``(quantized, probs, palette, index_map)``,
             and with ``return_logits=True`` also the ``[B, K, H, W]`` logits (what the imitation
-            loss takes; in evaluation mode the smoothed logits the argmax and ``probs`` come from).
+            loss takes; in training mode with ``logit_noise`` the noisy logits ``probs`` come from, in
+            evaluation mode the smoothed logits the argmax and ``probs`` come from).
         """
         num_colors = self._check_input(x, num_colors)
         features = self._features(self._normalized(x), num_colors)
@@ -241,6 +249,7 @@ class ColorCNNPlus(nn.Module):
             centres = soft_color_quantize(logits, features, 1.0, self.eps).palette
             logits = palette_distance(features, centres) * -beta
         if self.training:
+            logits = add_gumbel_noise(logits, self.logit_noise)  # after the refinement: on the assignment only
             soft = soft_color_quantize(logits, x, 1.0, self.eps)
             out = ColorCNNOutput(soft.quantized, soft.probs, soft.palette, None)
         else:
@@ -255,7 +264,7 @@ class ColorCNNPlus(nn.Module):
 # --- checkpoints ------------------------------------------------------------------------
 
 _CONFIG_KEYS = ("backbone", "width", "in_channels", "max_colors", "kmeans_iters", "refine_steps", "seed", "eps",
-                "input_normalization", "smoothing")
+                "input_normalization", "smoothing", "logit_noise")
 
 
 def save_colorcnn_plus(model: ColorCNNPlus, path, *, input_normalization=KEEP_NORMALIZATION, **extra) -> None:
