@@ -588,8 +588,8 @@ def test_cli_diverging_run_is_one_line(tmp_path, capsys):
 def test_cli_demo_rebuild_assets_on_unreadable_checkpoints(tmp_path, capsys):
     from colorquant_ops.experiment import demo
 
-    for name in ("classifier", "colorcnn-k2-gumbel", "colorcnn-k4-gumbel", "colorcnn-k8-gumbel", "colorcnn-k2-compact",
-                 "colorcnn-plus"):
+    for name in ("classifier", "colorcnn-k2-gumbel", "colorcnn-k4-gumbel", "colorcnn-k8-gumbel",
+                 "colorcnn-k2-compact-gumbel", "colorcnn-plus-gumbel"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "final.pt").write_bytes(b"truncated")
     before = {p: p.read_bytes() for p in demo.WEIGHTS.glob("*.pt")}

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from colorquant_ops.experiment import cli
-from colorquant_ops.experiment.presets import (COMPACT_STAGE, GUMBEL_KS, PRESETS, SHEET_CLASSES, data_warning,
-                                              gumbel_stage)
+from colorquant_ops.experiment.presets import (COMPACT_STAGE, GUMBEL_KS, PLUS_STAGE, PRESETS, SHEET_CLASSES,
+                                              data_warning, final_run, gumbel_stage)
 from colorquant_ops.experiment.quantize_files import COMPARISON_COLUMNS
 
 
@@ -92,27 +92,39 @@ def test_the_paper_preset_trains_the_classifier_with_the_one_cycle_schedule():
         assert argv[argv.index("--schedule") + 1] == "step"
 
 
-def test_the_cpu_preset_fine_tunes_the_bundled_k_with_gumbel_noise():
+def _parsed_train(argv):
+    import argparse
+
+    from colorquant_ops.experiment import train
+
+    parser = argparse.ArgumentParser()
+    train.COLORCNN_COMMAND.add_arguments(parser)
+    return vars(parser.parse_args(list(argv[1:]) + ["--out-dir", "run"]))
+
+
+@pytest.mark.parametrize("start, lr, more", [
+    *((f"colorcnn-k{k}", 0.005, {}) for k in GUMBEL_KS),
+    (COMPACT_STAGE, 0.005, {"boundary": 5.0}),  # with a heavier boundary term
+    (PLUS_STAGE, 0.015, {}),
+])
+def test_the_cpu_preset_fine_tunes_its_bundled_networks_with_gumbel_noise(start, lr, more):
+    """Each ``-gumbel`` stage is the stage it starts from, from that stage's weights, with the noise, half
+    its lr and 2 epochs (and ``more``): the options a user's train command would parse to say so."""
     from colorquant_ops.experiment import demo
 
     stages = {s.name: s.argv for s in PRESETS["cifar10-cpu"].stages}
-    names = [s.name for s in PRESETS["cifar10-cpu"].stages]
+    names = list(stages)
     assert set(demo.DEMO_KS) <= set(GUMBEL_KS)  # rebuild_assets bundles these stages' networks
-    for k in GUMBEL_KS:
-        tuned, start = list(stages[gumbel_stage(k)]), stages[f"colorcnn-k{k}"]
-        assert names.index(gumbel_stage(k)) > names.index(f"colorcnn-k{k}")  # it starts from that run
-        # the K stage's command, from its weights, with the noise, half the lr and 2 epochs
-        for flag, value in (("--init-from", f"{{out}}/colorcnn-k{k}/final.pt"), ("--logit-noise", "1"),
-                            ("--lr", "0.005")):
-            i = tuned.index(flag)
-            assert tuned[i + 1] == value
-            del tuned[i:i + 2]
-        start = list(start)
-        for flag in ("--epochs", "--restart-epochs"):
-            i, j = tuned.index(flag), start.index(flag)
-            assert tuned[i + 1] == "2"
-            del tuned[i:i + 2], start[j:j + 2]
-        assert tuned == start
+    tuned = gumbel_stage(start)
+    assert names.index(tuned) > names.index(start)  # it starts from that run
+    got, base = _parsed_train(stages[tuned]), _parsed_train(stages[start])
+    assert float(base["lr"]) == 2 * lr
+    assert got == {**base, "init_from": f"{{out}}/{start}/final.pt", "logit_noise": 1.0, "lr": lr, "epochs": 2,
+                   "restart_epochs": 2, **more}
+
+
+def test_the_cpu_preset_evaluates_its_gumbel_networks_first():
+    stages = {s.name: s.argv for s in PRESETS["cifar10-cpu"].stages}
     evaluate = list(stages["evaluate-colorcnn"])
     ckpts = evaluate[evaluate.index("--colorcnn") + 1:evaluate.index("--colorcnn-plus")]
     # per K the first checkpoint is the row without a variant label: the Gumbel one where there is one
@@ -121,8 +133,19 @@ def test_the_cpu_preset_fine_tunes_the_bundled_k_with_gumbel_noise():
         k = int(path.split("colorcnn-k")[1].split("-")[0].split("/")[0])
         firsts.setdefault(k, path)
     for k in GUMBEL_KS:
-        assert firsts[k] == f"{{out}}/{gumbel_stage(k)}/final.pt" and f"{{out}}/colorcnn-k{k}/final.pt" in ckpts
+        assert firsts[k] == f"{{out}}/colorcnn-k{k}-gumbel/final.pt" and f"{{out}}/colorcnn-k{k}/final.pt" in ckpts
     assert firsts[16] == "{out}/colorcnn-k16/final.pt"
+    for run in (gumbel_stage(COMPACT_STAGE), COMPACT_STAGE):
+        assert f"{{out}}/{run}/final.pt" in ckpts
+    assert evaluate[evaluate.index("--colorcnn-plus") + 1] == f"{{out}}/{PLUS_STAGE}-gumbel/final.pt"
+
+
+def test_final_run_prefers_the_gumbel_stage():
+    names = [s.name for s in PRESETS["cifar10-cpu"].stages]
+    assert final_run("colorcnn-k2", names) == "colorcnn-k2-gumbel"
+    assert final_run("colorcnn-k16", names) == "colorcnn-k16"
+    assert final_run(PLUS_STAGE, names) == "colorcnn-plus-gumbel"
+    assert final_run(PLUS_STAGE, [s.name for s in PRESETS["cifar10-cpu-alexnet"].stages]) == PLUS_STAGE
 
 
 def test_the_cpu_preset_trains_and_evaluates_a_compact_k2_network():

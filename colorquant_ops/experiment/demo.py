@@ -79,13 +79,13 @@ def _half_state(ckpt: dict) -> dict:
 def rebuild_assets(run_dir, data_root=None) -> list[Path]:
     """Regenerate the bundled sample and weights from a finished ``reproduce --preset cifar10-cpu``
     run directory (its ``classifier/final.pt``, ``colorcnn-k{2,4,8}-gumbel/final.pt``,
-    ``colorcnn-k2-compact/final.pt`` and ``colorcnn-plus/final.pt``); ``data_root``:
+    ``colorcnn-k2-compact-gumbel/final.pt`` and ``colorcnn-plus-gumbel/final.pt``); ``data_root``:
     the CIFAR-10 copy to take the sample from (default: the project's extracted JPEG copy)."""
     run_dir = Path(run_dir)
     sources = {CLASSIFIER: run_dir / "classifier" / "final.pt"}
-    sources.update({_colorcnn_path(k): run_dir / gumbel_stage(k) / "final.pt" for k in DEMO_KS})
-    sources[COMPACT] = run_dir / COMPACT_STAGE / "final.pt"
-    sources[PLUS] = run_dir / PLUS_STAGE / "final.pt"
+    sources.update({_colorcnn_path(k): run_dir / gumbel_stage(f"colorcnn-k{k}") / "final.pt" for k in DEMO_KS})
+    sources[COMPACT] = run_dir / gumbel_stage(COMPACT_STAGE) / "final.pt"
+    sources[PLUS] = run_dir / gumbel_stage(PLUS_STAGE) / "final.pt"
     missing = [str(p) for p in sources.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"--rebuild-assets {run_dir}: missing {', '.join(missing)}")

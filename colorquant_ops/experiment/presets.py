@@ -32,8 +32,10 @@ Presets:
   then two more epochs at K = 2, 4, 8 with Gumbel noise on the logits (``--logit-noise 1``, lr 0.005;
   ``colorcnn-k{2,4,8}-gumbel``: the bundled networks, several points above the stages they start
   from); a second ColorCNN K = 2, ``colorcnn-k2-compact``, trained with the boundary term
-  (``--boundary 2``) for 12 epochs, for palette PNGs under k-means' size; ColorCNN+ U-Net width 16 in bfloat16,
-  channels-last, 4 epochs at lr 0.03 at K drawn from 2..256;
+  (``--boundary 2``) for 12 epochs, for palette PNGs under k-means' size, then two epochs with the noise
+  and ``--boundary 5`` (``colorcnn-k2-compact-gumbel``); ColorCNN+ U-Net width 16 in bfloat16,
+  channels-last, 4 epochs at lr 0.03 at K drawn from 2..256, then two with the noise at lr 0.015
+  (``colorcnn-plus-gumbel``); the ``-gumbel`` stages are the bundled networks;
 * ``cifar10-cpu-alexnet`` -- the same experiment as ``cifar10-cpu`` ran until session 10: the CIFAR
   AlexNet, 15 epochs (``--schedule step``: lr x0.1 at 8 and 12); ColorCNN 8 epochs at K = 2, 4 at
   K = 4, 3 at K = 8..64, float32 channels-first ColorCNN+ at lr 0.01 (RESULTS.md's first tables);
@@ -60,7 +62,7 @@ from .commands import Command, build_parser, run_command
 from .quantize_files import comparison_sheet
 
 __all__ = ["COMMAND", "COMPACT_STAGE", "GUMBEL_KS", "PLUS_STAGE", "PRESETS", "Preset", "Stage",
-           "add_reproduce_arguments", "data_warning", "gumbel_stage", "reproduce", "sheet_images", "write_report"]
+           "add_reproduce_arguments", "data_warning", "final_run", "gumbel_stage", "reproduce", "sheet_images", "write_report"]
 
 _KS = (2, 4, 8, 16, 32, 64)
 
@@ -103,23 +105,28 @@ COMPACT_STAGE = "colorcnn-k2-compact"
 GUMBEL_KS = (2, 4, 8)
 
 
-def gumbel_stage(k: int) -> str:
-    """The run directory of a preset's Gumbel-noise fine-tune of its ColorCNN at ``k`` colours."""
-    return f"colorcnn-k{k}-gumbel"
+def gumbel_stage(run: str) -> str:
+    """The run directory of a preset's Gumbel-noise fine-tune of its stage ``run`` (e.g. ``colorcnn-k2``)."""
+    return f"{run}-gumbel"
 
 
-def _evaluate(ks, *options: str, plus: bool = False, compact: bool = False, gumbel=()) -> tuple[Stage, Stage]:
+def final_run(run: str, names) -> str:
+    """The run a preset's stage ``run`` ends in: its :func:`gumbel_stage` fine-tune where ``names`` (the
+    preset's stage names) has one, else ``run`` itself."""
+    return gumbel_stage(run) if gumbel_stage(run) in names else run
+
+
+def _evaluate(ks, *options: str, plus: Optional[str] = None, compact=(), gumbel=()) -> tuple[Stage, Stage]:
     """Two evaluate stages: the traditional quantizers (with JPEG and full colour; they do not need
     ColorCNN, so they can run while it trains) and ColorCNN per K (``gumbel``: at these K the
-    :func:`gumbel_stage` network, the stage it started from as a second row; ``plus``: and the
-    preset's ColorCNN+ at every K; ``compact``: and its :data:`COMPACT_STAGE` network, another K = 2
-    row). Each row of ``colorquant evaluate`` is computed independently, so the two tables are the one
-    table of a single run, split."""
-    runs = [gumbel_stage(k) if k in gumbel else f"colorcnn-k{k}" for k in ks]
-    runs += [f"colorcnn-k{k}" for k in ks if k in gumbel] + ([COMPACT_STAGE] if compact else [])
+    :func:`gumbel_stage` network, the stage it started from as a second row; ``compact``: more K = 2
+    runs, rows of their own; ``plus``: and this ColorCNN+ run at every K). Each row of ``colorquant
+    evaluate`` is computed independently, so the two tables are the one table of a single run, split."""
+    runs = [gumbel_stage(f"colorcnn-k{k}") if k in gumbel else f"colorcnn-k{k}" for k in ks]
+    runs += [f"colorcnn-k{k}" for k in ks if k in gumbel] + list(compact)
     ckpts = [f"{{out}}/{run}/final.pt" for run in runs]
     plus_methods = ("colorcnn+",) if plus else ()
-    plus_args = ("--colorcnn-plus", f"{{out}}/{PLUS_STAGE}/final.pt") if plus else ()
+    plus_args = ("--colorcnn-plus", f"{{out}}/{plus}/final.pt") if plus else ()
     common = ("--classifier", "{out}/classifier/final.pt", "--num-colors", *map(str, ks))
     return (Stage("evaluate-traditional", ("evaluate", *common, "--methods", "median_cut", "octree", "pil_kmeans",
                                            "kmeans", "--dither", "both", *options)),
@@ -153,12 +160,42 @@ def _cpu_colorcnn(k: int, epochs: dict, *options: str, name: Optional[str] = Non
     return _colorcnn(k, *common, "--epochs", n, "--restart-epochs", n, name=name)
 
 
-def _cpu_gumbel(k: int, *options: str) -> Stage:
-    # Two more epochs of the K stage's network with Gumbel noise on its logits, at half its lr: the
-    # noise makes colour probabilities near 1/2 unreliable, so the soft image the network trains on
-    # moves towards the argmax image it is scored on (K = 2: +6 points, RESULTS.md session 19).
-    return _cpu_colorcnn(k, {k: 2}, *options, "--init-from", f"{{out}}/colorcnn-k{k}/final.pt",
-                         "--logit-noise", "1", "--lr", "0.005", name=gumbel_stage(k))
+def _with_options(argv, options: dict) -> tuple[str, ...]:
+    """``argv`` with each ``--flag: value`` of ``options`` set: its value replaced where ``argv`` has
+    the flag, else appended."""
+    argv = list(argv)
+    for flag, value in options.items():
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    return tuple(argv)
+
+
+def _gumbel(stage: Stage, lr: str, **options: str) -> Stage:
+    # Two more epochs of a stage's network with Gumbel noise on its logits, at half its lr (``lr``):
+    # the noise makes colour probabilities near 1/2 unreliable, so the soft image the network trains
+    # on moves towards the argmax image it is scored on (ColorCNN K = 2: +6 points, RESULTS.md
+    # session 19; ColorCNN+: +0.2 to +1.4 at K = 2..64, session 20). ``options``: more flags to set
+    # (``boundary="5"`` is ``--boundary 5``).
+    options = {"--init-from": f"{{out}}/{stage.name}/final.pt", "--logit-noise": "1", "--lr": lr, "--epochs": "2",
+               "--restart-epochs": "2", **{f"--{key}": value for key, value in options.items()}}
+    return Stage(gumbel_stage(stage.name), _with_options(stage.argv, options))
+
+
+def _cpu_stages() -> tuple[Stage, ...]:
+    colorcnn = {k: _cpu_colorcnn(k, {2: 6}, "--channels-last", "--test-subset", "2000") for k in _KS}
+    # K = 2 again with the boundary term, 12 epochs: palette PNGs under k-means' size, a smaller lead
+    # (RESULTS.md, sessions 14 and 18): the library's K = 2 model for small files; its Gumbel fine-tune
+    # takes a heavier boundary term (5), as the noise alone makes the index maps busier (session 20)
+    compact = _cpu_colorcnn(2, {2: 12}, "--channels-last", "--test-subset", "2000", "--boundary", "2",
+                            name=COMPACT_STAGE)
+    plus = _cpu_colorcnn_plus("--amp", "--channels-last", "--lr", "0.03")
+    return (Stage("classifier", ("train-classifier", "--arch", "airbench93", "--epochs", "12", "--seed", "0")),
+            *colorcnn.values(), *(_gumbel(colorcnn[k], "0.005") for k in GUMBEL_KS),
+            compact, _gumbel(compact, "0.005", boundary="5"), plus, _gumbel(plus, "0.015"),
+            *_evaluate(_KS, plus=gumbel_stage(PLUS_STAGE), compact=(gumbel_stage(COMPACT_STAGE), COMPACT_STAGE),
+                       gumbel=GUMBEL_KS))
 
 
 PRESETS: dict[str, Preset] = {
@@ -178,19 +215,9 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "cifar10-cpu",
             "a 2-core bf16 CPU's configuration: airbench93 12 epochs, ColorCNN width 16 (bf16, no colour "
-            "norm/jitter), 6/3 epochs, K=2..64, +2 epochs with Gumbel noise at K=2,4,8 (and a compact K=2), "
-            "ColorCNN+ 4 epochs",
-            (
-                Stage("classifier", ("train-classifier", "--arch", "airbench93", "--epochs", "12", "--seed", "0")),
-                *(_cpu_colorcnn(k, {2: 6}, "--channels-last", "--test-subset", "2000") for k in _KS),
-                *(_cpu_gumbel(k, "--channels-last", "--test-subset", "2000") for k in GUMBEL_KS),
-                # K = 2 again with the boundary term, 12 epochs: palette PNGs under k-means' size, a
-                # smaller lead (RESULTS.md, sessions 14 and 18): the library's K = 2 model for small files
-                _cpu_colorcnn(2, {2: 12}, "--channels-last", "--test-subset", "2000", "--boundary", "2",
-                              name=COMPACT_STAGE),
-                _cpu_colorcnn_plus("--amp", "--channels-last", "--lr", "0.03"),
-                *_evaluate(_KS, plus=True, compact=True, gumbel=GUMBEL_KS),
-            ),
+            "norm/jitter), 6/3 epochs, K=2..64, +2 epochs with Gumbel noise at K=2,4,8; a compact K=2 (boundary "
+            "term) and ColorCNN+ 4 epochs, each +2 epochs with the noise",
+            _cpu_stages(),
         ),
         Preset(
             "cifar10-cpu-alexnet",
@@ -201,7 +228,7 @@ PRESETS: dict[str, Preset] = {
                                      "--schedule", "step", "--lr-steps", "8,12", "--seed", "0")),
                 *(_cpu_colorcnn(k, {2: 8, 4: 4}) for k in _KS),
                 _cpu_colorcnn_plus(),
-                *_evaluate(_KS, plus=True),
+                *_evaluate(_KS, plus=PLUS_STAGE),
             ),
         ),
         Preset(
@@ -272,8 +299,9 @@ def write_report(preset: Preset, out: Path, data_root=None) -> list[Path]:
 
     names = {stage.name for stage in preset.stages}
     ks = [k for k in SHEET_KS if f"colorcnn-k{k}" in names]
-    plus = out / PLUS_STAGE / "final.pt" if PLUS_STAGE in names else None
-    sheet = comparison_sheet(sheet_images(data_root), {k: out / f"colorcnn-k{k}" / "final.pt" for k in ks}, ks,
+    plus = out / final_run(PLUS_STAGE, names) / "final.pt" if PLUS_STAGE in names else None
+    sheet = comparison_sheet(sheet_images(data_root),
+                             {k: out / final_run(f"colorcnn-k{k}", names) / "final.pt" for k in ks}, ks,
                              plus_checkpoint=plus)
     written.append(report / "sheet-1-2-3-bits.png")
     save_atomic(sheet, written[-1], lambda image, f: image.save(f, format="PNG"))
