@@ -102,14 +102,15 @@ def _parsed_train(argv):
     return vars(parser.parse_args(list(argv[1:]) + ["--out-dir", "run"]))
 
 
-@pytest.mark.parametrize("start, lr, more", [
-    *((f"colorcnn-k{k}", 0.005, {}) for k in GUMBEL_KS),
-    (COMPACT_STAGE, 0.005, {"boundary": 5.0}),  # with a heavier boundary term
-    (PLUS_STAGE, 0.015, {}),
+@pytest.mark.parametrize("start, lr, epochs, more", [
+    *((f"colorcnn-k{k}", 0.005, 2, {}) for k in GUMBEL_KS),
+    (COMPACT_STAGE, 0.005, 2, {"boundary": 5.0}),  # with a heavier boundary term
+    (PLUS_STAGE, 0.015, 4, {}),
 ])
-def test_the_cpu_preset_fine_tunes_its_bundled_networks_with_gumbel_noise(start, lr, more):
+def test_the_cpu_preset_fine_tunes_its_bundled_networks_with_gumbel_noise(start, lr, epochs, more):
     """Each ``-gumbel`` stage is the stage it starts from, from that stage's weights, with the noise, half
-    its lr and 2 epochs (and ``more``): the options a user's train command would parse to say so."""
+    its lr and ``epochs`` epochs in one cycle (and ``more``): the options a user's train command would
+    parse to say so."""
     from colorquant_ops.experiment import demo
 
     stages = {s.name: s.argv for s in PRESETS["cifar10-cpu"].stages}
@@ -119,8 +120,8 @@ def test_the_cpu_preset_fine_tunes_its_bundled_networks_with_gumbel_noise(start,
     assert names.index(tuned) > names.index(start)  # it starts from that run
     got, base = _parsed_train(stages[tuned]), _parsed_train(stages[start])
     assert float(base["lr"]) == 2 * lr
-    assert got == {**base, "init_from": f"{{out}}/{start}/final.pt", "logit_noise": 1.0, "lr": lr, "epochs": 2,
-                   "restart_epochs": 2, **more}
+    assert got == {**base, "init_from": f"{{out}}/{start}/final.pt", "logit_noise": 1.0, "lr": lr, "epochs": epochs,
+                   "restart_epochs": epochs, **more}
 
 
 def test_the_cpu_preset_evaluates_its_gumbel_networks_first():

@@ -19,11 +19,13 @@ What is bundled (``colorquant_ops/assets/``, about 12 MB):
 * ``weights/colorcnn-k{2,4,8}.pt``: the ColorCNN (U-Net width 16) checkpoints of that preset, after
   its two epochs with Gumbel noise on the logits (``colorcnn-k{2,4,8}-gumbel``);
 * ``weights/colorcnn-k2-compact.pt``: its second K = 2 ColorCNN, trained with the boundary term
-  (``--boundary 2``) for palette PNGs at k-means' size (a smaller lead than ``colorcnn-k2.pt``'s:
-  the table's ``colorcnn (colorcnn-k2-compact)`` row), against the bundled classifier;
+  (``--boundary 2``, then two epochs with Gumbel noise and ``--boundary 5``:
+  ``colorcnn-k2-compact-gumbel``) for palette PNGs under k-means' size (a smaller lead than
+  ``colorcnn-k2.pt``'s: the table's ``colorcnn (colorcnn-k2-compact)`` row), against the bundled classifier;
 * ``weights/colorcnn-plus.pt``: a ColorCNN+ (U-Net width 16, trained at K = 2..256) of that preset's
-  recipe, trained against the bundled classifier, with the logit smoothing :data:`PLUS_SMOOTHING`
-  before its argmax (chosen on training-split images, RESULTS.md session 17);
+  recipe, trained against the bundled classifier (``colorcnn-plus-gumbel``: with two epochs of Gumbel
+  noise at the end), with the logit smoothing :data:`PLUS_SMOOTHING` before its argmax (chosen on
+  training-split images for the network before the noise, RESULTS.md session 17);
 
 the classifier's and ColorCNN's weights stored in float16, ColorCNN+'s in float32 (all loaded into
 float32 models: ColorCNN+ clusters its features with k-means, and its float16 copy scored 0.18

@@ -34,7 +34,7 @@ Presets:
   from); a second ColorCNN K = 2, ``colorcnn-k2-compact``, trained with the boundary term
   (``--boundary 2``) for 12 epochs, for palette PNGs under k-means' size, then two epochs with the noise
   and ``--boundary 5`` (``colorcnn-k2-compact-gumbel``); ColorCNN+ U-Net width 16 in bfloat16,
-  channels-last, 4 epochs at lr 0.03 at K drawn from 2..256, then two with the noise at lr 0.015
+  channels-last, 4 epochs at lr 0.03 at K drawn from 2..256, then four with the noise at lr 0.015
   (``colorcnn-plus-gumbel``); the ``-gumbel`` stages are the bundled networks;
 * ``cifar10-cpu-alexnet`` -- the same experiment as ``cifar10-cpu`` ran until session 10: the CIFAR
   AlexNet, 15 epochs (``--schedule step``: lr x0.1 at 8 and 12); ColorCNN 8 epochs at K = 2, 4 at
@@ -172,14 +172,14 @@ def _with_options(argv, options: dict) -> tuple[str, ...]:
     return tuple(argv)
 
 
-def _gumbel(stage: Stage, lr: str, **options: str) -> Stage:
-    # Two more epochs of a stage's network with Gumbel noise on its logits, at half its lr (``lr``):
-    # the noise makes colour probabilities near 1/2 unreliable, so the soft image the network trains
-    # on moves towards the argmax image it is scored on (ColorCNN K = 2: +6 points, RESULTS.md
-    # session 19; ColorCNN+: +0.2 to +1.4 at K = 2..64, session 20). ``options``: more flags to set
-    # (``boundary="5"`` is ``--boundary 5``).
-    options = {"--init-from": f"{{out}}/{stage.name}/final.pt", "--logit-noise": "1", "--lr": lr, "--epochs": "2",
-               "--restart-epochs": "2", **{f"--{key}": value for key, value in options.items()}}
+def _gumbel(stage: Stage, lr: str, epochs: str = "2", **options: str) -> Stage:
+    # More epochs (one cosine cycle) of a stage's network with Gumbel noise on its logits, at half its
+    # lr (``lr``): the noise makes colour probabilities near 1/2 unreliable, so the soft image the
+    # network trains on moves towards the argmax image it is scored on (ColorCNN K = 2: +6 points,
+    # RESULTS.md session 19; ColorCNN+, 4 epochs: -0.3 at K = 2, +0.2 to +1.1 at K = 4..64, session
+    # 20). ``options``: more flags to set (``boundary="5"`` is ``--boundary 5``).
+    options = {"--init-from": f"{{out}}/{stage.name}/final.pt", "--logit-noise": "1", "--lr": lr, "--epochs": epochs,
+               "--restart-epochs": epochs, **{f"--{key}": value for key, value in options.items()}}
     return Stage(gumbel_stage(stage.name), _with_options(stage.argv, options))
 
 
@@ -193,7 +193,7 @@ def _cpu_stages() -> tuple[Stage, ...]:
     plus = _cpu_colorcnn_plus("--amp", "--channels-last", "--lr", "0.03")
     return (Stage("classifier", ("train-classifier", "--arch", "airbench93", "--epochs", "12", "--seed", "0")),
             *colorcnn.values(), *(_gumbel(colorcnn[k], "0.005") for k in GUMBEL_KS),
-            compact, _gumbel(compact, "0.005", boundary="5"), plus, _gumbel(plus, "0.015"),
+            compact, _gumbel(compact, "0.005", boundary="5"), plus, _gumbel(plus, "0.015", epochs="4"),
             *_evaluate(_KS, plus=gumbel_stage(PLUS_STAGE), compact=(gumbel_stage(COMPACT_STAGE), COMPACT_STAGE),
                        gumbel=GUMBEL_KS))
 
@@ -216,7 +216,7 @@ PRESETS: dict[str, Preset] = {
             "cifar10-cpu",
             "a 2-core bf16 CPU's configuration: airbench93 12 epochs, ColorCNN width 16 (bf16, no colour "
             "norm/jitter), 6/3 epochs, K=2..64, +2 epochs with Gumbel noise at K=2,4,8; a compact K=2 (boundary "
-            "term) and ColorCNN+ 4 epochs, each +2 epochs with the noise",
+            "term) +2 epochs with the noise; ColorCNN+ 4 epochs, +4 with the noise",
             _cpu_stages(),
         ),
         Preset(
