@@ -23,7 +23,7 @@ What is bundled (``colorquant_ops/assets/``, about 12 MB):
   ``colorcnn-k2-compact-gumbel``) for palette PNGs under k-means' size (a smaller lead than
   ``colorcnn-k2.pt``'s: the table's ``colorcnn (colorcnn-k2-compact)`` row), against the bundled classifier;
 * ``weights/colorcnn-plus.pt``: a ColorCNN+ (U-Net width 16, trained at K = 2..256) of that preset's
-  recipe, trained against the bundled classifier (``colorcnn-plus-gumbel``: with two epochs of Gumbel
+  recipe, trained against the bundled classifier (``colorcnn-plus-gumbel``: with four epochs of Gumbel
   noise at the end), with the logit smoothing :data:`PLUS_SMOOTHING` before its argmax (chosen on
   training-split images for the network before the noise, RESULTS.md session 17);
 

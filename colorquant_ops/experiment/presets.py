@@ -176,8 +176,7 @@ def _gumbel(stage: Stage, lr: str, epochs: str = "2", **options: str) -> Stage:
     # More epochs (one cosine cycle) of a stage's network with Gumbel noise on its logits, at half its
     # lr (``lr``): the noise makes colour probabilities near 1/2 unreliable, so the soft image the
     # network trains on moves towards the argmax image it is scored on (ColorCNN K = 2: +6 points,
-    # RESULTS.md session 19; ColorCNN+, 4 epochs: -0.3 at K = 2, +0.2 to +1.1 at K = 4..64, session
-    # 20). ``options``: more flags to set (``boundary="5"`` is ``--boundary 5``).
+    # RESULTS.md session 19; ColorCNN+, 4 epochs: +0.6 to +1.1 at K = 2..64, session 20). ``options``: more flags to set (``boundary="5"`` is ``--boundary 5``).
     options = {"--init-from": f"{{out}}/{stage.name}/final.pt", "--logit-noise": "1", "--lr": lr, "--epochs": epochs,
                "--restart-epochs": epochs, **{f"--{key}": value for key, value in options.items()}}
     return Stage(gumbel_stage(stage.name), _with_options(stage.argv, options))
