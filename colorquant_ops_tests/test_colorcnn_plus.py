@@ -166,7 +166,7 @@ def test_smoothing_changes_only_the_eval_argmax():
 def test_logit_noise_is_gumbel_noise_on_the_training_assignment():
     """logit_noise=s: in training mode the soft recolouring of ``logits + s * Gumbel`` (after the
     refinement steps, float32 uniforms from the global RNG; the returned logits are the noisy ones);
-    evaluation mode is untouched by it; checkpoints keep it, older ones load with none."""
+    evaluation mode is untouched by it (checkpoints: test_checkpoint_round_trip and the test below it)."""
     plain = _trained_like(_model())
     noisy = _model(logit_noise=0.7)
     noisy.load_state_dict(plain.state_dict())

@@ -62,7 +62,8 @@ from .commands import Command, build_parser, run_command
 from .quantize_files import comparison_sheet
 
 __all__ = ["COMMAND", "COMPACT_STAGE", "GUMBEL_KS", "PLUS_STAGE", "PRESETS", "Preset", "Stage",
-           "add_reproduce_arguments", "data_warning", "final_run", "gumbel_stage", "reproduce", "sheet_images", "write_report"]
+           "add_reproduce_arguments", "data_warning", "final_run", "gumbel_stage", "reproduce", "sheet_images",
+           "write_report"]
 
 _KS = (2, 4, 8, 16, 32, 64)
 
@@ -176,7 +177,8 @@ def _gumbel(stage: Stage, lr: str, epochs: str = "2", **options: str) -> Stage:
     # More epochs (one cosine cycle) of a stage's network with Gumbel noise on its logits, at half its
     # lr (``lr``): the noise makes colour probabilities near 1/2 unreliable, so the soft image the
     # network trains on moves towards the argmax image it is scored on (ColorCNN K = 2: +6 points,
-    # RESULTS.md session 19; ColorCNN+, 4 epochs: +0.6 to +1.1 at K = 2..64, session 20). ``options``: more flags to set (``boundary="5"`` is ``--boundary 5``).
+    # RESULTS.md session 19; ColorCNN+, 4 epochs: +0.6 to +1.1 at K = 2..64, session 20). ``options``:
+    # more flags to set (``boundary="5"`` is ``--boundary 5``).
     options = {"--init-from": f"{{out}}/{stage.name}/final.pt", "--logit-noise": "1", "--lr": lr, "--epochs": epochs,
                "--restart-epochs": epochs, **{f"--{key}": value for key, value in options.items()}}
     return Stage(gumbel_stage(stage.name), _with_options(stage.argv, options))
