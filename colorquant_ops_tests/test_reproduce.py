@@ -103,8 +103,8 @@ def _parsed_train(argv):
 
 
 @pytest.mark.parametrize("start, lr, epochs, more", [
-    *((f"colorcnn-k{k}", 0.005, 2, {}) for k in GUMBEL_KS),
-    (COMPACT_STAGE, 0.005, 2, {"boundary": 5.0}),  # with a heavier boundary term
+    *((f"colorcnn-k{k}", 0.005, 6, {}) for k in GUMBEL_KS),
+    (COMPACT_STAGE, 0.005, 6, {"boundary": 5.0}),  # with a heavier boundary term
     (PLUS_STAGE, 0.015, 4, {}),
 ])
 def test_the_cpu_preset_fine_tunes_its_bundled_networks_with_gumbel_noise(start, lr, epochs, more):
