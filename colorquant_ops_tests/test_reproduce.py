@@ -103,7 +103,7 @@ def _parsed_train(argv):
 
 
 @pytest.mark.parametrize("start, lr, epochs, more", [
-    *((f"colorcnn-k{k}", 0.005, 6, {}) for k in GUMBEL_KS),
+    *((f"colorcnn-k{k}", 0.005, 12 if k == 2 else 6, {}) for k in GUMBEL_KS),
     (COMPACT_STAGE, 0.005, 6, {"boundary": 5.0}),  # with a heavier boundary term
     (PLUS_STAGE, 0.015, 4, {}),
 ])

@@ -17,7 +17,7 @@ What is bundled (``colorquant_ops/assets/``, about 12 MB):
 * ``weights/airbench93-cifar10.pt``: the classifier of ``colorquant reproduce --preset cifar10-cpu``
   (airbench93, 88 % full colour on the JPEG copy's test split);
 * ``weights/colorcnn-k{2,4,8}.pt``: the ColorCNN (U-Net width 16) checkpoints of that preset, after
-  its six epochs with Gumbel noise on the logits (``colorcnn-k{2,4,8}-gumbel``);
+  its 12 (K = 2) and 6 epochs with Gumbel noise on the logits (``colorcnn-k{2,4,8}-gumbel``);
 * ``weights/colorcnn-k2-compact.pt``: its second K = 2 ColorCNN, trained with the boundary term
   (``--boundary 2``, then six epochs with Gumbel noise and ``--boundary 5``:
   ``colorcnn-k2-compact-gumbel``) for palette PNGs under k-means' size (a smaller lead than

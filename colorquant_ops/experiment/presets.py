@@ -29,9 +29,9 @@ Presets:
   bfloat16 (AVX512-BF16 / AMX) does in four to five hours (from its stages' measured epoch times):
   the airbench93 classifier, 12 epochs (88 % full colour in 7.5 min on such a CPU); ColorCNN U-Net width 16 in bfloat16 autocast, channels-last,
   without colour_norm / colour_jitter, 6 epochs at K = 2, 3 at K = 4..64 (one cosine cycle each);
-  then six more epochs at K = 2, 4, 8 with Gumbel noise on the logits (``--logit-noise 1``, lr 0.005;
-  ``colorcnn-k{2,4,8}-gumbel``: the bundled networks, 8 to 10 points above the stages they start
-  from); a second ColorCNN K = 2, ``colorcnn-k2-compact``, trained with the boundary term
+  then more epochs with Gumbel noise on the logits (``--logit-noise 1``, lr 0.005), 12 at K = 2 and 6
+  at K = 4, 8 (``colorcnn-k{2,4,8}-gumbel``: the bundled networks, 8 to 11 points above the stages they
+  start from); a second ColorCNN K = 2, ``colorcnn-k2-compact``, trained with the boundary term
   (``--boundary 2``) for 12 epochs, for palette PNGs under k-means' size, then six epochs with the noise
   and ``--boundary 5`` (``colorcnn-k2-compact-gumbel``); ColorCNN+ U-Net width 16 in bfloat16,
   channels-last, 4 epochs at lr 0.03 at K drawn from 2..256, then four with the noise at lr 0.015
@@ -177,9 +177,9 @@ def _gumbel(stage: Stage, lr: str, epochs: str = "6", **options: str) -> Stage:
     # More epochs (one cosine cycle) of a stage's network with Gumbel noise on its logits, at half its
     # lr (``lr``): the noise makes colour probabilities near 1/2 unreliable, so the soft image the
     # network trains on moves towards the argmax image it is scored on (ColorCNN K = 2: +6 points in 2
-    # epochs, RESULTS.md session 19, +8.6 in 6, session 21; ColorCNN+, 4 epochs: +0.6 to +1.1 at K = 2..64,
-    # session 20, where 4 epochs without the noise moved it by -1.6 to +0.4, session 21). ``options``:
-    # more flags to set (``boundary="5"`` is ``--boundary 5``).
+    # epochs, RESULTS.md session 19; +8.6 in 6 and +11.1 in 12, session 21; ColorCNN+, 4 epochs: +0.6 to
+    # +1.1 at K = 2..64, session 20, where 4 epochs without the noise moved it by -1.6 to +0.4, session
+    # 21). ``options``: more flags to set (``boundary="5"`` is ``--boundary 5``).
     options = {"--init-from": f"{{out}}/{stage.name}/final.pt", "--logit-noise": "1", "--lr": lr, "--epochs": epochs,
                "--restart-epochs": epochs, **{f"--{key}": value for key, value in options.items()}}
     return Stage(gumbel_stage(stage.name), _with_options(stage.argv, options))
@@ -194,7 +194,7 @@ def _cpu_stages() -> tuple[Stage, ...]:
                             name=COMPACT_STAGE)
     plus = _cpu_colorcnn_plus("--amp", "--channels-last", "--lr", "0.03")
     return (Stage("classifier", ("train-classifier", "--arch", "airbench93", "--epochs", "12", "--seed", "0")),
-            *colorcnn.values(), *(_gumbel(colorcnn[k], "0.005") for k in GUMBEL_KS),
+            *colorcnn.values(), *(_gumbel(colorcnn[k], "0.005", epochs={2: "12"}.get(k, "6")) for k in GUMBEL_KS),
             compact, _gumbel(compact, "0.005", boundary="5"), plus, _gumbel(plus, "0.015", epochs="4"),
             *_evaluate(_KS, plus=gumbel_stage(PLUS_STAGE), compact=(gumbel_stage(COMPACT_STAGE), COMPACT_STAGE),
                        gumbel=GUMBEL_KS))
@@ -217,7 +217,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "cifar10-cpu",
             "a 2-core bf16 CPU's configuration: airbench93 12 epochs, ColorCNN width 16 (bf16, no colour "
-            "norm/jitter), 6/3 epochs, K=2..64, +6 epochs with Gumbel noise at K=2,4,8; a compact K=2 (boundary "
+            "norm/jitter), 6/3 epochs, K=2..64, +12/6/6 epochs with Gumbel noise at K=2,4,8; a compact K=2 (boundary "
             "term) +6 epochs with the noise; ColorCNN+ 4 epochs, +4 with the noise",
             _cpu_stages(),
         ),
