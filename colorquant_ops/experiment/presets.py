@@ -27,8 +27,9 @@ Presets:
   restarts every 20; K = 2..64); meant for a GPU;
 * ``cifar10-cpu`` -- the run the bundled demo weights come from: what a 2-core CPU with native
   bfloat16 (AVX512-BF16 / AMX) does in four to five hours (from its stages' measured epoch times):
-  the airbench93 classifier, 12 epochs (88 % full colour in 7.5 min on such a CPU); ColorCNN U-Net width 16 in bfloat16 autocast, channels-last,
-  without colour_norm / colour_jitter, 6 epochs at K = 2, 3 at K = 4..64 (one cosine cycle each);
+  the airbench93 classifier, 12 epochs (88 % full colour in 7.5 min on such a CPU); ColorCNN U-Net
+  width 16 in bfloat16 autocast, channels-last, without colour_norm / colour_jitter, 6 epochs at
+  K = 2, 3 at K = 4..64 (one cosine cycle each);
   then more epochs with Gumbel noise on the logits (``--logit-noise 1``, lr 0.005), 12 at K = 2 and 6
   at K = 4, 8 (``colorcnn-k{2,4,8}-gumbel``: the bundled networks, 8 to 11 points above the stages they
   start from); a second ColorCNN K = 2, ``colorcnn-k2-compact``, trained with the boundary term
@@ -194,7 +195,8 @@ def _cpu_stages() -> tuple[Stage, ...]:
                             name=COMPACT_STAGE)
     plus = _cpu_colorcnn_plus("--amp", "--channels-last", "--lr", "0.03")
     return (Stage("classifier", ("train-classifier", "--arch", "airbench93", "--epochs", "12", "--seed", "0")),
-            *colorcnn.values(), *(_gumbel(colorcnn[k], "0.005", epochs={2: "12"}.get(k, "6")) for k in GUMBEL_KS),
+            *colorcnn.values(),
+            *(_gumbel(colorcnn[k], "0.005", epochs={2: "12"}.get(k, "6")) for k in GUMBEL_KS),
             compact, _gumbel(compact, "0.005", boundary="5"), plus, _gumbel(plus, "0.015", epochs="4"),
             *_evaluate(_KS, plus=gumbel_stage(PLUS_STAGE), compact=(gumbel_stage(COMPACT_STAGE), COMPACT_STAGE),
                        gumbel=GUMBEL_KS))
@@ -217,8 +219,8 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "cifar10-cpu",
             "a 2-core bf16 CPU's configuration: airbench93 12 epochs, ColorCNN width 16 (bf16, no colour "
-            "norm/jitter), 6/3 epochs, K=2..64, +12/6/6 epochs with Gumbel noise at K=2,4,8; a compact K=2 (boundary "
-            "term) +6 epochs with the noise; ColorCNN+ 4 epochs, +4 with the noise",
+            "norm/jitter), 6/3 epochs, K=2..64, +12/6/6 epochs with Gumbel noise at K=2,4,8; a compact K=2 "
+            "(boundary term) +6 epochs with the noise; ColorCNN+ 4 epochs, +4 with the noise",
             _cpu_stages(),
         ),
         Preset(
